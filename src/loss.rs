@@ -1,0 +1,200 @@
+//! Losses on L2-normalised embeddings: alignment, uniformity (Wang & Isola 2020) and
+//! symmetric InfoNCE as the baseline. Pure tensor functions.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use crate::config::{LossConfig, LossKind};
+
+/// `mean_i ||x_i - y_i||^alpha`.
+///
+/// # Shapes
+/// `x`, `y`: [n, d] unit rows -> scalar.
+pub fn align(x: &Tensor, y: &Tensor, alpha: f64) -> Result<Tensor> {
+    let sq = (x - y)?.sqr()?.sum(1)?;
+    // ||.||^2 needs no root: keeps the gradient finite at zero distance.
+    let d = if alpha == 2.0 { sq } else { sq.powf(alpha / 2.0)? };
+    d.mean_all()
+}
+
+/// Squared distances `2 - 2 x xᵀ` between unit rows, clamped at 0. [n, d] -> [n, n].
+fn sq_dists(x: &Tensor) -> Result<Tensor> {
+    let sims = x.matmul(&x.t()?)?;
+    (1.0 - sims)?.affine(2.0, 0.0)?.relu()
+}
+
+/// Ones off the diagonal, zeros on it. [n, n].
+fn off_diagonal(n: usize, x: &Tensor) -> Result<Tensor> {
+    let eye = Tensor::eye(n, x.dtype(), x.device())?;
+    1.0 - eye
+}
+
+/// `log mean_{i != j} exp(-t ||x_i - x_j||^2)`; self-pairs excluded as in the reference code.
+/// 0 means collapse; more negative is more uniform.
+///
+/// # Shapes
+/// `x`: [n, d] unit rows with n >= 2 -> scalar.
+pub fn uniform(x: &Tensor, t: f64) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if n < 2 {
+        candle_core::bail!("uniformity needs at least 2 embeddings, got {n}")
+    }
+    let kernel = (sq_dists(x)? * -t)?.exp()?;
+    let total = (kernel * off_diagonal(n, x)?)?.sum_all()?;
+    (total / (n * (n - 1)) as f64)?.log()
+}
+
+/// Symmetric InfoNCE: cross-entropy of `x yᵀ / tau` towards the diagonal, both directions.
+///
+/// # Shapes
+/// `x`, `y`: [n, d] unit rows -> scalar.
+pub fn infonce(x: &Tensor, y: &Tensor, tau: f64) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let logits = (x.matmul(&y.t()?)? / tau)?;
+    let eye = Tensor::eye(n, x.dtype(), x.device())?;
+    let xent = |l: &Tensor| -> Result<Tensor> {
+        let logp = candle_nn::ops::log_softmax(l, D::Minus1)?;
+        (logp * &eye)?.sum_all()? / (-(n as f64))
+    };
+    (xent(&logits)? + xent(&logits.t()?)?)? / 2.0
+}
+
+/// The loss and its parts, as scalars.
+pub struct LossParts {
+    pub total: Tensor,
+    pub align: f32,
+    pub uniform: f32,
+}
+
+/// The configured objective on a batch of positive pairs (anchors `x`, positives `y`).
+pub fn objective(x: &Tensor, y: &Tensor, cfg: &LossConfig) -> Result<LossParts> {
+    let a = align(x, y, cfg.alpha)?;
+    let u = ((uniform(x, cfg.t)? + uniform(y, cfg.t)?)? / 2.0)?;
+    let total = match cfg.kind {
+        LossKind::AlignUniform => ((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)?,
+        LossKind::Infonce => infonce(x, y, cfg.tau)?,
+        LossKind::Mix => (((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)? + (infonce(x, y, cfg.tau)? * cfg.w_infonce)?)?,
+    };
+    let scalar = |t: &Tensor| t.to_dtype(DType::F32)?.to_scalar::<f32>();
+    Ok(LossParts { align: scalar(&a)?, uniform: scalar(&u)?, total })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::pooling::l2_normalize;
+    use candle_core::{Device, Var};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn unit_rows(rng: &mut StdRng, n: usize, d: usize) -> Vec<Vec<f64>> {
+        (0..n)
+            .map(|_| {
+                let v: Vec<f64> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+                v.iter().map(|a| a / norm).collect()
+            })
+            .collect()
+    }
+
+    fn tensor(rows: &[Vec<f64>]) -> Tensor {
+        Tensor::new(rows.to_vec(), &Device::Cpu).unwrap()
+    }
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    fn sqdist(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+    }
+
+    // Independent references: plain loops over pairs, as in the paper's definitions.
+    fn ref_align(x: &[Vec<f64>], y: &[Vec<f64>], alpha: f64) -> f64 {
+        x.iter().zip(y).map(|(a, b)| sqdist(a, b).sqrt().powf(alpha)).sum::<f64>() / x.len() as f64
+    }
+    fn ref_uniform(x: &[Vec<f64>], t: f64) -> f64 {
+        let (mut s, mut c) = (0.0, 0.0);
+        for i in 0..x.len() {
+            for j in i + 1..x.len() {
+                s += (-t * sqdist(&x[i], &x[j])).exp();
+                c += 1.0;
+            }
+        }
+        (s / c).ln()
+    }
+    fn ref_infonce(x: &[Vec<f64>], y: &[Vec<f64>], tau: f64) -> f64 {
+        let n = x.len();
+        let dir = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+            (0..n)
+                .map(|i| {
+                    let lse = (0..n).map(|j| (dot(&a[i], &b[j]) / tau).exp()).sum::<f64>().ln();
+                    lse - dot(&a[i], &b[i]) / tau
+                })
+                .sum::<f64>()
+                / n as f64
+        };
+        (dir(x, y) + dir(y, x)) / 2.0
+    }
+
+    #[test]
+    fn losses_match_pairwise_loops() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (x, y) = (unit_rows(&mut rng, 6, 5), unit_rows(&mut rng, 6, 5));
+        let (tx, ty) = (tensor(&x), tensor(&y));
+        for alpha in [2.0, 1.0, 3.0] {
+            let got = align(&tx, &ty, alpha).unwrap().to_scalar::<f64>().unwrap();
+            assert!((got - ref_align(&x, &y, alpha)).abs() < 1e-9, "alpha {alpha}");
+        }
+        for t in [2.0, 5.0] {
+            let got = uniform(&tx, t).unwrap().to_scalar::<f64>().unwrap();
+            assert!((got - ref_uniform(&x, t)).abs() < 1e-9, "t {t}");
+        }
+        let got = infonce(&tx, &ty, 0.05).unwrap().to_scalar::<f64>().unwrap();
+        assert!((got - ref_infonce(&x, &y, 0.05)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn limits_are_right() {
+        // Identical embeddings: alignment 0, uniformity 0 (collapse).
+        let same = tensor(&[vec![0.6, 0.8], vec![0.6, 0.8], vec![0.6, 0.8]]);
+        assert!(align(&same, &same, 2.0).unwrap().to_scalar::<f64>().unwrap().abs() < 1e-12);
+        assert!(uniform(&same, 2.0).unwrap().to_scalar::<f64>().unwrap().abs() < 1e-12);
+        // Two antipodal points: distance^2 = 4, so uniformity = -4t.
+        let anti = tensor(&[vec![1.0, 0.0], vec![-1.0, 0.0]]);
+        let u = uniform(&anti, 2.0).unwrap().to_scalar::<f64>().unwrap();
+        assert!((u + 8.0).abs() < 1e-9);
+        assert!(uniform(&tensor(&[vec![1.0, 0.0]]), 2.0).is_err());
+    }
+
+    /// Gradients of each loss, through L2 normalisation, against central finite differences.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let raw: Vec<Vec<f64>> = (0..5).map(|_| (0..4).map(|_| rng.gen_range(-1.0..1.0)).collect()).collect();
+        let other = unit_rows(&mut rng, 5, 4);
+        let ty = tensor(&other);
+        type LossFn<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
+        let losses: Vec<(&str, LossFn)> = vec![
+            ("align", Box::new(|x: &Tensor| align(&l2_normalize(x)?, &ty, 2.0))),
+            ("align1", Box::new(|x: &Tensor| align(&l2_normalize(x)?, &ty, 1.0))),
+            ("uniform", Box::new(|x: &Tensor| uniform(&l2_normalize(x)?, 2.0))),
+            ("infonce", Box::new(|x: &Tensor| infonce(&l2_normalize(x)?, &ty, 0.1))),
+        ];
+        for (name, f) in losses {
+            let var = Var::new(raw.clone(), &Device::Cpu).unwrap();
+            let grads = f(var.as_tensor()).unwrap().backward().unwrap();
+            let g = grads.get(var.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+            let h = 1e-6;
+            for i in 0..raw.len() {
+                for j in 0..raw[0].len() {
+                    let eval = |delta: f64| {
+                        let mut m = raw.clone();
+                        m[i][j] += delta;
+                        f(&tensor(&m)).unwrap().to_scalar::<f64>().unwrap()
+                    };
+                    let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+                    assert!((numeric - g[i][j]).abs() < 1e-6, "{name} [{i},{j}]: fd {numeric} vs autograd {}", g[i][j]);
+                }
+            }
+        }
+    }
+}

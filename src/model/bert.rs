@@ -1,0 +1,276 @@
+//! A trainable BERT encoder written from differentiable candle ops.
+//!
+//! candle-nn's fused `layer_norm` and `softmax_last_dim` record no backward op, so a model
+//! built on them "trains" without updating anything below them. Everything here is built from
+//! primitive ops that autograd sees. Dropout masks come from our own seeded RNG (candle's
+//! CPU device refuses `set_seed`), and are drawn only in training.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use rand::rngs::StdRng;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Hugging Face `config.json` for BERT: tolerant of extra keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact GELU (erf), BERT's default.
+    Gelu,
+    /// Tanh approximation of GELU.
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+    Relu,
+}
+
+impl Activation {
+    fn forward(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Gelu => xs.gelu_erf(),
+            Activation::GeluNew => xs.gelu(),
+            Activation::Relu => xs.relu(),
+        }
+    }
+}
+
+/// Inverted dropout with masks from our RNG: kept units are scaled by 1 / (1 - p).
+#[derive(Debug, Clone, Copy)]
+struct Dropout {
+    p: f32,
+}
+
+impl Dropout {
+    fn forward(&self, xs: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
+        let Some(rng) = rng else { return Ok(xs.clone()) };
+        if self.p <= 0.0 {
+            return Ok(xs.clone());
+        }
+        let scale = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> =
+            (0..xs.elem_count()).map(|_| if rng.gen::<f32>() < self.p { 0.0 } else { scale }).collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs * mask
+    }
+}
+
+/// `x W^T + b` over the last dimension.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, bias: vb.get(out_dim, "bias")? })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, s, d) = xs.dims3()?;
+        let out = xs.reshape((b * s, d))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        out.reshape((b, s, ()))
+    }
+}
+
+/// Layer norm from primitive ops, so that it has a backward pass.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Embeddings {
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    layer_norm: LayerNorm,
+    dropout: Dropout,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            word_embeddings: vb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
+            position_embeddings: vb.get((cfg.max_position_embeddings, h), "position_embeddings.weight")?,
+            token_type_embeddings: vb.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?,
+            layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+            dropout: Dropout { p: cfg.hidden_dropout_prob as f32 },
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let lookup = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
+            table.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ()))
+        };
+        let words = lookup(&self.word_embeddings, input_ids)?;
+        let types = lookup(&self.token_type_embeddings, token_type_ids)?;
+        let positions = self.position_embeddings.narrow(0, 0, s)?.unsqueeze(0)?;
+        let xs = (words + types)?.broadcast_add(&positions)?;
+        self.dropout.forward(&self.layer_norm.forward(&xs)?, rng)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    act: Activation,
+    heads: usize,
+    hidden_dropout: Dropout,
+    attention_dropout: Dropout,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let att = vb.pp("attention");
+        Ok(Self {
+            query: Linear::load(h, h, att.pp("self.query"))?,
+            key: Linear::load(h, h, att.pp("self.key"))?,
+            value: Linear::load(h, h, att.pp("self.value"))?,
+            attention_output: Linear::load(h, h, att.pp("output.dense"))?,
+            attention_norm: LayerNorm::load(h, eps, att.pp("output.LayerNorm"))?,
+            intermediate: Linear::load(h, i, vb.pp("intermediate.dense"))?,
+            output: Linear::load(i, h, vb.pp("output.dense"))?,
+            output_norm: LayerNorm::load(h, eps, vb.pp("output.LayerNorm"))?,
+            act: cfg.hidden_act,
+            heads: cfg.num_attention_heads,
+            hidden_dropout: Dropout { p: cfg.hidden_dropout_prob as f32 },
+            attention_dropout: Dropout { p: cfg.attention_probs_dropout_prob as f32 },
+        })
+    }
+
+    /// `mask_bias` [b, 1, 1, seq]: 0 for real tokens, a large finite negative for padding.
+    fn forward(&self, xs: &Tensor, mask_bias: &Tensor, mut rng: Option<&mut StdRng>) -> Result<Tensor> {
+        let (b, s, h) = xs.dims3()?;
+        let head_dim = h / self.heads;
+        let split =
+            |t: Tensor| -> Result<Tensor> { t.reshape((b, s, self.heads, head_dim))?.transpose(1, 2)?.contiguous() };
+        let q = split(self.query.forward(xs)?)?;
+        let k = split(self.key.forward(xs)?)?;
+        let v = split(self.value.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask_bias)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = self.attention_dropout.forward(&probs, rng.as_deref_mut())?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let attended = self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng.as_deref_mut())?;
+        let xs = self.attention_norm.forward(&(attended + xs)?)?;
+        let inner = self.act.forward(&self.intermediate.forward(&xs)?)?;
+        let out = self.hidden_dropout.forward(&self.output.forward(&inner)?, rng)?;
+        self.output_norm.forward(&(out + xs)?)
+    }
+}
+
+/// BERT without the pooler: token states of the first and the last transformer layer.
+#[derive(Debug, Clone)]
+pub struct Bert {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+}
+
+impl Bert {
+    /// `vb` is rooted where `embeddings.*` and `encoder.layer.*` live (the `bert.` prefix, if
+    /// any, already applied).
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+            candle_core::bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                cfg.hidden_size,
+                cfg.num_attention_heads
+            )
+        }
+        let embeddings = Embeddings::load(vb.pp("embeddings"), cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings, layers })
+    }
+
+    /// Returns (first layer output, last layer output), each [b, seq, hidden].
+    /// Dropout is active exactly when `rng` is given (training).
+    ///
+    /// # Shapes
+    /// `input_ids`, `token_type_ids`: [b, seq] u32; `attention_mask`: [b, seq] f32 of 1/0.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        mut rng: Option<&mut StdRng>,
+    ) -> Result<(Tensor, Tensor)> {
+        let max_pos = self.embeddings.position_embeddings.dim(0)?;
+        let seq = input_ids.dim(1)?;
+        if seq > max_pos {
+            candle_core::bail!("sequence of {seq} tokens is longer than max_position_embeddings {max_pos}")
+        }
+        let mut xs = self.embeddings.forward(input_ids, token_type_ids, rng.as_deref_mut())?;
+        // Built in the compute dtype with a finite negative: -inf would give NaN via 0 * -inf.
+        let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 10_000.0)?.unsqueeze(1)?.unsqueeze(1)?;
+        let mut first = None;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask_bias, rng.as_deref_mut())?;
+            first.get_or_insert_with(|| xs.clone());
+        }
+        Ok((first.unwrap_or_else(|| xs.clone()), xs))
+    }
+}

