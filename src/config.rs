@@ -26,6 +26,45 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub loss: LossConfig,
     pub report: ReportConfig,
+    pub eval: EvalConfig,
+}
+
+/// Downstream evaluation before and after training (off when `tasks` is empty).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Task names (MR, CR, SUBJ, MPQA, SST2, TREC, MRPC, STSB) or "all".
+    pub tasks: Vec<String>,
+    /// The fixed small subset for smoke tests (see `eval::run_task`).
+    pub quick: bool,
+    /// Tokens per sentence when embedding task sentences.
+    pub max_len: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { tasks: Vec::new(), quick: false, max_len: 128 }
+    }
+}
+
+impl EvalConfig {
+    /// The tasks named, in canonical order, or an error naming the unknown one.
+    pub fn parse_tasks(names: &[String]) -> std::result::Result<Vec<crate::eval::Task>, String> {
+        use crate::eval::Task;
+        if names.iter().any(|n| n.eq_ignore_ascii_case("all")) {
+            return Ok(Task::ALL.to_vec());
+        }
+        let mut tasks = Vec::new();
+        for n in names.iter().flat_map(|n| n.split(',')).map(str::trim).filter(|n| !n.is_empty()) {
+            let t = Task::parse(n).ok_or_else(|| {
+                format!("unknown eval task `{n}` (use MR, CR, SUBJ, MPQA, SST2, TREC, MRPC, STSB or all)")
+            })?;
+            if !tasks.contains(&t) {
+                tasks.push(t);
+            }
+        }
+        Ok(tasks)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -126,6 +165,7 @@ impl Default for RunConfig {
             train: TrainConfig::default(),
             loss: LossConfig::default(),
             report: ReportConfig::default(),
+            eval: EvalConfig::default(),
         }
     }
 }
@@ -234,6 +274,10 @@ impl RunConfig {
             (self.report.sentences >= 2, "report.sentences must be at least 2"),
             (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),
         ];
+        EvalConfig::parse_tasks(&self.eval.tasks)?;
+        if self.eval.max_len < 3 || self.eval.max_len > 512 {
+            return Err("eval.max_len must be in 3..=512".into());
+        }
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, msg)) => Err(msg.to_string()),
             None => Ok(()),

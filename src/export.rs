@@ -74,3 +74,197 @@ pub fn write_model(encoder: &Encoder, dir: &Path, max_len: usize, device: &Devic
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
+
+/// Streams `[n, dim]` embeddings into a safetensors file: the header (with `n` known from a
+/// first pass) goes first, then rows as they come, so memory does not grow with `n`. Tensors:
+/// `embeddings` [n, dim] (F32 or F16) and `line` [n] (I64, the 0-based input line of each row).
+/// Written to `<path>.tmp` and renamed by [`EmbeddingWriter::finish`].
+pub struct EmbeddingWriter {
+    out: std::io::BufWriter<std::fs::File>,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    n: usize,
+    dim: usize,
+    f16: bool,
+    lines: Vec<i64>,
+}
+
+impl EmbeddingWriter {
+    pub fn create(
+        path: &Path,
+        n: usize,
+        dim: usize,
+        f16: bool,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self> {
+        use std::io::Write;
+        let elem = if f16 { 2 } else { 4 };
+        let emb_bytes = n * dim * elem;
+        let header = json!({
+            "__metadata__": metadata,
+            "embeddings": {"dtype": if f16 { "F16" } else { "F32" }, "shape": [n, dim], "data_offsets": [0, emb_bytes]},
+            "line": {"dtype": "I64", "shape": [n], "data_offsets": [emb_bytes, emb_bytes + 8 * n]},
+        });
+        let mut header = serde_json::to_string(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let tmp = path.with_extension("safetensors.tmp");
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut out = std::io::BufWriter::new(file);
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|_| out.write_all(header.as_bytes()))
+            .map_err(|e| Error::io(&tmp, e))?;
+        Ok(Self { out, tmp, path: path.to_path_buf(), n, dim, f16, lines: Vec::with_capacity(n) })
+    }
+
+    /// Append one row, from input line `line`.
+    pub fn push(&mut self, row: &[f32], line: usize) -> Result<()> {
+        use std::io::Write;
+        if row.len() != self.dim || self.lines.len() >= self.n {
+            return Err(Error::Invalid(format!(
+                "embedding row {} of dim {} does not fit [{}, {}]",
+                self.lines.len(),
+                row.len(),
+                self.n,
+                self.dim
+            )));
+        }
+        let res = if self.f16 {
+            row.iter().try_for_each(|v| self.out.write_all(&half::f16::from_f32(*v).to_le_bytes()))
+        } else {
+            row.iter().try_for_each(|v| self.out.write_all(&v.to_le_bytes()))
+        };
+        res.map_err(|e| Error::io(&self.tmp, e))?;
+        self.lines.push(line as i64);
+        Ok(())
+    }
+
+    /// Write the line index, flush and rename into place. Fails if fewer rows than announced.
+    pub fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        if self.lines.len() != self.n {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(Error::Invalid(format!("wrote {} rows, announced {}", self.lines.len(), self.n)));
+        }
+        for l in &self.lines {
+            self.out.write_all(&l.to_le_bytes()).map_err(|e| Error::io(&self.tmp, e))?;
+        }
+        self.out.flush().map_err(|e| Error::io(&self.tmp, e))?;
+        self.out.get_ref().sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Embeddings read back from a file written by `embed`.
+pub struct EmbeddingFile {
+    pub data: Vec<f32>,
+    pub n: usize,
+    pub dim: usize,
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// Read the `embeddings` tensor ([n, dim], F32 or F16) of a safetensors file.
+pub fn read_embeddings(path: &Path) -> Result<EmbeddingFile> {
+    use safetensors::{Dtype, SafeTensors};
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |msg: String| Error::data(path, msg);
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let names: Vec<String> = st.names().into_iter().cloned().collect();
+    let t = st.tensor("embeddings").map_err(|_| {
+        bad(format!("no tensor named `embeddings` (found: {}); write one with `hypersphere embed`", names.join(", ")))
+    })?;
+    let [n, dim] = t.shape() else {
+        return Err(bad(format!("`embeddings` has shape {:?}, expected [n, dim]", t.shape())));
+    };
+    let data: Vec<f32> = match t.dtype() {
+        Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => t.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => return Err(bad(format!("`embeddings` has dtype {other:?}, expected F32 or F16"))),
+    };
+    let metadata = meta.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
+    Ok(EmbeddingFile { data, n: *n, dim: *dim, metadata })
+}
+
+/// Save whitening parameters as safetensors: `mu` [dim] and `w` [dim, k].
+pub fn save_whitening(w: &crate::whiten::Whitening, path: &Path) -> Result<()> {
+    let dev = Device::Cpu;
+    let tensors = [
+        ("mu".to_string(), candle_core::Tensor::from_slice(&w.mu, w.dim, &dev)?),
+        ("w".to_string(), candle_core::Tensor::from_slice(&w.w, (w.dim, w.k), &dev)?),
+    ];
+    save_safetensors(&tensors.into_iter().collect(), path)
+}
+
+/// Load parameters written by [`save_whitening`] (`compare --whiten`).
+pub fn load_whitening(path: &Path) -> Result<crate::whiten::Whitening> {
+    let bad = |m: String| Error::data(path, m);
+    let t =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(format!("cannot read safetensors: {e}")))?;
+    let (mu, w) = match (t.get("mu"), t.get("w")) {
+        (Some(mu), Some(w)) => (mu, w),
+        _ => {
+            return Err(bad("expected tensors `mu` [dim] and `w` [dim, k] (write them with `compare --whiten`)".into()))
+        }
+    };
+    let (dim, k) = w.dims2().map_err(|_| bad(format!("`w` has shape {:?}, expected [dim, k]", w.dims())))?;
+    if mu.dims() != [dim] {
+        return Err(bad(format!("`mu` has shape {:?}, expected [{dim}]", mu.dims())));
+    }
+    Ok(crate::whiten::Whitening {
+        mu: mu.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+        w: w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?,
+        dim,
+        k,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_round_trip_in_f32_and_f16() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = [[0.6f32, 0.8, 0.0], [0.0, -1.0, 0.0], [0.5, 0.5, 0.70710677]];
+        for f16 in [false, true] {
+            let path = dir.path().join(format!("e{f16}.safetensors"));
+            let meta = [("pooling".to_string(), "mean".to_string())].into_iter().collect();
+            let mut w = EmbeddingWriter::create(&path, 3, 3, f16, &meta).unwrap();
+            for (i, r) in rows.iter().enumerate() {
+                w.push(r, i * 2).unwrap();
+            }
+            w.finish().unwrap();
+            let back = read_embeddings(&path).unwrap();
+            assert_eq!((back.n, back.dim), (3, 3));
+            assert_eq!(back.metadata["pooling"], "mean");
+            let tol = if f16 { 1e-3 } else { 0.0 };
+            for (a, b) in back.data.iter().zip(rows.iter().flatten()) {
+                assert!((a - b).abs() <= tol, "{a} vs {b}");
+            }
+            // candle reads the same file, the line index included.
+            let t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+            assert_eq!(t["line"].to_vec1::<i64>().unwrap(), vec![0, 2, 4]);
+        }
+    }
+
+    #[test]
+    fn short_writes_and_wrong_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short.safetensors");
+        let mut w = EmbeddingWriter::create(&path, 2, 2, false, &Default::default()).unwrap();
+        w.push(&[1.0, 0.0], 0).unwrap();
+        assert!(w.push(&[1.0], 1).is_err());
+        assert!(w.finish().is_err());
+        assert!(!path.exists(), "nothing half-written is left under the final name");
+        let other = dir.path().join("other.safetensors");
+        let t = candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        candle_core::safetensors::save(&[("vectors", t)].into_iter().collect(), &other).unwrap();
+        let err = read_embeddings(&other).err().unwrap().to_string();
+        assert!(err.contains("other.safetensors") && err.contains("vectors"), "{err}");
+        let t = candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        candle_core::safetensors::save(&[("embeddings", t)].into_iter().collect(), &other).unwrap();
+        assert!(read_embeddings(&other).err().unwrap().to_string().contains("shape"));
+    }
+}

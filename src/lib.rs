@@ -1,14 +1,18 @@
 //! hypersphere: fine-tune BERT sentence embeddings for alignment and uniformity on the hypersphere.
 
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod report;
 pub mod train;
+pub mod whiten;
 
 pub use error::{Error, Result};

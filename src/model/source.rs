@@ -82,6 +82,30 @@ pub fn local_files(spec: &str, dir: &Path) -> Result<ModelFiles> {
     Ok(ModelFiles { spec: spec.into(), config, weights, tokenizer })
 }
 
+/// The pooling a model folder declares: our `hypersphere.json`, else sentence-transformers'
+/// `1_Pooling/config.json` (cls or mean). None when the folder says nothing.
+pub fn saved_pooling(files: &ModelFiles) -> Option<crate::model::pooling::Pooling> {
+    use crate::model::pooling::Pooling;
+    let dir = files.config.parent()?;
+    let read = |name: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+    };
+    if let Some(p) =
+        read("hypersphere.json").and_then(|v| serde_json::from_value::<Pooling>(v.get("pooling")?.clone()).ok())
+    {
+        return Some(p);
+    }
+    let st = read("1_Pooling/config.json")?;
+    let on = |k: &str| st.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    if on("pooling_mode_cls_token") {
+        Some(Pooling::Cls)
+    } else if on("pooling_mode_mean_tokens") {
+        Some(Pooling::Mean)
+    } else {
+        None
+    }
+}
+
 fn hub_files(repo_id: &str, opts: &SourceOptions) -> Result<ModelFiles> {
     let err = |msg: String| Error::Source { spec: repo_id.into(), msg };
     let cache = hf_hub::Cache::new(opts.hf_cache.clone());

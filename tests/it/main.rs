@@ -3,4 +3,6 @@
 
 mod cli;
 mod common;
+mod embed;
+mod eval;
 mod model;

@@ -1,0 +1,166 @@
+//! Runs evaluation tasks on an encoder: embeds each task's sentences once per (weights, pooling,
+//! max_len, task, quick) and caches them on disk as safetensors, then runs the protocols.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use super::{run_task, task_sentences, Task, TaskResult};
+use crate::data::batch::TextTokenizer;
+use crate::error::Result;
+use crate::export::{read_embeddings, EmbeddingWriter};
+use crate::model::{embed_texts, Encoder};
+
+pub struct EvalOptions {
+    /// The data root holding `senteval/` and `sts/`.
+    pub root: PathBuf,
+    pub tasks: Vec<Task>,
+    pub quick: bool,
+    pub seed: u64,
+    /// Where embeddings are cached; None disables the cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// One task's scores plus how long its embedding took (0 when it came from the cache).
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluated {
+    #[serde(flatten)]
+    pub result: TaskResult,
+    pub sentences: usize,
+    pub embed_seconds: f64,
+    pub cached: bool,
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| crate::Error::io(path, e))?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Evaluate `encoder` (whose weights file hashes to `weights_sha256`) on every task.
+/// `progress` receives one-line status messages.
+pub fn evaluate(
+    encoder: &Encoder,
+    tokenizer: &TextTokenizer,
+    weights_sha256: &str,
+    opts: &EvalOptions,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<Evaluated>> {
+    let mut out = Vec::new();
+    for &task in &opts.tasks {
+        let sentences = task_sentences(task, &opts.root, opts.quick)?;
+        let key = {
+            use sha2::{Digest, Sha256};
+            let id = format!(
+                "{weights_sha256}|{}|{}|{}|{}",
+                encoder.pooling.as_str(),
+                tokenizer.max_len,
+                task.name(),
+                if opts.quick { "quick" } else { "full" }
+            );
+            format!("{:x}", Sha256::digest(id.as_bytes()))
+        };
+        let cache_file = opts.cache_dir.as_ref().map(|d| d.join(format!("{}-{}.safetensors", task.name(), &key[..16])));
+        let dim = encoder.config.hidden_size;
+        let start = Instant::now();
+        let cached = cache_file
+            .as_ref()
+            .and_then(|f| read_embeddings(f).ok())
+            .filter(|e| e.n == sentences.len() && e.dim == dim)
+            .map(|e| e.data);
+        let was_cached = cached.is_some();
+        let flat = match cached {
+            Some(flat) => flat,
+            None => {
+                progress(&format!("{}: embedding {} sentences", task.name(), sentences.len()));
+                let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+                let mut flat = Vec::with_capacity(texts.len() * dim);
+                for (i, chunk) in texts.chunks(2048).enumerate() {
+                    flat.extend(embed_texts(encoder, tokenizer, chunk, 64, device)?);
+                    progress(&format!("{}: {}/{} sentences", task.name(), (i * 2048 + chunk.len()), texts.len()));
+                }
+                if let Some(f) = &cache_file {
+                    write_cache(f, &flat, sentences.len(), dim)?;
+                }
+                flat
+            }
+        };
+        let embed_seconds = if was_cached { 0.0 } else { start.elapsed().as_secs_f64() };
+        let lookup: HashMap<&str, &[f32]> =
+            sentences.iter().zip(flat.chunks_exact(dim)).map(|(s, row)| (s.as_str(), row)).collect();
+        let result = run_task(task, &opts.root, opts.quick, &|s| lookup.get(s).copied(), opts.seed, progress)?;
+        progress(&format!(
+            "{}: done in {:.1}s (embedding {:.1}s{}, classifier {:.1}s)",
+            task.name(),
+            embed_seconds + result.seconds,
+            embed_seconds,
+            if was_cached { ", cached" } else { "" },
+            result.seconds
+        ));
+        out.push(Evaluated { result, sentences: sentences.len(), embed_seconds, cached: was_cached });
+    }
+    Ok(out)
+}
+
+fn write_cache(path: &Path, flat: &[f32], n: usize, dim: usize) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| crate::Error::io(parent, e))?;
+    }
+    let mut w = EmbeddingWriter::create(path, n, dim, false, &Default::default())?;
+    for (i, row) in flat.chunks_exact(dim).enumerate() {
+        w.push(row, i)?;
+    }
+    w.finish()
+}
+
+/// The headline metric names of a task, in display order.
+fn shown(r: &TaskResult) -> Vec<(String, f64)> {
+    r.metrics.iter().filter(|(k, _)| k != "dev_accuracy").cloned().collect()
+}
+
+fn reference_text(task: Task) -> String {
+    task.reference().iter().map(|(name, v)| format!("{name} {v:.2}")).collect::<Vec<_>>().join("; ")
+}
+
+/// Text and Markdown tables: one row per (task, metric); with `before`, before/after/change.
+pub fn tables(after: &[Evaluated], before: Option<&[Evaluated]>) -> (String, String) {
+    let mut text = match before {
+        Some(_) => format!(
+            "{:<8}{:<16}{:>10}{:>10}{:>10}{:>9}   reference\n",
+            "task", "metric", "before", "after", "change", "secs"
+        ),
+        None => format!("{:<8}{:<16}{:>10}{:>9}   reference\n", "task", "metric", "value", "secs"),
+    };
+    let mut md = match before {
+        Some(_) => "| task | metric | before | after | change | seconds | published reference |\n|---|---|---:|---:|---:|---:|---|\n".to_string(),
+        None => "| task | metric | value | seconds | published reference |\n|---|---|---:|---:|---|\n".to_string(),
+    };
+    for (i, e) in after.iter().enumerate() {
+        let secs = e.embed_seconds + e.result.seconds;
+        let reference = reference_text(e.result.task);
+        let prior = before.and_then(|b| b.get(i)).map(|b| shown(&b.result));
+        for (j, (metric, v)) in shown(&e.result).into_iter().enumerate() {
+            let name = e.result.task.name();
+            match prior.as_ref().and_then(|p| p.get(j)) {
+                Some((_, b)) => {
+                    text +=
+                        &format!("{name:<8}{metric:<16}{b:>10.2}{v:>10.2}{:>+10.2}{secs:>9.1}   {reference}\n", v - b);
+                    md +=
+                        &format!("| {name} | {metric} | {b:.2} | {v:.2} | {:+.2} | {secs:.1} | {reference} |\n", v - b);
+                }
+                None => {
+                    text += &format!("{name:<8}{metric:<16}{v:>10.2}{secs:>9.1}   {reference}\n");
+                    md += &format!("| {name} | {metric} | {v:.2} | {secs:.1} | {reference} |\n");
+                }
+            }
+        }
+    }
+    (text, md)
+}

@@ -1,0 +1,385 @@
+//! Loaders for the SentEval classification tasks and STS-B, from `<root>/senteval/...` and
+//! `<root>/sts/STSBenchmark/...` (layout and formats: the data folder's README).
+//!
+//! Conventions, chosen to match SentEval:
+//! - Text is whitespace-normalised (split on whitespace, joined by single spaces), as SentEval's
+//!   `line.split()` followed by `' '.join(...)` in the batcher; this also drops SST-2's trailing space.
+//! - Empty lines in the one-sentence-per-line files (CR: 4, MPQA: 3) are kept as examples with
+//!   the empty sentence, because SentEval counts them (CR 3775, MPQA 10606): the caller embeds "".
+//! - Files are read as UTF-8; a file that is not valid UTF-8 is decoded as Latin-1 (every byte
+//!   one char, as SentEval opens MR/CR/SUBJ/MPQA) rather than failing. All files shipped in the
+//!   data folder are valid UTF-8 today.
+//! - Any other deviation (missing file, wrong field count, bad label or score) is an
+//!   `Error::Data` naming the file and 1-based line.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// TREC coarse classes, in label order.
+pub const TREC_CLASSES: [&str; 6] = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"];
+
+/// Labelled examples: `x[i]` has class `y[i]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Labelled<X> {
+    pub x: Vec<X>,
+    pub y: Vec<usize>,
+}
+
+impl<X: Clone> Labelled<X> {
+    /// The examples at `idx`, in that order.
+    pub fn select(&self, idx: &[usize]) -> Self {
+        Labelled { x: idx.iter().map(|&i| self.x[i].clone()).collect(), y: idx.iter().map(|&i| self.y[i]).collect() }
+    }
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+}
+
+/// Sentence pairs with a gold similarity score (STS-B, 0–5).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scored {
+    pub pairs: Vec<(String, String)>,
+    pub scores: Vec<f64>,
+}
+
+/// A task's data, by protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskData {
+    /// One pool for k-fold CV (MR, CR, SUBJ, MPQA).
+    CrossVal { data: Labelled<String>, classes: usize },
+    /// Train / optional dev / test sentences (SST-2 with dev, TREC without).
+    Split { train: Labelled<String>, dev: Option<Labelled<String>>, test: Labelled<String>, classes: usize },
+    /// Train / test sentence pairs (MRPC; label 1 = paraphrase).
+    Pairs { train: Labelled<(String, String)>, test: Labelled<(String, String)> },
+    /// STS-B: similarity-scored pairs (train only loaded for completeness; unused by the protocol).
+    Similarity { train: Scored, dev: Scored, test: Scored },
+}
+
+/// Whitespace-normalised text.
+fn norm(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The file's lines (UTF-8, else Latin-1), without a final empty line after the last newline.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => e.into_bytes().iter().map(|&b| b as char).collect(),
+    };
+    Ok(text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect())
+}
+
+fn bad(path: &Path, line: usize, msg: impl std::fmt::Display) -> Error {
+    Error::data(path, format!("line {line}: {msg}"))
+}
+
+/// Tab-separated fields of each line after `skip` header lines; each must have at least `min`
+/// (and, when `exact`, exactly `min`) fields. Yields (1-based line number, fields).
+fn tsv(path: &Path, skip: usize, min: usize, exact: bool) -> Result<Vec<(usize, Vec<String>)>> {
+    read_lines(path)?
+        .into_iter()
+        .enumerate()
+        .skip(skip)
+        .map(|(i, l)| {
+            let f: Vec<String> = l.split('\t').map(str::to_string).collect();
+            if f.len() < min || (exact && f.len() != min) {
+                let want = if exact { format!("{min}") } else { format!("at least {min}") };
+                return Err(bad(path, i + 1, format!("expected {want} tab-separated fields, found {}", f.len())));
+            }
+            Ok((i + 1, f))
+        })
+        .collect()
+}
+
+fn label01(path: &Path, line: usize, s: &str) -> Result<usize> {
+    match s.trim() {
+        "0" => Ok(0),
+        "1" => Ok(1),
+        other => Err(bad(path, line, format!("label must be 0 or 1, found {other:?}"))),
+    }
+}
+
+/// Two one-sentence-per-line files: class 0 from `neg`, class 1 from `pos` (empty lines kept).
+fn polarity(neg: &Path, pos: &Path) -> Result<Labelled<String>> {
+    let mut out = Labelled::default();
+    for (label, path) in [(0, neg), (1, pos)] {
+        for line in read_lines(path)? {
+            out.x.push(norm(&line));
+            out.y.push(label);
+        }
+    }
+    Ok(out)
+}
+
+/// SST-2: `sentence<TAB>0|1`.
+fn sst(path: &Path) -> Result<Labelled<String>> {
+    let mut out = Labelled::default();
+    for (line, f) in tsv(path, 0, 2, true)? {
+        out.y.push(label01(path, line, &f[1])?);
+        out.x.push(norm(&f[0]));
+    }
+    Ok(out)
+}
+
+/// TREC: `COARSE:fine question words`; the class is the coarse part.
+fn trec(path: &Path) -> Result<Labelled<String>> {
+    let mut out = Labelled::default();
+    for (i, line) in read_lines(path)?.iter().enumerate() {
+        let (label, text) = line.split_once(' ').unwrap_or((line, ""));
+        let coarse = label.split_once(':').map(|(c, _)| c);
+        let class = coarse.and_then(|c| TREC_CLASSES.iter().position(|k| *k == c));
+        let class = class.ok_or_else(|| bad(path, i + 1, format!("expected COARSE:fine label, found {label:?}")))?;
+        if text.trim().is_empty() {
+            return Err(bad(path, i + 1, "no question after the label"));
+        }
+        out.x.push(norm(text));
+        out.y.push(class);
+    }
+    Ok(out)
+}
+
+/// MRPC: header, then `label<TAB>id1<TAB>id2<TAB>s1<TAB>s2`.
+fn mrpc(path: &Path) -> Result<Labelled<(String, String)>> {
+    let mut out = Labelled::default();
+    for (line, f) in tsv(path, 1, 5, true)? {
+        out.y.push(label01(path, line, &f[0])?);
+        out.x.push((norm(&f[3]), norm(&f[4])));
+    }
+    Ok(out)
+}
+
+/// STS-B: genre, file, year, id, score, s1, s2 [, extra fields ignored].
+fn stsb(path: &Path) -> Result<Scored> {
+    let mut out = Scored::default();
+    for (line, f) in tsv(path, 0, 7, false)? {
+        let score: f64 = f[4]
+            .trim()
+            .parse()
+            .ok()
+            .filter(|s| (0.0..=5.0).contains(s))
+            .ok_or_else(|| bad(path, line, format!("score must be a number in 0..5, found {:?}", f[4])))?;
+        out.scores.push(score);
+        out.pairs.push((norm(&f[5]), norm(&f[6])));
+    }
+    Ok(out)
+}
+
+/// Load `task`'s data from the data root.
+pub fn load(task: super::Task, root: &Path) -> Result<TaskData> {
+    use super::Task::*;
+    let se = |dir: &str, file: &str| -> PathBuf { root.join("senteval").join(dir).join(file) };
+    let cv = |dir: &str, neg: &str, pos: &str| -> Result<TaskData> {
+        Ok(TaskData::CrossVal { data: polarity(&se(dir, neg), &se(dir, pos))?, classes: 2 })
+    };
+    Ok(match task {
+        MR => cv("MR", "rt-polarity.neg", "rt-polarity.pos")?,
+        CR => cv("CR", "custrev.neg", "custrev.pos")?,
+        SUBJ => cv("SUBJ", "subj.objective", "subj.subjective")?,
+        MPQA => cv("MPQA", "mpqa.neg", "mpqa.pos")?,
+        SST2 => TaskData::Split {
+            train: sst(&se("SST2", "sentiment-train"))?,
+            dev: Some(sst(&se("SST2", "sentiment-dev"))?),
+            test: sst(&se("SST2", "sentiment-test"))?,
+            classes: 2,
+        },
+        TREC => TaskData::Split {
+            train: trec(&se("TREC", "train_5500.label"))?,
+            dev: None,
+            test: trec(&se("TREC", "TREC_10.label"))?,
+            classes: TREC_CLASSES.len(),
+        },
+        MRPC => TaskData::Pairs {
+            train: mrpc(&se("MRPC", "msr_paraphrase_train.txt"))?,
+            test: mrpc(&se("MRPC", "msr_paraphrase_test.txt"))?,
+        },
+        STSB => {
+            let dir = root.join("sts").join("STSBenchmark");
+            TaskData::Similarity {
+                train: stsb(&dir.join("sts-train.csv"))?,
+                dev: stsb(&dir.join("sts-dev.csv"))?,
+                test: stsb(&dir.join("sts-test.csv"))?,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::eval::Task;
+
+    /// The real data folder: `$HYPERSPHERE_DATA`, else `../shared/data` from the crate root.
+    pub(crate) fn data_root() -> Option<PathBuf> {
+        let root = std::env::var_os("HYPERSPHERE_DATA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+        if root.join("senteval").is_dir() {
+            Some(root)
+        } else {
+            eprintln!("note: data folder {} not found; skipping real-data test", root.display());
+            None
+        }
+    }
+
+    /// A fresh temporary folder laid out as a data root.
+    pub(crate) fn temp_root(tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("hypersphere-eval-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write(root: &Path, rel: &str, bytes: &[u8]) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+
+    #[test]
+    fn real_data_counts() {
+        let Some(root) = data_root() else { return };
+        let cv = |t| match load(t, &root).unwrap() {
+            TaskData::CrossVal { data, .. } => {
+                (data.y.iter().filter(|&&c| c == 1).count(), data.y.iter().filter(|&&c| c == 0).count())
+            }
+            _ => panic!("{t:?}"),
+        };
+        assert_eq!(cv(Task::MR), (5331, 5331));
+        assert_eq!(cv(Task::CR), (2407, 1368));
+        assert_eq!(cv(Task::SUBJ), (5000, 5000));
+        assert_eq!(cv(Task::MPQA), (3312, 7294));
+        match load(Task::CR, &root).unwrap() {
+            TaskData::CrossVal { data, .. } => {
+                assert_eq!(data.x.iter().filter(|s| s.is_empty()).count(), 4)
+            }
+            _ => panic!(),
+        }
+        match load(Task::SST2, &root).unwrap() {
+            TaskData::Split { train, dev: Some(dev), test, classes } => {
+                assert_eq!((train.len(), dev.len(), test.len(), classes), (67349, 872, 1821, 2));
+                assert!(train.x.iter().all(|s| !s.ends_with(' ')));
+            }
+            _ => panic!(),
+        }
+        match load(Task::TREC, &root).unwrap() {
+            TaskData::Split { train, dev: None, test, classes } => {
+                assert_eq!((train.len(), test.len(), classes), (5452, 500, 6));
+                let counts: Vec<usize> = (0..6).map(|c| train.y.iter().filter(|&&v| v == c).count()).collect();
+                assert_eq!(counts, vec![86, 1162, 1250, 1223, 835, 896]);
+            }
+            _ => panic!(),
+        }
+        match load(Task::MRPC, &root).unwrap() {
+            TaskData::Pairs { train, test } => {
+                assert_eq!((train.len(), test.len()), (4076, 1725));
+                assert_eq!((train.y.iter().sum::<usize>(), test.y.iter().sum::<usize>()), (2753, 1147));
+            }
+            _ => panic!(),
+        }
+        match load(Task::STSB, &root).unwrap() {
+            TaskData::Similarity { train, dev, test } => {
+                assert_eq!((train.pairs.len(), dev.pairs.len(), test.pairs.len()), (5749, 1500, 1379));
+                assert!(test.scores.iter().all(|s| (0.0..=5.0).contains(s)));
+            }
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn fixtures_parse() {
+        let root = temp_root("ok");
+        write(&root, "senteval/CR/custrev.neg", b"the zipper broke twice\n\nbattery  is weak \n");
+        write(&root, "senteval/CR/custrev.pos", b"caf\xe9 mode is lovely\n");
+        write(
+            &root,
+            "senteval/TREC/train_5500.label",
+            b"NUM:date When did the kettle boil ?\nHUM:ind Who painted the shed ?\n",
+        );
+        write(&root, "senteval/TREC/TREC_10.label", b"LOC:city Where is the lighthouse ?\n");
+        write(
+            &root,
+            "senteval/MRPC/msr_paraphrase_train.txt",
+            b"Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tThe cat sat.\tA cat was sitting.\n",
+        );
+        write(
+            &root,
+            "senteval/MRPC/msr_paraphrase_test.txt",
+            b"Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t3\t4\tIt rained.\tThe sun shone.\n",
+        );
+        let sts = b"g\tf\t2020\t1\t3.5\tA dog runs.\tA dog is running.\textra\tmore\ng\tf\t2020\t2\t0\tRed.\tBlue.\n";
+        for s in ["train", "dev", "test"] {
+            write(&root, &format!("sts/STSBenchmark/sts-{s}.csv"), sts);
+        }
+        match load(Task::CR, &root).unwrap() {
+            TaskData::CrossVal { data, classes: 2 } => {
+                // Latin-1 fallback for the non-UTF-8 file; empty line kept; whitespace normalised.
+                assert_eq!(data.x, vec!["the zipper broke twice", "", "battery is weak", "café mode is lovely"]);
+                assert_eq!(data.y, vec![0, 0, 0, 1]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match load(Task::TREC, &root).unwrap() {
+            TaskData::Split { train, test, .. } => {
+                assert_eq!(train.y, vec![5, 3]);
+                assert_eq!(train.x[0], "When did the kettle boil ?");
+                assert_eq!(test.y, vec![4]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match load(Task::MRPC, &root).unwrap() {
+            TaskData::Pairs { train, test } => {
+                assert_eq!(train.x, vec![("The cat sat.".to_string(), "A cat was sitting.".to_string())]);
+                assert_eq!((train.y.clone(), test.y.clone()), (vec![1], vec![0]));
+            }
+            other => panic!("{other:?}"),
+        }
+        match load(Task::STSB, &root).unwrap() {
+            TaskData::Similarity { test, .. } => {
+                assert_eq!(test.scores, vec![3.5, 0.0]);
+                assert_eq!(test.pairs[0].1, "A dog is running.");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn missing_and_malformed_files_name_file_and_line() {
+        let root = temp_root("bad");
+        let err = load(Task::MR, &root).unwrap_err().to_string();
+        assert!(err.contains("rt-polarity.neg"), "{err}");
+        let cases: [(&str, &[u8], Task, &str); 5] = [
+            ("senteval/SST2/sentiment-train", b"good film\t1\nno label here\n", Task::SST2, "sentiment-train: line 2"),
+            (
+                "senteval/SST2/sentiment-train",
+                b"good film\t1\nbad film\t2\n",
+                Task::SST2,
+                "line 2: label must be 0 or 1",
+            ),
+            (
+                "senteval/TREC/train_5500.label",
+                b"NUM:date When ?\nWHAT:x Why ?\n",
+                Task::TREC,
+                "train_5500.label: line 2",
+            ),
+            (
+                "senteval/MRPC/msr_paraphrase_train.txt",
+                b"header\n1\t1\t2\tonly one\n",
+                Task::MRPC,
+                "msr_paraphrase_train.txt: line 2",
+            ),
+            ("sts/STSBenchmark/sts-train.csv", b"g\tf\ty\t1\tsix\ta\tb\n", Task::STSB, "sts-train.csv: line 1: score"),
+        ];
+        for (rel, bytes, task, want) in cases {
+            write(&root, rel, bytes);
+            let err = load(task, &root).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
