@@ -45,6 +45,10 @@ pub enum Command {
         /// Overwrite a non-empty run folder.
         #[arg(long)]
         force: bool,
+        /// Continue the run in this folder from its newest complete checkpoint (its run.toml
+        /// is the config).
+        #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+        resume: Option<PathBuf>,
     },
     /// Build training pairs from a corpus and print statistics or samples.
     Pairs {
@@ -209,7 +213,7 @@ impl RunArgs {
 pub fn run(cli: Cli) -> Result<bool> {
     let device = Device::Cpu;
     match cli.command {
-        Command::Finetune { run, force } => finetune(&run, force, &device),
+        Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), &device),
         Command::Pairs { run, corpus, stats, sample } => pairs(&run, corpus, stats, sample),
         Command::Eval { model, tasks, data, quick, out, seed, no_cache } => {
             let tasks = EvalConfig::parse_tasks(&[tasks]).map_err(anyhow::Error::msg)?;
@@ -308,12 +312,34 @@ fn pairs(args: &RunArgs, corpus: Option<PathBuf>, stats: bool, sample: Option<us
     Ok(true)
 }
 
-fn finetune(args: &RunArgs, force: bool, device: &Device) -> Result<bool> {
-    let cfg = args.config()?;
-    let run_dir = cfg.out_dir.join(&cfg.name);
-    if run_dir.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) && !force {
-        bail!("run folder {} is not empty: pick another name (--set name=...) or pass --force", run_dir.display());
-    }
+/// Measurements taken before training, kept so a resumed run reports against them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Before {
+    anisotropy: hypersphere::metrics::Anisotropy,
+    eval: Option<Vec<Evaluated>>,
+}
+
+fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device) -> Result<bool> {
+    let (cfg, run_dir) = match resume {
+        Some(dir) => {
+            let path = dir.join("run.toml");
+            if !path.is_file() {
+                bail!("{} not found: --resume takes a run folder written by finetune", path.display());
+            }
+            (RunConfig::load(Some(&path), &args.overrides)?, dir.to_path_buf())
+        }
+        None => {
+            let cfg = args.config()?;
+            let run_dir = cfg.out_dir.join(&cfg.name);
+            if run_dir.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) && !force {
+                bail!(
+                    "run folder {} is not empty: pick another name (--set name=...), --resume it, or pass --force",
+                    run_dir.display()
+                );
+            }
+            (cfg, run_dir)
+        }
+    };
     let t0 = Instant::now();
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
     let (tokenizer, set) = tokenizer_and_pairs(&cfg, args.data.as_deref(), None)?;
@@ -341,14 +367,19 @@ fn finetune(args: &RunArgs, force: bool, device: &Device) -> Result<bool> {
     eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
 
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let _ = std::fs::remove_file(run_dir.join("log.jsonl"));
-    let resolved = toml::to_string_pretty(&cfg).context("serializing the config")?;
-    let header = format!(
-        "# resolved config of this run; hypersphere {}; model weights {}\n",
-        env!("CARGO_PKG_VERSION"),
-        files.weights.display()
-    );
-    write_atomic(&run_dir.join("run.toml"), (header + &resolved).as_bytes())?;
+    if resume.is_none() {
+        if force {
+            let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+            let _ = std::fs::remove_file(run_dir.join("before.json"));
+        }
+        let resolved = toml::to_string_pretty(&cfg).context("serializing the config")?;
+        let header = format!(
+            "# resolved config of this run; hypersphere {}; model weights {}\n",
+            env!("CARGO_PKG_VERSION"),
+            files.weights.display()
+        );
+        write_atomic(&run_dir.join("run.toml"), (header + &resolved).as_bytes())?;
+    }
 
     let val_pairs: Vec<_> = {
         let mut v = set.val.clone();
@@ -362,7 +393,14 @@ fn finetune(args: &RunArgs, force: bool, device: &Device) -> Result<bool> {
         sample.sentences.len(),
         sample.pairs.len()
     );
-    let before = measure(&encoder, &tokenizer, &sample, device)?;
+    let saved: Option<Before> = resume
+        .and_then(|_| std::fs::read_to_string(run_dir.join("before.json")).ok())
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let before = match &saved {
+        Some(b) => b.anisotropy.clone(),
+        None => measure(&encoder, &tokenizer, &sample, device)
+            .with_context(|| format!("measuring {} before training", files.weights.display()))?,
+    };
     let eval_tasks = EvalConfig::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
     let eval_opts = match eval_tasks.is_empty() {
         true => None,
@@ -374,15 +412,35 @@ fn finetune(args: &RunArgs, force: bool, device: &Device) -> Result<bool> {
     };
     let eval_tokenizer =
         TextTokenizer::load(&files.tokenizer, cfg.eval.max_len.min(encoder.config.max_position_embeddings))?;
-    let eval_before = match &eval_opts {
-        Some(o) => {
+    let eval_before = match (&eval_opts, saved.and_then(|b| b.eval)) {
+        (Some(_), Some(saved)) => Some(saved),
+        (Some(o), None) => {
             eprintln!("evaluating the model before training on {} tasks", o.tasks.len());
             Some(run_eval(&encoder, &eval_tokenizer, &files.weights, o, device)?)
         }
-        None => None,
+        (None, _) => None,
     };
+    write_json(&run_dir.join("before.json"), &Before { anisotropy: before.clone(), eval: eval_before.clone() })?;
 
-    let summary = train(&encoder, &tokenizer, &cfg, &set.train, &val_pairs, &run_dir, device)?;
+    // Ctrl-C: finish the step, write a checkpoint, stop. A second Ctrl-C exits at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit now)");
+    });
+    let summary = train(&encoder, &tokenizer, &cfg, &set.train, &val_pairs, &run_dir, device, resume.is_some(), &stop)?;
+    if let Some(why) = &summary.stopped {
+        // Interrupted, or too many non-finite steps: the checkpoints hold the last good state.
+        let last = hypersphere::checkpoint::list(&run_dir).pop();
+        let kept = last
+            .map(|p| format!("last good checkpoint: {}", p.display()))
+            .unwrap_or_else(|| "no checkpoint yet: the last good model is the original".into());
+        eprintln!("error: training stopped early: {why} ({kept})");
+        return Ok(false);
+    }
     eprintln!(
         "trained {} of {} steps in {:.1}s ({:.1} pairs/s)",
         summary.steps, summary.planned_steps, summary.seconds, summary.pairs_per_s
@@ -417,11 +475,7 @@ fn finetune(args: &RunArgs, force: bool, device: &Device) -> Result<bool> {
     let mut report = serde_json::to_value(&report)?;
     report["eval"] = serde_json::json!({"before": eval_before, "after": eval_after});
     write_json(&run_dir.join("report.json"), &report)?;
-    println!("wrote {}/{{model/, report.json, log.jsonl, run.toml}}", run_dir.display());
-    if let Some(why) = &summary.stopped {
-        eprintln!("error: training stopped early: {why}");
-        return Ok(false);
-    }
+    println!("wrote {}/{{model/, report.json, log.jsonl, run.toml, checkpoints/}}", run_dir.display());
     Ok(true)
 }
 

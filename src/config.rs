@@ -116,6 +116,13 @@ pub struct TrainConfig {
     pub eval_every_steps: usize,
     /// Held-out pairs used for validation during training.
     pub val_pairs: usize,
+    /// Write a checkpoint every N steps (and at the end, and on Ctrl-C); 0 = only then.
+    pub checkpoint_every_steps: usize,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep_checkpoints: usize,
+    /// Steps with a non-finite loss or gradient that are skipped (no update) before the run
+    /// stops; the stop keeps the last good checkpoint.
+    pub max_bad_steps: usize,
 }
 
 /// Which objective to minimise.
@@ -205,6 +212,9 @@ impl Default for TrainConfig {
             dropout: true,
             eval_every_steps: 50,
             val_pairs: 256,
+            checkpoint_every_steps: 50,
+            keep_checkpoints: 2,
+            max_bad_steps: 3,
         }
     }
 }
@@ -235,7 +245,14 @@ impl RunConfig {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         let origin = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("configs/default.toml"));
         let text = match path {
-            Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+                if text.trim().is_empty() {
+                    let msg = "empty config file: write settings in it, or leave out --config for the defaults".into();
+                    return Err(Error::Config { path: p.to_path_buf(), msg });
+                }
+                text
+            }
             None => DEFAULT_TOML.to_string(),
         };
         Self::from_toml(&text, &origin, overrides)
@@ -257,7 +274,7 @@ impl RunConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.train;
-        let checks: [(bool, &str); 12] = [
+        let checks: [(bool, &str); 13] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
             (self.model.max_len <= 512, "model.max_len must be at most 512"),
             (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
@@ -272,6 +289,7 @@ impl RunConfig {
                 "loss.t, loss.tau and loss.alpha must be positive",
             ),
             (self.report.sentences >= 2, "report.sentences must be at least 2"),
+            (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
             (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),
         ];
         EvalConfig::parse_tasks(&self.eval.tasks)?;
@@ -299,14 +317,18 @@ impl RunConfig {
     }
 }
 
-/// Apply one `a.b.c=value` override; the value is parsed as TOML, else taken as a string.
+/// Apply one `a.b.c=value` override. The value is parsed as TOML, except for keys that hold
+/// strings (a run named `nan` stays a string), and taken as a string when it is not TOML.
 fn set_key(root: &mut toml::Table, kv: &str) -> std::result::Result<(), String> {
     let (key, raw) = kv.split_once('=').ok_or("expected key=value")?;
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let parts: Vec<&str> = key.trim().split('.').collect();
+    let defaults = toml::Value::try_from(RunConfig::default()).map_err(|e| e.to_string())?;
+    let is_string = parts.iter().try_fold(&defaults, |v, p| v.get(p)).is_some_and(|v| v.is_str());
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v"));
+    let value = match parsed {
+        Some(v) if !is_string || v.is_str() => v,
+        _ => toml::Value::String(raw.to_string()),
+    };
     let (last, parents) = parts.split_last().ok_or("empty key")?;
     let mut table = root;
     for p in parents {
@@ -337,6 +359,12 @@ mod tests {
         assert_eq!(cfg.model.source, "some/dir");
         assert_eq!(cfg.loss.kind, LossKind::Infonce);
         assert_eq!(cfg.train.batch_pairs, TrainConfig::default().batch_pairs);
+    }
+
+    #[test]
+    fn string_keys_stay_strings() {
+        let cfg = RunConfig::load(None, &["name=nan".into(), "model.source=true".into(), "seed=7".into()]).unwrap();
+        assert_eq!((cfg.name.as_str(), cfg.model.source.as_str(), cfg.seed), ("nan", "true", 7));
     }
 
     #[test]

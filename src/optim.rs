@@ -47,6 +47,30 @@ impl AdamW {
         })
     }
 
+    /// The moments (m, v) of each parameter, in the order of the vars given to `new`.
+    pub fn moments(&self) -> Vec<(&Tensor, &Tensor)> {
+        self.params.iter().map(|p| (&p.m, &p.v)).collect()
+    }
+
+    /// Restore moments (same order and shapes as [`AdamW::moments`]) and the step counter.
+    pub fn restore(&mut self, moments: Vec<(Tensor, Tensor)>, step: usize) -> Result<()> {
+        if moments.len() != self.params.len() {
+            candle_core::bail!("optimizer state has {} parameters, the model {}", moments.len(), self.params.len())
+        }
+        for (p, (m, v)) in self.params.iter_mut().zip(moments) {
+            if m.shape() != p.var.shape() || v.shape() != p.var.shape() {
+                candle_core::bail!(
+                    "optimizer moment of shape {:?} for a parameter of shape {:?}",
+                    m.dims(),
+                    p.var.dims()
+                )
+            }
+            (p.m, p.v) = (m, v);
+        }
+        self.step = step;
+        Ok(())
+    }
+
     pub fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
     }

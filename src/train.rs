@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -11,6 +12,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use crate::checkpoint::{self, TrainState};
 use crate::config::{LossConfig, RunConfig};
 use crate::data::batch::{Batch, TextTokenizer};
 use crate::data::pairs::Pair;
@@ -131,7 +133,10 @@ pub struct TrainSummary {
     pub steps: usize,
     pub planned_steps: usize,
     pub seconds: f64,
+    /// Pairs per second of this process (a resumed run counts from its resume point).
     pub pairs_per_s: f64,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub bad_steps: usize,
     /// Why the run stopped before its budget (a NaN loss, say); the weights are the last good ones.
     pub stopped: Option<String>,
 }
@@ -145,7 +150,36 @@ pub fn planned_steps(cfg: &RunConfig, n_pairs: usize) -> usize {
     }
 }
 
-/// Train `encoder` in place, logging validation numbers to `<run_dir>/log.jsonl`.
+/// A seed for step `step`'s dropout masks, or epoch `epoch`'s shuffle: streams derived from the
+/// run seed, so a resumed run draws exactly what an uninterrupted one would.
+fn derived_seed(seed: u64, kind: u64, index: usize) -> u64 {
+    let mut x = seed ^ kind.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    // splitmix64 finaliser: nearby indices give unrelated seeds.
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Keep only the log lines up to `step` (a resumed run rewrites what came after).
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::export::write_atomic(path, kept.as_bytes())
+}
+
+/// Train `encoder` in place, logging validation numbers to `<run_dir>/log.jsonl` and writing
+/// checkpoints to `<run_dir>/checkpoints/`. With `resume`, continue from the newest usable
+/// checkpoint. `stop` (set by Ctrl-C) makes the loop checkpoint and return.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     encoder: &Encoder,
     tokenizer: &TextTokenizer,
@@ -154,6 +188,8 @@ pub fn train(
     val_pairs: &[Pair],
     run_dir: &Path,
     device: &Device,
+    resume: bool,
+    stop: &AtomicBool,
 ) -> Result<TrainSummary> {
     let tc = &cfg.train;
     if train_pairs.len() < tc.batch_pairs {
@@ -165,12 +201,30 @@ pub fn train(
     }
     let total = planned_steps(cfg, train_pairs.len());
     let lens: Vec<usize> = train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
-    let mut shuffle_rng = StdRng::seed_from_u64(cfg.seed);
-    let mut dropout_rng = StdRng::seed_from_u64(cfg.seed.wrapping_add(1));
     let mut opt = AdamW::new(encoder.vars(), tc)?;
     let log_path = run_dir.join("log.jsonl");
+    let mut state =
+        TrainState { step: 0, epoch: 0, batch_in_epoch: 0, bad_steps: 0, model: encoder.files.spec.clone() };
+    if resume {
+        let mut warn = |m: String| eprintln!("warning: {m}");
+        match checkpoint::restore_latest(run_dir, &encoder.files.spec, &encoder.params, &mut opt, &mut warn)? {
+            Some((s, dir)) => {
+                eprintln!("resuming from {} (step {} of {total})", dir.display(), s.step);
+                state = s;
+            }
+            None => eprintln!("warning: no usable checkpoint in {}: starting from step 0", run_dir.display()),
+        }
+        truncate_log(&log_path, state.step)?;
+    } else {
+        let _ = std::fs::remove_file(&log_path);
+    }
     let mut log =
         std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| Error::io(&log_path, e))?;
+    let shuffle = |epoch: usize| {
+        epoch_batches(&lens, tc.batch_pairs, &mut StdRng::seed_from_u64(derived_seed(cfg.seed, 1, epoch)))
+    };
+    let mut batches =
+        if state.epoch > 0 { shuffle(state.epoch) } else { Vec::new() }.into_iter().skip(state.batch_in_epoch);
 
     let pb = ProgressBar::new(total as u64);
     pb.set_style(
@@ -178,61 +232,88 @@ pub fn train(
             .map_err(|e| Error::Invalid(e.to_string()))?
             .progress_chars("=> "),
     );
+    pb.set_position(state.step as u64);
     let start = Instant::now();
-    let (mut epoch, mut batches) = (0usize, Vec::new().into_iter());
+    let first_step = state.step;
     let (mut sum_loss, mut sum_align, mut sum_uniform, mut since) = (0f32, 0f32, 0f32, 0usize);
     let mut stopped = None;
-    let mut step = 0;
-    while step < total {
-        let batch = match batches.next() {
-            Some(b) => b,
-            None => {
-                epoch += 1;
-                batches = epoch_batches(&lens, tc.batch_pairs, &mut shuffle_rng).into_iter();
-                continue;
-            }
+    let checkpoint = |state: &TrainState, opt: &AdamW| -> Result<()> {
+        checkpoint::save(run_dir, state, &encoder.params, opt, tc.keep_checkpoints).map(|_| ())
+    };
+    while state.step < total {
+        if stop.load(Ordering::SeqCst) {
+            checkpoint(&state, &opt)?;
+            stopped = Some(format!(
+                "interrupted at step {}; a checkpoint was written: continue with --resume {}",
+                state.step,
+                run_dir.display()
+            ));
+            break;
+        }
+        let Some(batch) = batches.next() else {
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            batches = shuffle(state.epoch).into_iter().skip(state.batch_in_epoch);
+            continue;
         };
-        let lr = lr_at(step + 1, total, tc);
+        state.batch_in_epoch += 1;
+        let lr = lr_at(state.step + 1, total, tc);
         opt.set_lr(lr);
         let pairs = batch.iter().map(|&i| &train_pairs[i]);
         let texts: Vec<&str> = pairs.clone().map(|p| &*p.anchor).chain(pairs.map(|p| &*p.positive)).collect();
         let tokens = tokenizer.batch(&texts, device)?;
+        let mut dropout_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, 2, state.step + 1));
         let rng = tc.dropout.then_some(&mut dropout_rng);
         let stats = match train_step(encoder, &mut opt, &tokens, &cfg.loss, tc.max_grad_norm, rng) {
             Ok(s) => s,
             Err(Error::Invalid(msg)) => {
-                stopped = Some(format!(
-                    "step {}: {msg}; stopped with the weights of step {step}. Try a lower train.lr or train.max_grad_norm",
-                    step + 1
-                ));
-                break;
+                state.bad_steps += 1;
+                let what = format!("step {}: {msg}", state.step + 1);
+                if state.bad_steps > tc.max_bad_steps {
+                    stopped = Some(format!(
+                        "{what}; {} bad steps, more than train.max_bad_steps = {}. Stopped with the weights of step {} (the last checkpoint is kept). Try a lower train.lr or train.max_grad_norm",
+                        state.bad_steps, tc.max_bad_steps, state.step
+                    ));
+                    break;
+                }
+                pb.suspend(|| {
+                    eprintln!(
+                        "warning: {what}; skipped without an update ({} of at most {} bad steps)",
+                        state.bad_steps, tc.max_bad_steps
+                    )
+                });
+                continue;
             }
             Err(e) => return Err(e),
         };
-        step += 1;
+        state.step += 1;
+        let step = state.step;
         (sum_loss, sum_align, sum_uniform, since) =
             (sum_loss + stats.loss, sum_align + stats.align, sum_uniform + stats.uniform, since + 1);
-        let pairs_per_s = (step * tc.batch_pairs) as f64 / start.elapsed().as_secs_f64();
+        let pairs_per_s = ((step - first_step) * tc.batch_pairs) as f64 / start.elapsed().as_secs_f64();
         pb.set_position(step as u64);
         pb.set_message(format!(
             "loss {:.4} align {:.4} uniform {:.4} | {:.1} pairs/s",
             stats.loss, stats.align, stats.uniform, pairs_per_s
         ));
-        if pb.is_hidden() && step % 10 == 0 {
+        if pb.is_hidden() && step.is_multiple_of(10) {
             // No terminal (a log file, CI): a plain line now and then instead of the bar.
-            let eta = start.elapsed().as_secs_f64() / step as f64 * (total - step) as f64;
+            let eta = start.elapsed().as_secs_f64() / (step - first_step) as f64 * (total - step) as f64;
             eprintln!(
                 "step {step}/{total}: loss {:.4} align {:.4} uniform {:.4} | {pairs_per_s:.1} pairs/s | ETA {eta:.0}s",
                 stats.loss, stats.align, stats.uniform
             );
         }
-        let eval_now = step == total || (tc.eval_every_steps > 0 && step % tc.eval_every_steps == 0);
+        if step == total || (tc.checkpoint_every_steps > 0 && step.is_multiple_of(tc.checkpoint_every_steps)) {
+            checkpoint(&state, &opt)?;
+        }
+        let eval_now = step == total || (tc.eval_every_steps > 0 && step.is_multiple_of(tc.eval_every_steps));
         if eval_now && !val_pairs.is_empty() {
             let (val_align, val_uniform) = validate(encoder, tokenizer, val_pairs, &cfg.loss, device)?;
             let k = since.max(1) as f32;
             let line = LogLine {
                 step,
-                epoch,
+                epoch: state.epoch,
                 lr,
                 train_loss: sum_loss / k,
                 train_align: sum_align / k,
@@ -256,10 +337,11 @@ pub fn train(
     pb.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     Ok(TrainSummary {
-        steps: step,
+        steps: state.step,
         planned_steps: total,
         seconds,
-        pairs_per_s: (step * tc.batch_pairs) as f64 / seconds.max(1e-9),
+        pairs_per_s: ((state.step - first_step) * tc.batch_pairs) as f64 / seconds.max(1e-9),
+        bad_steps: state.bad_steps,
         stopped,
     })
 }

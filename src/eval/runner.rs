@@ -25,7 +25,7 @@ pub struct EvalOptions {
 }
 
 /// One task's scores plus how long its embedding took (0 when it came from the cache).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Evaluated {
     #[serde(flatten)]
     pub result: TaskResult,

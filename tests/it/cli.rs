@@ -179,3 +179,39 @@ fn real_model_three_step_run() {
     assert!(before > -2.0 && before < -0.5, "before {before}");
     assert!(after < before, "three steps of the uniformity loss should spread the cone: {before} -> {after}");
 }
+
+/// Bad input of every class, for every command that reads files: one `error:` line that names
+/// the file, exit code 2, and nothing written under the output name.
+#[test]
+fn bad_input_classes_across_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model(&d.join("tiny"), 1, "");
+    let m = model.config.parent().unwrap().to_str().unwrap().to_string();
+    std::fs::create_dir(d.join("folder")).unwrap();
+    std::fs::write(d.join("binary.txt"), [0u8, 159, 146, 150, 255, 0, 1, 2]).unwrap();
+    std::fs::write(d.join("empty.txt"), "").unwrap();
+    let src = format!("model.source={m}");
+    for (file, what) in [("missing.txt", "missing.txt"), ("binary.txt", "UTF-8"), ("empty.txt", "empty.txt")] {
+        one_line_error(&hypersphere(&["pairs", "--set", &src, "--corpus", file], d), what);
+        one_line_error(&hypersphere(&["embed", "--model", &m, "--input", file, "--out", "o.safetensors"], d), what);
+        one_line_error(&hypersphere(&["compare", &m, "--input", file], d), what);
+        one_line_error(&hypersphere(&["finetune", "--config", file], d), file);
+    }
+    one_line_error(&hypersphere(&["embed", "--model", &m, "--input", "folder", "--out", "o.safetensors"], d), "folder");
+    one_line_error(&hypersphere(&["finetune", "--config", "folder"], d), "folder");
+    one_line_error(&hypersphere(&["eval", "--model", &m, "--tasks", "TREC", "--data", "folder"], d), "TREC");
+    one_line_error(&hypersphere(&["compare", "folder/x.safetensors"], d), "x.safetensors");
+    assert!(!d.join("o.safetensors").exists());
+
+    // A 10 MB single line: embedded (truncated to max_len), or, as a book, no pairs.
+    let long = "word ".repeat(2_000_000);
+    std::fs::write(d.join("long.txt"), &long).unwrap();
+    let out = hypersphere(
+        &["embed", "--model", &m, "--input", "long.txt", "--out", "long.safetensors", "--max-len", "16"],
+        d,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(hypersphere::export::read_embeddings(&d.join("long.safetensors")).unwrap().n, 1);
+    one_line_error(&hypersphere(&["pairs", "--set", &src, "--corpus", "long.txt"], d), "no training pairs");
+}

@@ -6,3 +6,5 @@ mod common;
 mod embed;
 mod eval;
 mod model;
+mod props;
+mod resume;

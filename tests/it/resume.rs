@@ -1,0 +1,110 @@
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+use crate::common::*;
+
+fn finetune_cmd(dir: &Path, model: &Path, name: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypersphere"));
+    cmd.current_dir(dir).arg("finetune");
+    for s in [
+        format!("model.source={}", model.display()),
+        format!("data.corpus={}", fixtures().join("books").display()),
+        format!("name={name}"),
+        "data.val_fraction=0.25".into(),
+        "data.min_tokens=2".into(),
+        "train.batch_pairs=8".into(),
+        "train.steps=300".into(),
+        "train.warmup_steps=5".into(),
+        "train.lr=1e-3".into(),
+        "train.eval_every_steps=1".into(),
+        "train.checkpoint_every_steps=5".into(),
+        "train.keep_checkpoints=3".into(),
+        "report.sentences=20".into(),
+    ] {
+        cmd.args(["--set", &s]);
+    }
+    cmd
+}
+
+fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<(String, Vec<f32>)> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == candle_core::DType::F32)
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+/// SIGKILL a run mid-way, corrupt its newest checkpoint, resume: the final weights equal an
+/// uninterrupted run's, bit for bit.
+#[test]
+fn killed_run_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 11, "");
+    let model_dir = model.config.parent().unwrap();
+    let full = finetune_cmd(tmp.path(), model_dir, "full").output().unwrap();
+    assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
+
+    let mut child =
+        finetune_cmd(tmp.path(), model_dir, "killed").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let checkpoints = tmp.path().join("runs/killed/checkpoints");
+    let start = Instant::now();
+    // Kill once at least two checkpoints exist (so one can be corrupted and another used).
+    while hypersphere::checkpoint::list(&tmp.path().join("runs/killed")).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoints appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !tmp.path().join("runs/killed/model").exists(),
+        "the run finished before the kill: the test proves nothing"
+    );
+    let list = hypersphere::checkpoint::list(&tmp.path().join("runs/killed"));
+    let newest = list.last().unwrap();
+    // A torn write: the newest checkpoint's weights cut in half.
+    let f = newest.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+
+    let resumed = Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+        .current_dir(tmp.path())
+        .args(["finetune", "--resume", "runs/killed"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("skipping checkpoint") && stderr.contains("resuming from"), "{stderr}");
+    assert!(checkpoints.is_dir());
+    let a = weights(&tmp.path().join("runs/full/model/model.safetensors"));
+    let b = weights(&tmp.path().join("runs/killed/model/model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "{na} differs after resume");
+    }
+    // The log has each validation step once.
+    let log = std::fs::read_to_string(tmp.path().join("runs/killed/log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 300);
+}
+
+/// An absurd learning rate blows the weights up after the first update, so the loss turns
+/// non-finite: such steps are skipped and counted, then the run stops with advice.
+#[test]
+fn non_finite_loss_stops_with_advice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(&tmp.path().join("tiny"), 12, "");
+    let out = finetune_cmd(tmp.path(), files.config.parent().unwrap(), "nan")
+        .args(["--set", "train.max_bad_steps=2", "--set", "train.lr=1e30", "--set", "train.warmup_steps=0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("3 bad steps") && stderr.contains("lower train.lr"), "{stderr}");
+    assert_eq!(stderr.matches("skipped without an update").count(), 2, "{stderr}");
+}
