@@ -82,10 +82,21 @@ pub fn evaluate(
                 progress(&format!("{}: embedding {} sentences", task.name(), sentences.len()));
                 let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
                 let mut flat = Vec::with_capacity(texts.len() * dim);
-                for (i, chunk) in texts.chunks(2048).enumerate() {
-                    flat.extend(embed_texts(encoder, tokenizer, chunk, 64, device)?);
-                    progress(&format!("{}: {}/{} sentences", task.name(), (i * 2048 + chunk.len()), texts.len()));
+                let pb = indicatif::ProgressBar::new(texts.len() as u64);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{prefix:>6} [{bar:30}] {pos}/{len} sentences, {per_sec}, ETA {eta}",
+                ) {
+                    pb.set_style(style.progress_chars("=> "));
                 }
+                pb.set_prefix(task.name());
+                for (i, chunk) in texts.chunks(512).enumerate() {
+                    flat.extend(embed_texts(encoder, tokenizer, chunk, 64, device)?);
+                    pb.inc(chunk.len() as u64);
+                    if pb.is_hidden() && (i + 1) % 8 == 0 {
+                        progress(&format!("{}: {}/{} sentences", task.name(), i * 512 + chunk.len(), texts.len()));
+                    }
+                }
+                pb.finish_and_clear();
                 if let Some(f) = &cache_file {
                     write_cache(f, &flat, sentences.len(), dim)?;
                 }

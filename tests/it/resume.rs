@@ -108,3 +108,40 @@ fn non_finite_loss_stops_with_advice() {
     assert!(stderr.contains("3 bad steps") && stderr.contains("lower train.lr"), "{stderr}");
     assert_eq!(stderr.matches("skipped without an update").count(), 2, "{stderr}");
 }
+
+/// Ctrl-C (SIGINT) finishes the step, writes a checkpoint and exits 1 naming `--resume`;
+/// resuming then completes the run.
+#[test]
+fn interrupt_writes_a_checkpoint_then_resume_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 13, "");
+    let run = tmp.path().join("runs/int");
+    let child = finetune_cmd(tmp.path(), model.config.parent().unwrap(), "int")
+        .args(["--set", "train.checkpoint_every_steps=1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    // Wait until training has started (the log gets its first line), then interrupt.
+    while std::fs::read_to_string(run.join("log.jsonl")).map(|l| l.is_empty()).unwrap_or(true) {
+        assert!(start.elapsed() < Duration::from_secs(120), "training did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted at step") && stderr.contains("--resume"), "{stderr}");
+    let saved = hypersphere::checkpoint::list(&run);
+    assert_eq!(saved.len(), 1, "one checkpoint, written on the interrupt");
+    assert!(!run.join("model").exists());
+    let resumed = Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+        .current_dir(tmp.path())
+        .args(["finetune", "--resume", "runs/int"])
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(run.join("model/model.safetensors").is_file());
+}
