@@ -254,10 +254,10 @@ pub fn run(cli: Cli) -> Result<bool> {
 
 fn tokenizer_and_pairs(
     cfg: &RunConfig,
+    files: &ModelFiles,
     data: Option<&Path>,
     corpus: Option<PathBuf>,
 ) -> Result<(TextTokenizer, PairSet)> {
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
     let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
     let corpus = match corpus {
         Some(c) => c,
@@ -275,7 +275,8 @@ fn tokenizer_and_pairs(
 
 fn pairs(args: &RunArgs, corpus: Option<PathBuf>, stats: bool, sample: Option<usize>) -> Result<bool> {
     let cfg = args.config()?;
-    let (_, set) = tokenizer_and_pairs(&cfg, args.data.as_deref(), corpus)?;
+    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+    let (_, set) = tokenizer_and_pairs(&cfg, &files, args.data.as_deref(), corpus)?;
     if stats || sample.is_none() {
         let s = &set.stats;
         println!("books       {}", s.books);
@@ -342,7 +343,7 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
     };
     let t0 = Instant::now();
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let (tokenizer, set) = tokenizer_and_pairs(&cfg, args.data.as_deref(), None)?;
+    let (tokenizer, set) = tokenizer_and_pairs(&cfg, &files, args.data.as_deref(), None)?;
     eprintln!(
         "corpus: {} books, {} sentences -> {} train pairs, {} validation pairs ({} held-out books) in {:.1}s",
         set.stats.books,
