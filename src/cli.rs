@@ -4,14 +4,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
+use hypersphere::bench::BenchOptions;
 use hypersphere::config::{EvalConfig, RunConfig};
-use hypersphere::data::batch::{Batch, TextTokenizer};
+use hypersphere::data::batch::TextTokenizer;
 use hypersphere::data::pairs::PairOptions;
 use hypersphere::data::{load_pairs, PairSet};
 use hypersphere::eval::runner::{evaluate, sha256_file, tables, EvalOptions, Evaluated};
@@ -21,9 +22,8 @@ use hypersphere::model::pooling::Pooling;
 use hypersphere::model::source::{resolve, SourceOptions};
 use hypersphere::model::source::{saved_pooling, ModelFiles};
 use hypersphere::model::{embed_texts, Encoder};
-use hypersphere::optim::AdamW;
 use hypersphere::report::{measure, table, Report, Sample, SampleInfo};
-use hypersphere::train::{train, train_step};
+use hypersphere::train::train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -136,12 +136,21 @@ pub enum Command {
     Bench {
         #[command(flatten)]
         run: RunArgs,
-        /// Timed steps after one warm-up step.
+        /// Timed steps at the config's fixed shape, after one warm-up step.
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// Length-bucketed corpus batches to time, one step each.
+        #[arg(long, default_value_t = 5)]
+        mix_batches: usize,
+        /// Corpus sentences to embed (batches of 64, up to 128 tokens).
+        #[arg(long, default_value_t = 10_000)]
+        embed_sentences: usize,
         /// Also write the JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Write the exact inputs (mix_batches.json, sentences.txt) here, for bench/torch_bench.py.
+        #[arg(long)]
+        export_inputs: Option<PathBuf>,
     },
 }
 
@@ -248,7 +257,10 @@ pub fn run(cli: Cli) -> Result<bool> {
             }
             Ok(true)
         }
-        Command::Bench { run, steps, out } => bench(&run, steps, out.as_deref(), &device),
+        Command::Bench { run, steps, mix_batches, embed_sentences, out, export_inputs } => {
+            let opts = BenchOptions { steps, mix_batches, embed_sentences, embed_batch: 64, embed_max_len: 128 };
+            bench(&run, &opts, out.as_deref(), export_inputs.as_deref(), &device)
+        }
     }
 }
 
@@ -480,63 +492,40 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
     Ok(true)
 }
 
-/// Random word pieces of exactly `seq` tokens per row ([CLS] ... [SEP]), no padding.
-fn synthetic_batch(rows: usize, seq: usize, vocab: usize, rng: &mut StdRng, device: &Device) -> Result<Batch> {
-    let mut ids = Vec::with_capacity(rows * seq);
-    for _ in 0..rows {
-        ids.push(101u32);
-        ids.extend((0..seq - 2).map(|_| rng.gen_range(1000..vocab as u32)));
-        ids.push(102);
-    }
-    Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (rows, seq), device)?,
-        token_type_ids: Tensor::zeros((rows, seq), candle_core::DType::U32, device)?,
-        attention_mask: Tensor::ones((rows, seq), candle_core::DType::F32, device)?,
-        lengths: vec![seq; rows],
-    })
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-fn bench(args: &RunArgs, steps: usize, out: Option<&Path>, device: &Device) -> Result<bool> {
+fn bench(
+    args: &RunArgs,
+    opts: &BenchOptions,
+    out: Option<&Path>,
+    export: Option<&Path>,
+    device: &Device,
+) -> Result<bool> {
     let cfg = args.config()?;
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
     let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
-    let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
-    let (pairs, seq) = (cfg.train.batch_pairs, cfg.model.max_len);
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let batch = synthetic_batch(2 * pairs, seq, encoder.config.vocab_size, &mut rng, device)?;
-    let mut stats = Vec::new();
-    for i in 0..=steps.max(1) {
-        let s = train_step(&encoder, &mut opt, &batch, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
-        eprintln!(
-            "step {i}{}: {:.3}s",
-            if i == 0 { " (warm-up)" } else { "" },
-            s.forward_s + s.backward_s + s.optimizer_s
-        );
-        if i > 0 {
-            stats.push(s);
-        }
+    // Embedding as `embed` does it: the model's own pooling (mean for sentence-transformers).
+    let pooling = saved_pooling(&files).unwrap_or(Pooling::Mean);
+    let inference = Encoder::load(&files, pooling, false, device)?;
+    let embed_tokenizer = TextTokenizer::load(&files.tokenizer, opts.embed_max_len)?;
+    eprintln!("reading the corpus for the length mix and the embedding sentences");
+    let (tokenizer, set) = tokenizer_and_pairs(&cfg, &files, args.data.as_deref(), None)?;
+    let mut sentences = Vec::new();
+    for file in hypersphere::data::corpus::list_book_files(&cfg.corpus_path(args.data.as_deref())?)? {
+        let book = hypersphere::data::corpus::read_book(&file)?;
+        sentences.extend(book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten()).map(|s| s.to_string()));
     }
-    let step_s = median(stats.iter().map(|s| s.forward_s + s.backward_s + s.optimizer_s).collect());
-    let json = serde_json::json!({
-        "model": files.spec,
-        "pairs": pairs,
-        "tokens_per_sentence": seq,
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "timed_steps": stats.len(),
-        "median_s": {
-            "forward": median(stats.iter().map(|s| s.forward_s).collect()),
-            "backward": median(stats.iter().map(|s| s.backward_s).collect()),
-            "optimizer": median(stats.iter().map(|s| s.optimizer_s).collect()),
-            "step": step_s,
-        },
-        "pairs_per_s": pairs as f64 / step_s,
-    });
-    let text = serde_json::to_string_pretty(&json)?;
+    let report = hypersphere::bench::run(
+        &cfg,
+        &encoder,
+        &inference,
+        &tokenizer,
+        &embed_tokenizer,
+        &set.train,
+        &sentences,
+        opts,
+        export,
+        device,
+    )?;
+    let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");
     if let Some(path) = out {
         write_atomic(path, text.as_bytes())?;

@@ -2,9 +2,12 @@
 //!
 //! Our own rather than candle-nn's so that the moments are visible (for checkpoints) and so
 //! that biases and LayerNorm weights are excluded from weight decay, as BERT fine-tuning does.
+//! On the CPU the update runs in place (three passes, no allocation) instead of building a
+//! dozen temporary tensors per parameter.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::config::TrainConfig;
 
@@ -30,10 +33,11 @@ impl AdamW {
         let params = vars
             .into_iter()
             .map(|var| {
-                let zeros = var.as_tensor().zeros_like()?;
+                // Separate buffers: the update writes into them in place.
+                let (m, v) = (var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?);
                 // Matrices decay; vectors (biases, LayerNorm gains) do not.
                 let decay = var.rank() > 1;
-                Ok(Param { m: zeros.clone(), v: zeros, var, decay })
+                Ok(Param { m, v, var, decay })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -65,7 +69,7 @@ impl AdamW {
                     p.var.dims()
                 )
             }
-            (p.m, p.v) = (m, v);
+            (p.m, p.v) = (m.contiguous()?.copy()?, v.contiguous()?.copy()?);
         }
         self.step = step;
         Ok(())
@@ -79,8 +83,19 @@ impl AdamW {
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut total = 0f64;
         for p in &self.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let (storage, layout) = g.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => {
+                    total += data[a..b]
+                        .par_chunks(CHUNK)
+                        .map(|c| c.iter().map(|&x| (x * x) as f64).sum::<f64>())
+                        .sum::<f64>()
+                }
+                _ => {
+                    drop(storage);
+                    total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?
+                }
             }
         }
         Ok(total.sqrt())
@@ -94,6 +109,21 @@ impl AdamW {
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let theta = p.var.as_tensor();
+            if theta.device().is_cpu() && theta.dtype() == DType::F32 && theta.is_contiguous() {
+                let g = g.contiguous()?;
+                p.m.inplace_op2(&g, &Ema { decay: b1 as f32, scale: grad_scale as f32, square: false })?;
+                p.v.inplace_op2(&g, &Ema { decay: b2 as f32, scale: grad_scale as f32, square: true })?;
+                let keep = if p.decay { 1.0 - self.lr * self.weight_decay } else { 1.0 };
+                let update = Update {
+                    keep: keep as f32,
+                    lr_over_bc1: (self.lr / bc1) as f32,
+                    inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+                    eps: self.eps as f32,
+                };
+                theta.inplace_op3(&p.m, &p.v, &update)?;
+                continue;
+            }
             let g = (g * grad_scale)?;
             p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
             p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -102,6 +132,86 @@ impl AdamW {
             let decayed = if p.decay { (theta * (1.0 - self.lr * self.weight_decay))? } else { theta.clone() };
             p.var.set(&(decayed - (update * self.lr)?)?)?;
         }
+        Ok(())
+    }
+}
+
+const CHUNK: usize = 1 << 15;
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+        _ => bail!("AdamW: {what} is not a contiguous f32 tensor"),
+    }
+}
+
+fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+        _ => bail!("AdamW: {what} is not a contiguous f32 tensor"),
+    }
+}
+
+/// Moment update in place: `m = decay m + (1 - decay) (scale g)`, squared for the second moment.
+struct Ema {
+    decay: f32,
+    scale: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for Ema {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let (m, g) = (cpu_f32_mut(s1, l1, "moment")?, cpu_f32(s2, l2, "gradient")?);
+        if m.len() != g.len() {
+            bail!("AdamW: moment of {} values for a gradient of {}", m.len(), g.len())
+        }
+        let (decay, rest, scale, square) = (self.decay, 1.0 - self.decay, self.scale, self.square);
+        m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
+            for (m, &g) in m.iter_mut().zip(g) {
+                let g = g * scale;
+                *m = decay * *m + rest * if square { g * g } else { g };
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `theta = keep theta - lr (m / bc1) / (sqrt(v / bc2) + eps)` in place.
+struct Update {
+    keep: f32,
+    lr_over_bc1: f32,
+    inv_sqrt_bc2: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let theta = cpu_f32_mut(s1, l1, "parameter")?;
+        let (m, v) = (cpu_f32(s2, l2, "first moment")?, cpu_f32(s3, l3, "second moment")?);
+        if m.len() != theta.len() || v.len() != theta.len() {
+            bail!("AdamW: moments of {} and {} values for a parameter of {}", m.len(), v.len(), theta.len())
+        }
+        theta.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(t, (m, v))| {
+            for i in 0..t.len() {
+                t[i] = self.keep * t[i] - self.lr_over_bc1 * m[i] / (v[i].sqrt() * self.inv_sqrt_bc2 + self.eps);
+            }
+        });
         Ok(())
     }
 }

@@ -5,10 +5,9 @@
 //! primitive ops that autograd sees. Dropout masks come from our own seeded RNG (candle's
 //! CPU device refuses `set_seed`), and are drawn only in training.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 /// Hugging Face `config.json` for BERT: tolerant of extra keys.
@@ -59,7 +58,7 @@ pub enum Activation {
 impl Activation {
     fn forward(self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::Gelu => xs.gelu_erf(),
+            Activation::Gelu => super::ops::gelu_erf(xs),
             Activation::GeluNew => xs.gelu(),
             Activation::Relu => xs.relu(),
         }
@@ -74,15 +73,10 @@ struct Dropout {
 
 impl Dropout {
     fn forward(&self, xs: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
-        let Some(rng) = rng else { return Ok(xs.clone()) };
-        if self.p <= 0.0 {
-            return Ok(xs.clone());
+        match rng {
+            Some(rng) if self.p > 0.0 => super::ops::dropout(xs, self.p, rng),
+            _ => Ok(xs.clone()),
         }
-        let scale = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> =
-            (0..xs.elem_count()).map(|_| if rng.gen::<f32>() < self.p { 0.0 } else { scale }).collect();
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs * mask
     }
 }
 
@@ -101,13 +95,11 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, s, d) = xs.dims3()?;
-        let out = xs.reshape((b * s, d))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        out.reshape((b, s, ()))
+        super::ops::linear(xs, &self.weight, &self.bias)
     }
 }
 
-/// Layer norm from primitive ops, so that it has a backward pass.
+/// Layer norm with a backward pass (candle-nn's has none): see [`super::ops::layer_norm`].
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -123,10 +115,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        super::ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -200,21 +189,24 @@ impl Layer {
         })
     }
 
-    /// `mask_bias` [b, 1, 1, seq]: 0 for real tokens, a large finite negative for padding.
-    fn forward(&self, xs: &Tensor, mask_bias: &Tensor, mut rng: Option<&mut StdRng>) -> Result<Tensor> {
+    /// `mask_bias` [b, seq]: 0 for real tokens, a large finite negative for padding.
+    /// Only the first `queries` positions are computed (all keys and values still are):
+    /// 1 when only the [CLS] output is needed.
+    fn forward(&self, xs: &Tensor, mask_bias: &Tensor, queries: usize, mut rng: Option<&mut StdRng>) -> Result<Tensor> {
         let (b, s, h) = xs.dims3()?;
         let head_dim = h / self.heads;
-        let split =
-            |t: Tensor| -> Result<Tensor> { t.reshape((b, s, self.heads, head_dim))?.transpose(1, 2)?.contiguous() };
-        let q = split(self.query.forward(xs)?)?;
-        let k = split(self.key.forward(xs)?)?;
-        let v = split(self.value.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask_bias)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, n, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let xq = if queries < s { xs.narrow(1, 0, queries)? } else { xs.clone() };
+        let q = split(self.query.forward(&xq)?, queries)?;
+        let k = split(self.key.forward(xs)?, s)?;
+        let v = split(self.value.forward(xs)?, s)?;
+        let probs = super::ops::masked_softmax(&q.matmul(&k.t()?)?, mask_bias, 1.0 / (head_dim as f64).sqrt())?;
         let probs = self.attention_dropout.forward(&probs, rng.as_deref_mut())?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, queries, h))?;
         let attended = self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng.as_deref_mut())?;
-        let xs = self.attention_norm.forward(&(attended + xs)?)?;
+        let xs = self.attention_norm.forward(&(attended + xq)?)?;
         let inner = self.act.forward(&self.intermediate.forward(&xs)?)?;
         let out = self.hidden_dropout.forward(&self.output.forward(&inner)?, rng)?;
         self.output_norm.forward(&(out + xs)?)
@@ -247,7 +239,9 @@ impl Bert {
     }
 
     /// Returns (first layer output, last layer output), each [b, seq, hidden].
-    /// Dropout is active exactly when `rng` is given (training).
+    /// Dropout is active exactly when `rng` is given (training). With `cls_only` the last layer
+    /// computes only position 0 (its output is [b, 1, hidden]): [CLS] pooling needs nothing
+    /// else, and that skips about 80% of the last layer's work, forward and backward.
     ///
     /// # Shapes
     /// `input_ids`, `token_type_ids`: [b, seq] u32; `attention_mask`: [b, seq] f32 of 1/0.
@@ -256,6 +250,7 @@ impl Bert {
         input_ids: &Tensor,
         token_type_ids: &Tensor,
         attention_mask: &Tensor,
+        cls_only: bool,
         mut rng: Option<&mut StdRng>,
     ) -> Result<(Tensor, Tensor)> {
         let max_pos = self.embeddings.position_embeddings.dim(0)?;
@@ -265,10 +260,11 @@ impl Bert {
         }
         let mut xs = self.embeddings.forward(input_ids, token_type_ids, rng.as_deref_mut())?;
         // Built in the compute dtype with a finite negative: -inf would give NaN via 0 * -inf.
-        let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 10_000.0)?.unsqueeze(1)?.unsqueeze(1)?;
+        let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 10_000.0)?;
         let mut first = None;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &mask_bias, rng.as_deref_mut())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let queries = if cls_only && i + 1 == self.layers.len() { 1 } else { seq };
+            xs = layer.forward(&xs, &mask_bias, queries, rng.as_deref_mut())?;
             first.get_or_insert_with(|| xs.clone());
         }
         Ok((first.unwrap_or_else(|| xs.clone()), xs))

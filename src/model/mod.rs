@@ -1,6 +1,7 @@
 //! The sentence encoder: BERT -> pooling -> L2 normalisation, with its weights.
 
 pub mod bert;
+pub mod ops;
 pub mod pooling;
 pub mod source;
 
@@ -63,7 +64,9 @@ impl Encoder {
 
     /// Unit-norm sentence embeddings [b, hidden]. Dropout is on exactly when `rng` is given.
     pub fn embed(&self, batch: &Batch, rng: Option<&mut StdRng>) -> candle_core::Result<Tensor> {
-        let (first, last) = self.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, rng)?;
+        let cls_only = self.pooling == Pooling::Cls;
+        let (first, last) =
+            self.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, cls_only, rng)?;
         pooling::l2_normalize(&pooling::pool(self.pooling, &first, &last, &batch.attention_mask)?)
     }
 
@@ -132,7 +135,8 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
 }
 
 /// Embed many sentences without gradients: batches sorted by length so padding stays small,
-/// rows returned in input order as a flat row-major [n, hidden] buffer.
+/// rows returned in input order as a flat row-major [n, hidden] buffer. A second thread
+/// tokenizes the next batches while this one runs the model.
 pub fn embed_texts(
     encoder: &Encoder,
     tokenizer: &crate::data::batch::TextTokenizer,
@@ -143,14 +147,28 @@ pub fn embed_texts(
     let hidden = encoder.config.hidden_size;
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| texts[i].len());
+    let chunks: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
     let mut out = vec![0f32; texts.len() * hidden];
-    for chunk in order.chunks(batch_size.max(1)) {
-        let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
-        let batch = tokenizer.batch(&batch_texts, device)?;
-        let rows = encoder.embed(&batch, None)?.to_vec2::<f32>()?;
-        for (&i, row) in chunk.iter().zip(rows) {
-            out[i * hidden..(i + 1) * hidden].copy_from_slice(&row);
+    std::thread::scope(|scope| -> Result<()> {
+        // Two batches ahead at most: enough to hide tokenization, little memory.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
+        let chunks_ref = &chunks;
+        scope.spawn(move || {
+            for chunk in chunks_ref {
+                let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+                // A send fails only when the consumer stopped on an error: stop too.
+                if tx.send(tokenizer.batch(&batch_texts, device)).is_err() {
+                    break;
+                }
+            }
+        });
+        for (chunk, batch) in chunks.iter().zip(rx) {
+            let rows = encoder.embed(&batch?, None)?.to_vec2::<f32>()?;
+            for (&i, row) in chunk.iter().zip(rows) {
+                out[i * hidden..(i + 1) * hidden].copy_from_slice(&row);
+            }
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }

@@ -43,7 +43,8 @@ fn parity_with_candle_transformers_bert() {
     let reference = candle_transformers::models::bert::BertModel::load(vb, &cfg).unwrap();
     // Different lengths, so that padding and the mask matter.
     let batch = tok.batch(&SENTENCES, &dev).unwrap();
-    let (_, last) = ours.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, None).unwrap();
+    let (_, last) =
+        ours.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, false, None).unwrap();
     let expected = reference.forward(&batch.input_ids, &batch.token_type_ids, Some(&batch.attention_mask)).unwrap();
     let diff = max_abs_diff(&last, &expected);
     assert!(diff < 1e-4, "max abs difference {diff}");
@@ -69,6 +70,33 @@ fn every_real_parameter_gets_a_gradient() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
         let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm.is_finite() && norm > 0.0, "{name}: gradient norm^2 {norm}");
+    }
+}
+
+/// The [CLS]-only last layer gives the same [CLS] state, and the same gradient for every
+/// parameter, as computing every position.
+#[test]
+fn cls_only_last_layer_matches_full_computation() {
+    let dev = Device::Cpu;
+    let files = real_model();
+    let tok = TextTokenizer::load(&files.tokenizer, 32).unwrap();
+    let enc = Encoder::load(&files, Pooling::Cls, true, &dev).unwrap();
+    let batch = tok.batch(&SENTENCES, &dev).unwrap();
+    let run = |cls_only: bool| {
+        let (_, last) =
+            enc.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, cls_only, None).unwrap();
+        assert_eq!(last.dim(1).unwrap(), if cls_only { 1 } else { batch.input_ids.dim(1).unwrap() });
+        let cls = last.narrow(1, 0, 1).unwrap();
+        let grads = cls.sin().unwrap().sum_all().unwrap().backward().unwrap();
+        (cls, grads)
+    };
+    let ((trimmed, g1), (full, g2)) = (run(true), run(false));
+    assert!(max_abs_diff(&trimmed, &full) < 1e-5);
+    for (name, var) in &enc.params {
+        let (a, b) = (g1.get(var.as_tensor()).unwrap(), g2.get(var.as_tensor()).unwrap());
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_abs_diff(a, b);
+        assert!(diff <= 1e-4 * scale.max(1e-3), "{name}: gradients differ by {diff} (largest {scale})");
     }
 }
 

@@ -1,0 +1,316 @@
+//! `hypersphere bench`: train-step and embedding throughput, as fractions of the machine.
+//!
+//! The JSON it writes has the same shape as `bench/torch_bench.py`'s, and `--export-inputs`
+//! writes the exact batches and sentences used, so that the PyTorch reference runs on the same
+//! data. Timings are medians or sums of whole steps; nothing here asserts a speed.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::config::RunConfig;
+use crate::data::batch::{Batch, TextTokenizer};
+use crate::data::pairs::Pair;
+use crate::error::{Error, Result};
+use crate::export::write_atomic;
+use crate::model::bert::BertConfig;
+use crate::model::pooling::Pooling;
+use crate::model::{embed_texts, Encoder};
+use crate::optim::AdamW;
+use crate::train::{epoch_batches, train_step, StepStats};
+
+/// What to run.
+pub struct BenchOptions {
+    /// Timed steps of the fixed-shape workload (after one warm-up step).
+    pub steps: usize,
+    /// Real length-bucketed batches from the corpus, one timed step each.
+    pub mix_batches: usize,
+    /// Corpus sentences to embed.
+    pub embed_sentences: usize,
+    pub embed_batch: usize,
+    pub embed_max_len: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Gemm {
+    pub n: usize,
+    pub gflops: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainFixed {
+    pub pairs: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+    pub step_s: f64,
+    pub pairs_per_s: f64,
+    /// Matmul FLOPs of a full forward + backward of this model on this shape, counted the same
+    /// way as the PyTorch reference.
+    pub gflop_per_step: f64,
+    /// The matmul FLOPs we actually execute (less with [CLS] pooling: see `Bert::forward_t`).
+    pub gflop_executed_per_step: f64,
+    /// Executed FLOPs per second.
+    pub achieved_gflops: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainMix {
+    pub batches: usize,
+    pub pairs: usize,
+    pub tokens: usize,
+    pub mean_seq: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+    pub seconds: f64,
+    pub pairs_per_s: f64,
+    pub gflop: f64,
+    pub gflop_executed: f64,
+    pub achieved_gflops: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Embed {
+    pub sentences: usize,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub pooling: Pooling,
+    pub seconds: f64,
+    pub sentences_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    #[serde(rename = "impl")]
+    pub implementation: &'static str,
+    pub model: String,
+    pub threads: usize,
+    pub pooling: Pooling,
+    pub gemm: Gemm,
+    pub train_fixed: TrainFixed,
+    pub train_mix: TrainMix,
+    pub embed: Embed,
+    pub peak_rss_mb: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// f32 GFLOP/s of an `n`-square matmul through candle: the ceiling for everything else.
+pub fn gemm_gflops(n: usize, device: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    a.matmul(&b)?;
+    let times = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            a.matmul(&b).map(|_| t.elapsed().as_secs_f64())
+        })
+        .collect::<candle_core::Result<Vec<f64>>>()?;
+    Ok(2.0 * (n as f64).powi(3) / median(times) / 1e9)
+}
+
+/// Matmul FLOPs of one forward pass over `rows` sequences padded to `seq`: (nominal, executed).
+/// With `cls_only` the last layer projects keys and values for every token but computes the
+/// rest for one position.
+pub fn forward_flop(cfg: &BertConfig, rows: usize, seq: usize, cls_only: bool) -> (f64, f64) {
+    let (h, i, layers) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_hidden_layers as f64);
+    let (rows, seq) = (rows as f64, seq as f64);
+    let layer = |queries: f64| {
+        let kv = 2.0 * rows * seq * 2.0 * h * h;
+        let rest = 2.0 * rows * queries * (2.0 * h * h + 2.0 * h * i);
+        let attention = 4.0 * rows * queries * seq * h;
+        kv + rest + attention
+    };
+    let nominal = layers * layer(seq);
+    let executed = if cls_only && layers > 0.0 { (layers - 1.0) * layer(seq) + layer(1.0) } else { nominal };
+    (nominal, executed)
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Random word pieces of exactly `seq` tokens per row ([CLS] ... [SEP]), no padding.
+pub fn synthetic_batch(rows: usize, seq: usize, vocab: usize, rng: &mut StdRng, device: &Device) -> Result<Batch> {
+    let mut ids = Vec::with_capacity(rows * seq);
+    for _ in 0..rows {
+        ids.push(101u32);
+        ids.extend((0..seq.saturating_sub(2)).map(|_| rng.gen_range(1000..vocab as u32)));
+        ids.push(102);
+    }
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (rows, seq), device)?,
+        token_type_ids: Tensor::zeros((rows, seq), candle_core::DType::U32, device)?,
+        attention_mask: Tensor::ones((rows, seq), candle_core::DType::F32, device)?,
+        lengths: vec![seq; rows],
+    })
+}
+
+fn step_s(s: &StepStats) -> f64 {
+    s.forward_s + s.backward_s + s.optimizer_s
+}
+
+/// Everything `hypersphere bench` measures. `pairs` are the corpus pairs for the mix workload,
+/// `sentences` the corpus sentences to sample the embedding workload from; with `export` the
+/// exact inputs go there as `mix_batches.json` and `sentences.txt`.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    cfg: &RunConfig,
+    encoder: &Encoder,
+    inference: &Encoder,
+    tokenizer: &TextTokenizer,
+    embed_tokenizer: &TextTokenizer,
+    pairs: &[Pair],
+    sentences: &[String],
+    opts: &BenchOptions,
+    export: Option<&Path>,
+    device: &Device,
+) -> Result<BenchReport> {
+    let threads = rayon::current_num_threads();
+    let cls_only = encoder.pooling == Pooling::Cls;
+    eprintln!("gemm 2048^3 ...");
+    let gemm = Gemm { n: 2048, gflops: gemm_gflops(2048, device)? };
+    eprintln!("  {:.1} GFLOP/s", gemm.gflops);
+
+    // (a) Fixed shape: 64 pairs x 32 tokens of random word pieces.
+    let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
+    let (n_pairs, seq) = (cfg.train.batch_pairs, cfg.model.max_len);
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let batch = synthetic_batch(2 * n_pairs, seq, encoder.config.vocab_size, &mut rng, device)?;
+    let mut stats = Vec::new();
+    for i in 0..=opts.steps.max(1) {
+        let s = train_step(encoder, &mut opt, &batch, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
+        eprintln!("train {n_pairs}x{seq} step {i}{}: {:.3}s", if i == 0 { " (warm-up)" } else { "" }, step_s(&s));
+        if i > 0 {
+            stats.push(s);
+        }
+    }
+    let (nominal, executed) = forward_flop(&encoder.config, 2 * n_pairs, seq, cls_only);
+    let step = median(stats.iter().map(step_s).collect());
+    let train_fixed = TrainFixed {
+        pairs: n_pairs,
+        seq,
+        steps: stats.len(),
+        forward_s: median(stats.iter().map(|s| s.forward_s).collect()),
+        backward_s: median(stats.iter().map(|s| s.backward_s).collect()),
+        optimizer_s: median(stats.iter().map(|s| s.optimizer_s).collect()),
+        step_s: step,
+        pairs_per_s: n_pairs as f64 / step,
+        gflop_per_step: 3.0 * nominal / 1e9,
+        gflop_executed_per_step: 3.0 * executed / 1e9,
+        achieved_gflops: 3.0 * executed / 1e9 / step,
+    };
+
+    // (b) The realistic mix: the trainer's own length-bucketed batches of corpus pairs.
+    if pairs.len() < n_pairs {
+        return Err(Error::Invalid(format!("only {} pairs for batches of {n_pairs}", pairs.len())));
+    }
+    let lens: Vec<usize> = pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
+    let order = epoch_batches(&lens, n_pairs, &mut StdRng::seed_from_u64(cfg.seed));
+    let mut batches = Vec::new();
+    for idx in order.iter().take(opts.mix_batches.max(1)) {
+        let texts: Vec<&str> =
+            idx.iter().map(|&i| &*pairs[i].anchor).chain(idx.iter().map(|&i| &*pairs[i].positive)).collect();
+        batches.push(tokenizer.batch(&texts, device)?);
+    }
+    if let Some(dir) = export {
+        export_batches(dir, &batches)?;
+    }
+    let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
+    train_step(encoder, &mut opt, &batches[0], &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
+    let (mut fwd, mut bwd, mut optim, mut tokens, mut padded, mut flop, mut flop_exec) =
+        (0.0, 0.0, 0.0, 0usize, 0usize, 0.0, 0.0);
+    for (i, b) in batches.iter().enumerate() {
+        let s = train_step(encoder, &mut opt, b, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
+        let (rows, len) = b.input_ids.dims2()?;
+        eprintln!("train mix batch {i} ({rows} x {len}): {:.3}s", step_s(&s));
+        (fwd, bwd, optim) = (fwd + s.forward_s, bwd + s.backward_s, optim + s.optimizer_s);
+        tokens += b.lengths.iter().sum::<usize>();
+        padded += len;
+        let (n, e) = forward_flop(&encoder.config, rows, len, cls_only);
+        (flop, flop_exec) = (flop + 3.0 * n, flop_exec + 3.0 * e);
+    }
+    let seconds = fwd + bwd + optim;
+    let mix_pairs = batches.len() * n_pairs;
+    let train_mix = TrainMix {
+        batches: batches.len(),
+        pairs: mix_pairs,
+        tokens,
+        mean_seq: padded as f64 / batches.len() as f64,
+        forward_s: fwd,
+        backward_s: bwd,
+        optimizer_s: optim,
+        seconds,
+        pairs_per_s: mix_pairs as f64 / seconds,
+        gflop: flop / 1e9,
+        gflop_executed: flop_exec / 1e9,
+        achieved_gflops: flop_exec / 1e9 / seconds,
+    };
+    drop(opt);
+
+    // (c) Embedding: corpus sentences, no gradients, length-sorted dynamic batches.
+    let mut sample: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    sample.shuffle(&mut StdRng::seed_from_u64(cfg.seed));
+    sample.truncate(opts.embed_sentences);
+    if let Some(dir) = export {
+        let text: String = sample.iter().map(|s| format!("{}\n", s.replace(['\n', '\r'], " "))).collect();
+        write_atomic(&dir.join("sentences.txt"), text.as_bytes())?;
+    }
+    embed_texts(inference, embed_tokenizer, &sample[..sample.len().min(256)], opts.embed_batch, device)?;
+    let t = Instant::now();
+    embed_texts(inference, embed_tokenizer, &sample, opts.embed_batch, device)?;
+    let seconds = t.elapsed().as_secs_f64();
+    eprintln!("embedded {} sentences in {seconds:.2}s", sample.len());
+    let embed = Embed {
+        sentences: sample.len(),
+        batch_size: opts.embed_batch,
+        max_len: opts.embed_max_len,
+        pooling: inference.pooling,
+        seconds,
+        sentences_per_s: sample.len() as f64 / seconds,
+    };
+    Ok(BenchReport {
+        implementation: "hypersphere",
+        model: encoder.files.spec.clone(),
+        threads,
+        pooling: encoder.pooling,
+        gemm,
+        train_fixed,
+        train_mix,
+        embed,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+/// `mix_batches.json`: each batch's padded ids and attention mask, as the PyTorch side reads them.
+fn export_batches(dir: &Path, batches: &[Batch]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut out = Vec::new();
+    for b in batches {
+        let mask: Vec<Vec<u32>> =
+            b.attention_mask.to_vec2::<f32>()?.into_iter().map(|r| r.into_iter().map(|m| m as u32).collect()).collect();
+        out.push(serde_json::json!({"input_ids": b.input_ids.to_vec2::<u32>()?, "attention_mask": mask}));
+    }
+    let text =
+        serde_json::to_string(&serde_json::json!({ "batches": out })).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(&dir.join("mix_batches.json"), text.as_bytes())
+}

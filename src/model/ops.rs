@@ -1,0 +1,798 @@
+//! Fused CPU kernels with hand-written backward passes: linear layers, layer norm, masked
+//! softmax, GELU and dropout.
+//!
+//! Built from primitive ops, each of these is 5-10 candle ops forward and more backward, every
+//! one a full pass over memory plus an allocation, and candle's backprop adds a zero-filled
+//! gradient buffer per node. One pass each way is what PyTorch does, and what we do here.
+//! On other devices or dtypes the same functions fall back to the primitive versions
+//! ([`reference`]), which are also what the tests compare against.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel work item for elementwise kernels: big enough to amortise rayon.
+const CHUNK: usize = 1 << 14;
+
+fn fused(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => bail!("{op}: input is not contiguous"),
+    }
+}
+
+/// Rows of `out` (each `d` wide) in parallel, in chunks of whole rows.
+fn par_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len() / d.max(1);
+    let per = (CHUNK / d.max(1)).clamp(1, rows.div_ceil(2 * rayon::current_num_threads()).max(1));
+    out.par_chunks_mut(per * d).enumerate().for_each(|(c, chunk)| {
+        for (j, row) in chunk.chunks_mut(d).enumerate() {
+            f(c * per + j, row)
+        }
+    });
+}
+
+/// `exp` to a few ulp, branch-free so that it vectorises (std's `exp` is a libm call).
+/// Below -87 it returns exactly 0, as masked attention needs.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let underflow = x < -87.0;
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest with the 1.5 * 2^23 trick (no SSE4.1 `round` needed).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // x - n ln2 in two parts (Cody & Waite), so that large |x| keep their precision.
+    let f = (x - n * 0.693_359_4) + n * 2.121_944_4e-4; // |f| <= ln2 / 2
+                                                        // Taylor series of e^f to degree 7: relative error below 1e-8 on that interval.
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    let y = p * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if underflow {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, under f32's own).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// Whether this CPU runs the AVX2 + FMA builds of the kernels below.
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A slice kernel compiled twice: for the baseline target (x86-64 means SSE2, 4 lanes) and
+/// for AVX2 + FMA (8 lanes), picked at run time. The bodies are written branch-free so that
+/// LLVM vectorises them.
+macro_rules! kernel {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn wide($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if avx2_fma() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
+kernel! {
+    /// `0.5 x (1 + erf(x / sqrt 2))`
+    fn gelu_fwd(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
+        }
+    }
+}
+
+kernel! {
+    /// `dy (Phi(x) + x phi(x))`
+    fn gelu_bwd(x: &[f32], dy: &[f32], out: &mut [f32]) {
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
+            let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
+            *o = g * (cdf + v * pdf);
+        }
+    }
+}
+
+kernel! {
+    /// Softmax of `x * scale + mask` for one row.
+    fn softmax_row(x: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
+        let mut max = f32::NEG_INFINITY;
+        for ((o, &v), &m) in out.iter_mut().zip(x).zip(mask) {
+            *o = v * scale + m;
+            max = max.max(*o);
+        }
+        let mut sum = 0f32;
+        for o in out.iter_mut() {
+            *o = exp(*o - max);
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+kernel! {
+    /// `scale * y * (dy - sum(dy * y))` for one row.
+    fn softmax_bwd_row(y: &[f32], dy: &[f32], scale: f32, out: &mut [f32]) {
+        let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+        for ((o, &yv), &g) in out.iter_mut().zip(y).zip(dy) {
+            *o = scale * yv * (g - dot);
+        }
+    }
+}
+
+kernel! {
+    /// Layer norm of one row.
+    fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+        let (mean, rstd) = moments(x, eps);
+        for (((o, &v), &wv), &bv) in out.iter_mut().zip(x).zip(w).zip(b) {
+            *o = (v - mean) * rstd * wv + bv;
+        }
+    }
+}
+
+kernel! {
+    /// Layer norm backward for one row: writes dx, adds into the dweight and dbias sums.
+    fn layer_norm_bwd_row(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+        let (mean, rstd) = moments(x, eps);
+        let d = x.len();
+        let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+        for i in 0..d {
+            let xhat = (x[i] - mean) * rstd;
+            let g = dy[i] * w[i];
+            sum_g += g;
+            sum_gx += g * xhat;
+            dw[i] += dy[i] * xhat;
+            db[i] += dy[i];
+        }
+        let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
+        for i in 0..d {
+            let xhat = (x[i] - mean) * rstd;
+            dx[i] = rstd * (dy[i] * w[i] - mg - xhat * mgx);
+        }
+    }
+}
+
+kernel! {
+    /// `acc[j] += sum_r g[r][j]` over the rows of `g`.
+    fn add_column_sums(g: &[f32], acc: &mut [f32]) {
+        for row in g.chunks_exact(acc.len()) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    }
+}
+
+kernel! {
+    fn mul(a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = x * y;
+        }
+    }
+}
+
+/// Column sums of a row-major [rows, cols] matrix, rows split across threads.
+fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
+    let per = (CHUNK / cols.max(1)).max(1);
+    g.par_chunks(per * cols)
+        .map(|chunk| {
+            let mut acc = vec![0f32; cols];
+            add_column_sums(chunk, &mut acc);
+            acc
+        })
+        .reduce(
+            || vec![0f32; cols],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+/// Column sums of `g` viewed as [rows, cols], as a [cols] tensor.
+fn sum_rows(g: &Tensor, cols: usize) -> Result<Tensor> {
+    if !fused(g) {
+        return g.reshape(((), cols))?.sum(0);
+    }
+    let g = g.contiguous()?;
+    let (storage, layout) = g.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("sum_rows: not on the CPU") };
+    let sums = column_sums(f32s(cpu, layout, "sum-rows")?, cols);
+    Tensor::from_vec(sums, cols, g.device())
+}
+
+/// `x Wᵀ + b` over the last dimension of `x`, any leading shape.
+///
+/// One GEMM whose output buffer starts out holding the bias, where candle would zero the output,
+/// multiply, then add the bias in a second pass (and backward would add reshape, transpose and
+/// broadcast nodes, each with a zero-filled gradient).
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !fused(xs) {
+        return reference::linear(xs, weight, bias);
+    }
+    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
+}
+
+struct Linear;
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let dims = l1.dims();
+        let k = dims.last().copied().unwrap_or(1);
+        let (o, wk) = l2.shape().dims2()?;
+        if wk != k || b.len() != o {
+            bail!("linear: input with {k} features, weight {:?}, bias of {}", l2.dims(), b.len())
+        }
+        let rows = x.len() / k.max(1);
+        let mut out = Vec::with_capacity(rows * o);
+        for _ in 0..rows {
+            out.extend_from_slice(b);
+        }
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // out[rows, o] = 1 * out + 1 * x[rows, k] @ Wᵀ[k, o]; Wᵀ is W read column-wise.
+        // SAFETY: the three buffers hold exactly rows*o, rows*k and o*k elements (checked above),
+        // and the strides below stay inside them.
+        unsafe {
+            gemm::gemm(
+                rows,
+                o,
+                k,
+                out.as_mut_ptr(),
+                1,
+                o as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = o;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: these products are gradients, not part of any graph.
+        let (x, w) = (x.detach(), w.detach());
+        let (o, k) = w.dims2()?;
+        let g = grad.contiguous()?.reshape(((), o))?;
+        let x2 = x.reshape(((), k))?;
+        let dx = g.matmul(&w)?.reshape(x.shape())?;
+        let dw = g.t()?.matmul(&x2)?;
+        let db = sum_rows(&g, o)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Inverted dropout: `x * mask`, with the mask (0 or 1 / (1 - p)) drawn from `rng`.
+///
+/// A fused op because candle's multiply would also compute, zero-fill and accumulate a
+/// gradient for the mask, which nothing reads.
+pub fn dropout(xs: &Tensor, p: f32, rng: &mut rand::rngs::StdRng) -> Result<Tensor> {
+    use rand::Rng;
+    let n = xs.elem_count();
+    let mut bits = vec![0u32; n];
+    rng.fill(&mut bits[..]);
+    // Keep a unit when its 32 random bits are at or above p * 2^32.
+    let threshold = (p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = bits.par_iter().map(|&r| if r < threshold { 0.0 } else { scale }).collect();
+    let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+    if !fused(xs) {
+        return xs * mask;
+    }
+    xs.contiguous()?.apply_op1(Dropout { mask })
+}
+
+struct Dropout {
+    mask: Tensor,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "fused-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let (storage, ml) = self.mask.storage_and_layout();
+        let candle_core::Storage::Cpu(ms) = &*storage else { bail!("dropout mask is not on the CPU") };
+        let m = f32s(ms, ml, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)))
+            .for_each(|(o, (x, m))| mul(x, m, o));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.mul(&self.mask)?))
+    }
+}
+
+/// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused(xs) {
+        return reference::layer_norm(xs, weight, bias, eps);
+    }
+    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps: eps as f32 })
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+/// Mean and 1 / std of one row (two passes: stable for rows with a large mean).
+#[inline(always)]
+fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let d = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / d;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let d = l1.dims().last().copied().unwrap_or(1);
+        if w.len() != d || b.len() != d {
+            bail!("layer norm over {d} features with weight {} and bias {}", w.len(), b.len())
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |r, row| layer_norm_row(&x[r * d..(r + 1) * d], w, b, self.eps, row));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let n = x.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, d)?;
+        let db = packed.narrow(0, n + d, d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Gradients of layer norm packed in one buffer: dx (all of x), then dweight, then dbias.
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let d = w.len();
+        let n = x.len();
+        let mut out = vec![0f32; n + 2 * d];
+        let (dx, _) = out.split_at_mut(n);
+        let per = (CHUNK / d).max(1);
+        // Each chunk of rows returns its partial sums of dweight and dbias.
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(per * d)
+            .enumerate()
+            .map(|(c, chunk)| {
+                let mut acc = vec![0f32; 2 * d];
+                let (dw, db) = acc.split_at_mut(d);
+                for (j, dxr) in chunk.chunks_mut(d).enumerate() {
+                    let r = c * per + j;
+                    layer_norm_bwd_row(&x[r * d..(r + 1) * d], w, &dy[r * d..(r + 1) * d], self.eps, dxr, dw, db);
+                }
+                acc
+            })
+            .collect();
+        let tail = &mut out[n..];
+        for p in partials {
+            for (t, v) in tail.iter_mut().zip(p) {
+                *t += v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
+    }
+}
+
+/// `softmax(scores * scale + mask_bias)` over the last dimension.
+///
+/// # Shapes
+/// `scores`: [b, heads, q, k]; `mask_bias`: [b, k] (0 for tokens, a large negative for padding).
+pub fn masked_softmax(scores: &Tensor, mask_bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if !fused(scores) {
+        return reference::masked_softmax(scores, mask_bias, scale);
+    }
+    let (b, _, _, k) = scores.dims4()?;
+    if mask_bias.dims() != [b, k] {
+        bail!("mask of shape {:?} for scores of shape {:?}", mask_bias.dims(), scores.dims())
+    }
+    scores.contiguous()?.apply_op2(&mask_bias.contiguous()?, MaskedSoftmax { scale: scale as f32 })
+}
+
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, m) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let dims = l1.dims();
+        let k = dims[dims.len() - 1];
+        // Rows of one sequence: heads * queries.
+        let per_seq = dims[1] * dims[2];
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, k, |r, row| {
+            let seq = r / per_seq;
+            softmax_row(&x[r * k..(r + 1) * k], &m[seq * k..(seq + 1) * k], self.scale, row)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _m: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `scale * y * (dy - sum(dy * y))` row by row, from the softmax output `y`.
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let k = l1.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; y.len()];
+        par_rows(&mut out, k, |r, row| {
+            softmax_bwd_row(&y[r * k..(r + 1) * k], &dy[r * k..(r + 1) * k], self.scale, row)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Exact GELU, `x * Phi(x)` with the normal CDF `Phi(x) = (1 + erf(x / sqrt 2)) / 2`.
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    if !fused(xs) {
+        return xs.gelu_erf();
+    }
+    xs.contiguous()?.apply_op1(Gelu)
+}
+
+struct Gelu;
+
+fn map_chunks(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| f(i, o));
+    out
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let out = map_chunks(x, gelu_fwd);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
+    }
+}
+
+/// `dy * (Phi(x) + x phi(x))`.
+struct GeluBwd;
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| gelu_bwd(x, g, o));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// The same functions from primitive candle ops (autograd derives their backward passes).
+pub mod reference {
+    use candle_core::{Result, Tensor, D};
+
+    pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let k = weight.dim(1)?;
+        let mut shape = xs.dims().to_vec();
+        let out = xs.reshape(((), k))?.matmul(&weight.t()?)?.broadcast_add(bias)?;
+        *shape.last_mut().unwrap_or(&mut 0) = weight.dim(0)?;
+        out.reshape(shape)
+    }
+
+    pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+        normed.broadcast_mul(weight)?.broadcast_add(bias)
+    }
+
+    pub fn masked_softmax(scores: &Tensor, mask_bias: &Tensor, scale: f64) -> Result<Tensor> {
+        let bias = mask_bias.unsqueeze(1)?.unsqueeze(1)?;
+        candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&bias)?, D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Vec<f32> {
+        (0..shape.iter().product::<usize>()).map(|_| rng.gen_range(-scale..scale)).collect()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let (a, b) =
+            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn fast_exp_and_erf_match_std() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.04;
+            let (e, want) = (exp(x), x.exp());
+            assert!((e - want).abs() <= 4e-7 * want, "exp({x}) = {e}, want {want}");
+            let want = libm::erff(x);
+            assert!((erf(x) - want).abs() < 3e-7, "erf({x}) = {}, want {want}", erf(x));
+        }
+        assert_eq!(exp(-87.5), 0.0);
+        assert_eq!(exp(-1e4), 0.0);
+    }
+
+    /// Central finite differences of `sum(f(inputs) * r)` against the op's backward, for
+    /// every element of every input that has a gradient.
+    fn check_grads(inputs: &[Var], f: &dyn Fn(&[Tensor]) -> Result<Tensor>, tol: f32) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts).unwrap();
+        let mut rng = StdRng::seed_from_u64(9);
+        let r = Tensor::from_vec(random(&mut rng, out.dims(), 1.0), out.shape(), out.device()).unwrap();
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let h = 1e-2f32;
+        for (k, var) in inputs.iter().enumerate() {
+            let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for i in 0..base.len() {
+                let loss_at = |delta: f32| -> f64 {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    let mut ts = ts.clone();
+                    ts[k] = Tensor::from_vec(v, var.shape(), var.device()).unwrap();
+                    let y = f(&ts).unwrap().to_dtype(DType::F64).unwrap();
+                    (y * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+                };
+                let numeric = ((loss_at(h) - loss_at(-h)) / (2.0 * h as f64)) as f32;
+                assert!(
+                    (numeric - analytic[i]).abs() <= tol * (1.0 + numeric.abs()),
+                    "input {k} element {i}: finite difference {numeric}, backward {}",
+                    analytic[i]
+                );
+            }
+        }
+    }
+
+    fn var(rng: &mut StdRng, shape: &[usize], scale: f32) -> Var {
+        Var::from_vec(random(rng, shape, scale), shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn layer_norm_matches_reference_and_finite_differences() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (x, w, b) = (var(&mut rng, &[2, 3, 8], 2.0), var(&mut rng, &[8], 1.5), var(&mut rng, &[8], 1.0));
+        let fused = |t: &[Tensor]| layer_norm(&t[0], &t[1], &t[2], 1e-5);
+        check_grads(&[x.clone(), w.clone(), b.clone()], &fused, 2e-2);
+        let (xs, ws, bs) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let ours = layer_norm(xs, ws, bs, 1e-5).unwrap();
+        let want = reference::layer_norm(xs, ws, bs, 1e-5).unwrap();
+        close(&ours, &want, 1e-5);
+        let r = Tensor::from_vec(random(&mut rng, &[2, 3, 8], 1.0), (2, 3, 8), &Device::Cpu).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [xs, ws, bs] {
+            close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-4);
+        }
+    }
+
+    #[test]
+    fn masked_softmax_matches_reference_and_finite_differences() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let scores = var(&mut rng, &[2, 2, 3, 5], 2.0);
+        // Second sequence has two padding tokens.
+        let mask = Tensor::new(&[[0f32, 0., 0., 0., 0.], [0., 0., 0., -10_000., -10_000.]], &Device::Cpu).unwrap();
+        let fused = |t: &[Tensor]| masked_softmax(&t[0], &mask, 0.7);
+        check_grads(std::slice::from_ref(&scores), &fused, 2e-2);
+        let ours = masked_softmax(scores.as_tensor(), &mask, 0.7).unwrap();
+        let want = reference::masked_softmax(scores.as_tensor(), &mask, 0.7).unwrap();
+        close(&ours, &want, 1e-6);
+        let padded = ours.narrow(0, 1, 1).unwrap().narrow(3, 3, 2).unwrap().flatten_all().unwrap();
+        assert!(padded.to_vec1::<f32>().unwrap().iter().all(|&p| p == 0.0), "padding got attention");
+        let r = Tensor::from_vec(random(&mut rng, &[2, 2, 3, 5], 1.0), (2, 2, 3, 5), &Device::Cpu).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        close(g1.get(scores.as_tensor()).unwrap(), g2.get(scores.as_tensor()).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn gelu_matches_candle_and_finite_differences() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let x = var(&mut rng, &[3, 7], 4.0);
+        check_grads(std::slice::from_ref(&x), &|t: &[Tensor]| gelu_erf(&t[0]), 2e-2);
+        let ours = gelu_erf(x.as_tensor()).unwrap();
+        let want = x.as_tensor().gelu_erf().unwrap();
+        close(&ours, &want, 1e-6);
+        let g1 = ours.sum_all().unwrap().backward().unwrap();
+        let g2 = want.sum_all().unwrap().backward().unwrap();
+        close(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn linear_matches_reference_and_finite_differences() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (x, w, b) = (var(&mut rng, &[2, 3, 4], 1.0), var(&mut rng, &[5, 4], 1.0), var(&mut rng, &[5], 1.0));
+        check_grads(&[x.clone(), w.clone(), b.clone()], &|t: &[Tensor]| linear(&t[0], &t[1], &t[2]), 1e-2);
+        let (xs, ws, bs) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let ours = linear(xs, ws, bs).unwrap();
+        assert_eq!(ours.dims(), [2, 3, 5]);
+        let want = reference::linear(xs, ws, bs).unwrap();
+        close(&ours, &want, 1e-6);
+        let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [xs, ws, bs] {
+            close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-5);
+        }
+    }
+
+    #[test]
+    fn dropout_keeps_about_1_minus_p_scales_and_masks_the_gradient() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let x = Var::from_vec(vec![1f32; 20_000], (100, 200), &Device::Cpu).unwrap();
+        let y = dropout(x.as_tensor(), 0.25, &mut rng).unwrap();
+        let vals = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let kept = vals.iter().filter(|&&v| v != 0.0).count() as f64 / vals.len() as f64;
+        assert!((kept - 0.75).abs() < 0.02, "kept {kept}");
+        assert!(vals.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        // d(sum y)/dx is the mask itself.
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let grad = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(grad, vals);
+        // Same seed, same mask; another seed, another mask.
+        let again = dropout(x.as_tensor(), 0.25, &mut StdRng::seed_from_u64(6)).unwrap();
+        assert_eq!(again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vals);
+        let other = dropout(x.as_tensor(), 0.25, &mut StdRng::seed_from_u64(7)).unwrap();
+        assert_ne!(other.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vals);
+    }
+
+    #[test]
+    fn big_inputs_split_across_chunks_agree_with_reference() {
+        // More rows than one work item holds, so the chunked reductions are exercised.
+        let mut rng = StdRng::seed_from_u64(4);
+        let (x, w, b) = (var(&mut rng, &[300, 96], 3.0), var(&mut rng, &[96], 1.0), var(&mut rng, &[96], 1.0));
+        let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+        let want = reference::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+        close(&ours, &want, 1e-5);
+        let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+            close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-3);
+        }
+    }
+}
