@@ -60,6 +60,8 @@ def parse_args():
     p.add_argument("--runs", type=int, default=3, help="runs of each side")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed train_fixed steps per run")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                   help="training pooling on both sides (cls: the default config; mean: no [CLS]-only shortcut)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--hypersphere", default="./target/release/hypersphere", help="hypersphere binary")
     p.add_argument("--python", default=sys.executable, help="python with torch (default: this one)")
@@ -128,8 +130,8 @@ def run_all(args):
     theirs_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
     commands, first_digest = {}, None
     for k in range(1, args.runs + 1):
-        ours = [args.hypersphere, "bench", "--steps", str(args.steps), "--export-inputs", inputs,
-                "--out", os.path.join(out, f"hypersphere-{k}.json")]
+        ours = [args.hypersphere, "bench", "--steps", str(args.steps), "--set", f'model.pooling="{args.pooling}"',
+                "--export-inputs", inputs, "--out", os.path.join(out, f"hypersphere-{k}.json")]
         run(f"hypersphere run {k}/{args.runs}", ours_env, ours)
         # Every run re-exports the inputs; they should not change, or the torch runs would not
         # all see the same batches as run 1.
@@ -140,7 +142,7 @@ def run_all(args):
             log(f"warning: run {k} exported different inputs from run 1 (export is not deterministic)")
 
         theirs = [args.python, os.path.join(HERE, "torch_bench.py"), "--model", model,
-                  "--threads", threads, "--steps", str(args.steps), "--inputs", inputs,
+                  "--threads", threads, "--steps", str(args.steps), "--pooling", args.pooling, "--inputs", inputs,
                   "--out", os.path.join(out, f"pytorch-{k}.json")]
         run(f"pytorch run {k}/{args.runs}", theirs_env, theirs)
         # Recorded with K in place of the run number.

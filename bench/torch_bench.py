@@ -24,6 +24,8 @@ def parse_args():
     p.add_argument("--model", required=True, help="HF model folder (config.json, model.safetensors, ...)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps of train_fixed")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                   help="training embedding: the [CLS] vector (hypersphere's default config) or the masked mean")
     p.add_argument("--inputs", required=True, help="folder with mix_batches.json and sentences.txt")
     p.add_argument("--out", required=True, help="JSON result file")
     return p.parse_args()
@@ -104,8 +106,13 @@ def train_step(model, opt, input_ids, attention_mask):
 
     t0 = time.perf_counter()
     out = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-    cls = out.last_hidden_state[:, 0]
-    emb = torch.nn.functional.normalize(cls, p=2.0, dim=1)
+    states = out.last_hidden_state
+    if ARGS.pooling == "cls":
+        pooled = states[:, 0]
+    else:
+        m = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * m).sum(1) / m.sum(1)
+    emb = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
     loss = loss_fn(emb)
     loss.item()  # forces the forward to finish (and is what a trainer logs)
     t1 = time.perf_counter()
@@ -252,6 +259,7 @@ def main():
         },
         "model": args.model,
         "threads": args.threads,
+        "pooling": args.pooling,
     }
 
     log("gemm")

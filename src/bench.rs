@@ -151,11 +151,13 @@ pub fn peak_rss_mb() -> f64 {
 
 /// Random word pieces of exactly `seq` tokens per row ([CLS] ... [SEP]), no padding.
 pub fn synthetic_batch(rows: usize, seq: usize, vocab: usize, rng: &mut StdRng, device: &Device) -> Result<Batch> {
+    // Ordinary word pieces: above BERT's special and unused ids (below 1000) where there are any.
+    let low = (vocab as u32 / 2).min(1000);
     let mut ids = Vec::with_capacity(rows * seq);
     for _ in 0..rows {
-        ids.push(101u32);
-        ids.extend((0..seq.saturating_sub(2)).map(|_| rng.gen_range(1000..vocab as u32)));
-        ids.push(102);
+        ids.push(101u32.min(vocab as u32 - 1));
+        ids.extend((0..seq.saturating_sub(2)).map(|_| rng.gen_range(low..vocab as u32)));
+        ids.push(102u32.min(vocab as u32 - 1));
     }
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (rows, seq), device)?,

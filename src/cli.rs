@@ -280,8 +280,8 @@ fn tokenizer_and_pairs(
         min_tokens: cfg.data.min_tokens,
         max_tokens: cfg.data.max_tokens,
     };
-    let mut counter = tokenizer.counter()?;
-    let set = load_pairs(&corpus, cfg.data.max_books, &opts, cfg.data.val_fraction, cfg.seed, &mut counter)?;
+    let counter = tokenizer.counter()?;
+    let set = load_pairs(&corpus, cfg.data.max_books, &opts, cfg.data.val_fraction, cfg.seed, &counter)?;
     Ok((tokenizer, set))
 }
 
@@ -666,7 +666,7 @@ fn compare_text(t: &TextArgs, first_model: Option<&TextTokenizer>) -> Result<Tex
             let tok =
                 first_model.context("--corpus needs at least one model input (its tokenizer filters sentences)")?;
             let opts = PairOptions { cross_paragraph: true, min_tokens: 4, max_tokens: 64 };
-            let set = load_pairs(corpus, 0, &opts, 0.0, t.seed, &mut tok.counter()?)?;
+            let set = load_pairs(corpus, 0, &opts, 0.0, t.seed, &tok.counter()?)?;
             let sample = Sample::draw(&set.train, t.sentences, t.num_pairs, t.seed);
             let pairs = sample.pairs.iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect();
             (sample.sentences.iter().map(|s| s.to_string()).collect(), pairs)

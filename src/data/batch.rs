@@ -66,10 +66,11 @@ impl TextTokenizer {
     }
 
     /// Counts word pieces without special tokens or truncation (for the length filter).
-    pub fn counter(&self) -> Result<impl FnMut(&str) -> usize> {
+    /// Shareable across threads; skips the offsets that counting does not need.
+    pub fn counter(&self) -> Result<impl Fn(&str) -> usize + Sync> {
         let mut tk = self.tokenizer.clone();
         tk.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(move |text: &str| tk.encode(text, false).map(|e| e.len()).unwrap_or(usize::MAX))
+        Ok(move |text: &str| tk.encode_fast(text, false).map(|e| e.len()).unwrap_or(usize::MAX))
     }
 
     /// Tokenize, truncate to `max_len` and pad to the longest row.

@@ -23,40 +23,51 @@ pub struct PairSet {
     pub token_lengths: BTreeMap<usize, usize>,
 }
 
-/// Read the books under `corpus` one at a time (only their pairs stay in memory), pair
-/// adjacent sentences and hold out whole books for validation.
+/// Read the books under `corpus` (a few at a time, in parallel: tokenizing for the length
+/// filter is most of the work), pair adjacent sentences and hold out whole books for
+/// validation. Only the pairs stay in memory. The result does not depend on the thread count.
 pub fn load_pairs(
     corpus: &Path,
     max_books: usize,
     opts: &PairOptions,
     val_fraction: f64,
     seed: u64,
-    count_tokens: &mut dyn FnMut(&str) -> usize,
+    count_tokens: &(dyn Fn(&str) -> usize + Sync),
 ) -> Result<PairSet> {
+    use rayon::prelude::*;
     let mut files = list_book_files(corpus)?;
     if max_books > 0 {
         files.truncate(max_books);
     }
     let (_, val_idx) = split_books(files.len(), val_fraction, seed);
+    let books = files
+        .par_iter()
+        .map(|file| {
+            let book = read_book(file)?;
+            let mut lengths = BTreeMap::<usize, usize>::new();
+            let mut counted = |s: &str| {
+                let n = count_tokens(s);
+                *lengths.entry(n).or_default() += 1;
+                n
+            };
+            let pairs = book_pairs(&book, opts, &mut counted);
+            Ok((book.name.clone(), corpus_stats(std::slice::from_ref(&book)), pairs, lengths))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut token_lengths = BTreeMap::new();
-    let mut counted = |s: &str| {
-        let n = count_tokens(s);
-        *token_lengths.entry(n).or_default() += 1;
-        n
-    };
     let (mut train, mut val, mut val_books) = (Vec::new(), Vec::new(), Vec::new());
     let mut stats = CorpusStats::default();
-    for (i, file) in files.iter().enumerate() {
-        let book = read_book(file)?;
-        let s = corpus_stats(std::slice::from_ref(&book));
+    for (i, (name, s, pairs, lengths)) in books.into_iter().enumerate() {
         stats.books += 1;
         stats.chapters += s.chapters;
         stats.paragraphs += s.paragraphs;
         stats.sentences += s.sentences;
-        let pairs = book_pairs(&book, opts, &mut counted);
+        for (n, c) in lengths {
+            *token_lengths.entry(n).or_default() += c;
+        }
         if val_idx.binary_search(&i).is_ok() {
             val.extend(pairs);
-            val_books.push(book.name);
+            val_books.push(name);
         } else {
             train.extend(pairs);
         }

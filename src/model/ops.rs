@@ -41,8 +41,11 @@ fn par_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
 fn exp(x: f32) -> f32 {
     let underflow = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
-    // Round to nearest with the 1.5 * 2^23 trick (no SSE4.1 `round` needed).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest with the 1.5 * 2^23 trick (no SSE4.1 `round` needed); the rounded
+    // integer also sits in the low bits of `m`, which avoids a float-to-int conversion
+    // (Rust's saturating `as i32` does not vectorise).
+    let m = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = m - 12_582_912.0;
     // x - n ln2 in two parts (Cody & Waite), so that large |x| keep their precision.
     let f = (x - n * 0.693_359_4) + n * 2.121_944_4e-4; // |f| <= ln2 / 2
                                                         // Taylor series of e^f to degree 7: relative error below 1e-8 on that interval.
@@ -50,7 +53,8 @@ fn exp(x: f32) -> f32 {
         + f * (1.0
             + f * (0.5
                 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    let y = p * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let k = m.to_bits().wrapping_sub(0x4B40_0000); // n, two's complement
+    let y = p * f32::from_bits(k.wrapping_add(127) << 23);
     if underflow {
         0.0
     } else {
@@ -65,6 +69,47 @@ fn erf(x: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
     (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+/// Lanes for reductions: f32 sums are not reassociated by the compiler, so a plain `sum()`
+/// is one serial chain. Eight (or sixteen) independent partial sums vectorise.
+const LANES: usize = 16;
+
+/// `sum_i f(a_i, b_i)` in `LANES` independent partial sums.
+#[inline(always)]
+fn reduce2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..LANES {
+            acc[j] += f(x[j], y[j]);
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum::<f32>()
+}
+
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    reduce2(a, a, |x, _| x)
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    reduce2(a, b, |x, y| x * y)
+}
+
+#[inline(always)]
+fn max(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for j in 0..LANES {
+            acc[j] = acc[j].max(x[j]);
+        }
+    }
+    acc.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -130,17 +175,12 @@ kernel! {
 kernel! {
     /// Softmax of `x * scale + mask` for one row.
     fn softmax_row(x: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
-        let mut max = f32::NEG_INFINITY;
         for ((o, &v), &m) in out.iter_mut().zip(x).zip(mask) {
             *o = v * scale + m;
-            max = max.max(*o);
         }
-        let mut sum = 0f32;
-        for o in out.iter_mut() {
-            *o = exp(*o - max);
-            sum += *o;
-        }
-        let inv = 1.0 / sum;
+        let max = max(out);
+        out.iter_mut().for_each(|o| *o = exp(*o - max));
+        let inv = 1.0 / sum(out);
         out.iter_mut().for_each(|o| *o *= inv);
     }
 }
@@ -148,7 +188,7 @@ kernel! {
 kernel! {
     /// `scale * y * (dy - sum(dy * y))` for one row.
     fn softmax_bwd_row(y: &[f32], dy: &[f32], scale: f32, out: &mut [f32]) {
-        let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+        let dot = dot(y, dy);
         for ((o, &yv), &g) in out.iter_mut().zip(y).zip(dy) {
             *o = scale * yv * (g - dot);
         }
@@ -169,20 +209,27 @@ kernel! {
     /// Layer norm backward for one row: writes dx, adds into the dweight and dbias sums.
     fn layer_norm_bwd_row(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
         let (mean, rstd) = moments(x, eps);
-        let d = x.len();
-        let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-        for i in 0..d {
-            let xhat = (x[i] - mean) * rstd;
-            let g = dy[i] * w[i];
-            sum_g += g;
-            sum_gx += g * xhat;
-            dw[i] += dy[i] * xhat;
-            db[i] += dy[i];
+        let d = x.len() as f32;
+        // dx holds xhat until the last loop.
+        for (h, &v) in dx.iter_mut().zip(x) {
+            *h = (v - mean) * rstd;
         }
-        let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
-        for i in 0..d {
-            let xhat = (x[i] - mean) * rstd;
-            dx[i] = rstd * (dy[i] * w[i] - mg - xhat * mgx);
+        for (((a, b), &g), &h) in dw.iter_mut().zip(db.iter_mut()).zip(dy).zip(dx.iter()) {
+            *a += g * h;
+            *b += g;
+        }
+        let mean_g = reduce2(dy, w, |g, wv| g * wv) / d;
+        let mut acc = [0f32; LANES];
+        let (cg, cw, ch) = (dy.chunks_exact(LANES), w.chunks_exact(LANES), dx.chunks_exact(LANES));
+        let tail: f32 = cg.remainder().iter().zip(cw.remainder()).zip(ch.remainder()).map(|((g, wv), h)| g * wv * h).sum();
+        for ((g, wv), h) in cg.zip(cw).zip(ch) {
+            for j in 0..LANES {
+                acc[j] += g[j] * wv[j] * h[j];
+            }
+        }
+        let mean_gx = (acc.iter().sum::<f32>() + tail) / d;
+        for ((o, &g), &wv) in dx.iter_mut().zip(dy).zip(w) {
+            *o = rstd * (g * wv - mean_g - *o * mean_gx);
         }
     }
 }
@@ -334,14 +381,24 @@ impl CustomOp3 for Linear {
 /// A fused op because candle's multiply would also compute, zero-fill and accumulate a
 /// gradient for the mask, which nothing reads.
 pub fn dropout(xs: &Tensor, p: f32, rng: &mut rand::rngs::StdRng) -> Result<Tensor> {
-    use rand::Rng;
+    use rand::{Rng, RngCore, SeedableRng};
     let n = xs.elem_count();
-    let mut bits = vec![0u32; n];
-    rng.fill(&mut bits[..]);
-    // Keep a unit when its 32 random bits are at or above p * 2^32.
-    let threshold = (p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+    // A unit is dropped when 16 random bits fall below p * 2^16 (p = 0.1 becomes 0.100006).
+    let threshold = (p as f64 * 65_536.0).round().min(65_536.0) as u32;
     let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = bits.par_iter().map(|&r| if r < threshold { 0.0 } else { scale }).collect();
+    // One ChaCha8 stream per chunk, seeded in order from `rng`: the same mask whatever the
+    // number of threads, and both cores drawing.
+    let seeds: Vec<u64> = (0..n.div_ceil(CHUNK)).map(|_| rng.gen()).collect();
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(CHUNK).zip(seeds).for_each(|(chunk, seed)| {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for quad in chunk.chunks_mut(4) {
+            let bits = r.next_u64();
+            for (j, m) in quad.iter_mut().enumerate() {
+                *m = if ((bits >> (16 * j)) & 0xffff) < threshold as u64 { 0.0 } else { scale };
+            }
+        }
+    });
     let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
     if !fused(xs) {
         return xs * mask;
@@ -391,8 +448,8 @@ struct LayerNorm {
 #[inline(always)]
 fn moments(row: &[f32], eps: f32) -> (f32, f32) {
     let d = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / d;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let mean = sum(row) / d;
+    let var = reduce2(row, row, |v, _| (v - mean) * (v - mean)) / d;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -794,5 +851,19 @@ mod tests {
         for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
             close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-3);
         }
+        // Rows longer than the reduction lanes, with a partial last chunk, and many of them.
+        let scores = var(&mut rng, &[3, 4, 40, 37], 3.0);
+        let mask_rows: Vec<f32> =
+            (0..3 * 37).map(|i| if i % 37 > 30 - (i / 37) * 5 { -10_000.0 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask_rows, (3, 37), &Device::Cpu).unwrap();
+        let ours = masked_softmax(scores.as_tensor(), &mask, 0.3).unwrap();
+        let want = reference::masked_softmax(scores.as_tensor(), &mask, 0.3).unwrap();
+        close(&ours, &want, 1e-6);
+        let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        close(g1.get(scores.as_tensor()).unwrap(), g2.get(scores.as_tensor()).unwrap(), 1e-5);
+        let x = var(&mut rng, &[70, 1000], 6.0);
+        let ours = gelu_erf(x.as_tensor()).unwrap();
+        close(&ours, &x.as_tensor().gelu_erf().unwrap(), 1e-6);
     }
 }

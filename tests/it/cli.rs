@@ -215,3 +215,74 @@ fn bad_input_classes_across_commands() {
     assert_eq!(hypersphere::export::read_embeddings(&d.join("long.safetensors")).unwrap().n, 1);
     one_line_error(&hypersphere(&["pairs", "--set", &src, "--corpus", "long.txt"], d), "no training pairs");
 }
+
+/// `bench` on a tiny model: every workload runs, the JSON holds finite positive timings that
+/// add up, and the exported inputs are the batches and sentences that were timed.
+#[test]
+fn bench_reports_every_workload_and_exports_its_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 3, "");
+    let model_dir = model.config.parent().unwrap().to_str().unwrap().to_string();
+    let corpus = fixtures().join("books");
+    let (json, inputs) = (tmp.path().join("bench.json"), tmp.path().join("inputs"));
+    let args = [
+        "bench",
+        "--set",
+        &format!("model.source={model_dir}"),
+        "--set",
+        &format!("data.corpus={}", corpus.display()),
+        "--set",
+        "data.min_tokens=2",
+        "--set",
+        "train.batch_pairs=4",
+        "--set",
+        "model.max_len=16",
+        "--steps",
+        "2",
+        "--mix-batches",
+        "2",
+        "--embed-sentences",
+        "30",
+        "--out",
+        json.to_str().unwrap(),
+        "--export-inputs",
+        inputs.to_str().unwrap(),
+    ];
+    let out = hypersphere(&args, tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["impl"], "hypersphere");
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    let fixed = &r["train_fixed"];
+    assert_eq!((fixed["pairs"].as_u64(), fixed["seq"].as_u64(), fixed["steps"].as_u64()), (Some(4), Some(16), Some(2)));
+    for key in ["forward_s", "backward_s", "optimizer_s", "step_s", "pairs_per_s", "achieved_gflops"] {
+        assert!(f(&fixed[key]).is_finite() && f(&fixed[key]) > 0.0, "train_fixed.{key} = {}", fixed[key]);
+    }
+    assert!((f(&fixed["pairs_per_s"]) * f(&fixed["step_s"]) - 4.0).abs() < 1e-6);
+    // [CLS] pooling (the default config): the last layer runs for one position only.
+    assert_eq!(r["pooling"], "cls");
+    assert!(f(&fixed["gflop_executed_per_step"]) < f(&fixed["gflop_per_step"]));
+    let mix = &r["train_mix"];
+    assert_eq!(mix["batches"].as_u64(), Some(2));
+    let parts = f(&mix["forward_s"]) + f(&mix["backward_s"]) + f(&mix["optimizer_s"]);
+    assert!((parts - f(&mix["seconds"])).abs() < 1e-9);
+    assert_eq!(r["embed"]["sentences"].as_u64(), Some(30));
+    assert!(f(&r["embed"]["sentences_per_s"]) > 0.0 && f(&r["gemm"]["gflops"]) > 0.0 && f(&r["peak_rss_mb"]) > 0.0);
+    // The exported inputs are what was timed: 2 batches of 2 x 4 rows, mask sums = tokens.
+    let batches: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(inputs.join("mix_batches.json")).unwrap()).unwrap();
+    let batches = batches["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 2);
+    let mut tokens = 0;
+    for b in batches {
+        let (ids, mask) = (b["input_ids"].as_array().unwrap(), b["attention_mask"].as_array().unwrap());
+        assert_eq!((ids.len(), mask.len()), (8, 8));
+        for (i, m) in ids.iter().zip(mask) {
+            assert_eq!(i.as_array().unwrap().len(), m.as_array().unwrap().len());
+            tokens += m.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum::<u64>();
+        }
+    }
+    assert_eq!(Some(tokens), mix["tokens"].as_u64());
+    let sentences = std::fs::read_to_string(inputs.join("sentences.txt")).unwrap();
+    assert_eq!(sentences.lines().count(), 30);
+}
