@@ -193,18 +193,16 @@ impl Layer {
     /// Only the first `queries` positions are computed (all keys and values still are):
     /// 1 when only the [CLS] output is needed.
     fn forward(&self, xs: &Tensor, mask_bias: &Tensor, queries: usize, mut rng: Option<&mut StdRng>) -> Result<Tensor> {
-        let (b, s, h) = xs.dims3()?;
-        let head_dim = h / self.heads;
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, n, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
-        };
+        let s = xs.dim(1)?;
         let xq = if queries < s { xs.narrow(1, 0, queries)? } else { xs.clone() };
-        let q = split(self.query.forward(&xq)?, queries)?;
-        let k = split(self.key.forward(xs)?, s)?;
-        let v = split(self.value.forward(xs)?, s)?;
-        let probs = super::ops::masked_softmax(&q.matmul(&k.t()?)?, mask_bias, 1.0 / (head_dim as f64).sqrt())?;
-        let probs = self.attention_dropout.forward(&probs, rng.as_deref_mut())?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, queries, h))?;
+        let q = self.query.forward(&xq)?;
+        // Keys and values in one GEMM: [b, s, 2h].
+        let kv_weight = Tensor::cat(&[&self.key.weight, &self.value.weight], 0)?;
+        let kv_bias = Tensor::cat(&[&self.key.bias, &self.value.bias], 0)?;
+        let kv = super::ops::linear(xs, &kv_weight, &kv_bias)?;
+        let p = self.attention_dropout.p;
+        let dropout = rng.as_deref_mut().filter(|_| p > 0.0).map(|r| (p, r));
+        let context = super::ops::attention(&q, &kv, mask_bias, self.heads, dropout)?;
         let attended = self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng.as_deref_mut())?;
         let xs = self.attention_norm.forward(&(attended + xq)?)?;
         let inner = self.act.forward(&self.intermediate.forward(&xs)?)?;
