@@ -149,6 +149,9 @@ def run_all(args):
         commands = {"hypersphere": shell_line(ours_env, ours).replace(f"-{k}.json", "-K.json"),
                     "pytorch": shell_line(theirs_env, theirs).replace(f"-{k}.json", "-K.json")}
 
+    # The commit the hypersphere binary was built from (marked dirty with local changes).
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=HERE)
+    commands["hypersphere commit"] = rev.stdout.strip() or "unknown"
     # Kept so that --from-existing can still name the exact commands.
     with open(os.path.join(out, "commands.json"), "w") as f:
         json.dump(commands, f, indent=2)
