@@ -1,5 +1,5 @@
 //! Fused CPU kernels with hand-written backward passes: linear layers, layer norm, masked
-//! softmax, GELU and dropout.
+//! softmax, GELU, dropout and multi-head attention.
 //!
 //! Built from primitive ops, each of these is 5-10 candle ops forward and more backward, every
 //! one a full pass over memory plus an allocation, and candle's backprop adds a zero-filled
