@@ -10,6 +10,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Resul
 use rayon::prelude::*;
 
 use crate::config::TrainConfig;
+use crate::model::ops::f32s;
 
 pub struct AdamW {
     params: Vec<Param>,
@@ -138,13 +139,6 @@ impl AdamW {
 
 const CHUNK: usize = 1 << 15;
 
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => bail!("AdamW: {what} is not a contiguous f32 tensor"),
-    }
-}
-
 fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
@@ -165,7 +159,7 @@ impl InplaceOp2 for Ema {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let (m, g) = (cpu_f32_mut(s1, l1, "moment")?, cpu_f32(s2, l2, "gradient")?);
+        let (m, g) = (cpu_f32_mut(s1, l1, "moment")?, f32s(s2, l2, "AdamW gradient")?);
         if m.len() != g.len() {
             bail!("AdamW: moment of {} values for a gradient of {}", m.len(), g.len())
         }
@@ -203,7 +197,7 @@ impl InplaceOp3 for Update {
         l3: &Layout,
     ) -> Result<()> {
         let theta = cpu_f32_mut(s1, l1, "parameter")?;
-        let (m, v) = (cpu_f32(s2, l2, "first moment")?, cpu_f32(s3, l3, "second moment")?);
+        let (m, v) = (f32s(s2, l2, "AdamW first moment")?, f32s(s3, l3, "AdamW second moment")?);
         if m.len() != theta.len() || v.len() != theta.len() {
             bail!("AdamW: moments of {} and {} values for a parameter of {}", m.len(), v.len(), theta.len())
         }

@@ -17,11 +17,18 @@ fn fused(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The f32 data of a contiguous CPU tensor's storage.
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
         None => bail!("{op}: input is not contiguous"),
     }
+}
+
+/// The f32 data of a contiguous CPU storage.
+pub(crate) fn storage_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else { bail!("expected a CPU tensor") };
+    f32s(cpu, layout, "fused op")
 }
 
 /// Rows of `out` (each `d` wide) in parallel, in chunks of whole rows.
@@ -278,8 +285,7 @@ fn sum_rows(g: &Tensor, cols: usize) -> Result<Tensor> {
     }
     let g = g.contiguous()?;
     let (storage, layout) = g.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("sum_rows: not on the CPU") };
-    let sums = column_sums(f32s(cpu, layout, "sum-rows")?, cols);
+    let sums = column_sums(storage_f32(&storage, layout)?, cols);
     Tensor::from_vec(sums, cols, g.device())
 }
 
@@ -457,12 +463,6 @@ struct Attention {
     scale: f32,
     mask: Tensor,
     drop: Option<Tensor>,
-}
-
-/// The f32 data of a contiguous CPU storage.
-fn storage_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(cpu) = storage else { bail!("expected a CPU tensor") };
-    f32s(cpu, layout, "attention")
 }
 
 /// Shapes of one attention call: sequences, queries, keys, hidden, heads, head size.
@@ -667,8 +667,7 @@ impl CustomOp1 for Dropout {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let (storage, ml) = self.mask.storage_and_layout();
-        let candle_core::Storage::Cpu(ms) = &*storage else { bail!("dropout mask is not on the CPU") };
-        let m = f32s(ms, ml, self.name())?;
+        let m = storage_f32(&storage, ml)?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)))
@@ -790,71 +789,6 @@ impl CustomOp3 for LayerNormBwd {
             }
         }
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
-    }
-}
-
-/// `softmax(scores * scale + mask_bias)` over the last dimension.
-///
-/// # Shapes
-/// `scores`: [b, heads, q, k]; `mask_bias`: [b, k] (0 for tokens, a large negative for padding).
-pub fn masked_softmax(scores: &Tensor, mask_bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if !fused(scores) {
-        return reference::masked_softmax(scores, mask_bias, scale);
-    }
-    let (b, _, _, k) = scores.dims4()?;
-    if mask_bias.dims() != [b, k] {
-        bail!("mask of shape {:?} for scores of shape {:?}", mask_bias.dims(), scores.dims())
-    }
-    scores.contiguous()?.apply_op2(&mask_bias.contiguous()?, MaskedSoftmax { scale: scale as f32 })
-}
-
-struct MaskedSoftmax {
-    scale: f32,
-}
-
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-masked-softmax"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, m) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let dims = l1.dims();
-        let k = dims[dims.len() - 1];
-        // Rows of one sequence: heads * queries.
-        let per_seq = dims[1] * dims[2];
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, k, |r, row| {
-            let seq = r / per_seq;
-            softmax_row(&x[r * k..(r + 1) * k], &m[seq * k..(seq + 1) * k], self.scale, row)
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, _m: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
-        Ok((Some(dx), None))
-    }
-}
-
-/// `scale * y * (dy - sum(dy * y))` row by row, from the softmax output `y`.
-struct SoftmaxBwd {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "fused-softmax-bwd"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (y, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let k = l1.dims().last().copied().unwrap_or(1);
-        let mut out = vec![0f32; y.len()];
-        par_rows(&mut out, k, |r, row| {
-            softmax_bwd_row(&y[r * k..(r + 1) * k], &dy[r * k..(r + 1) * k], self.scale, row)
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -1041,25 +975,6 @@ mod tests {
     }
 
     #[test]
-    fn masked_softmax_matches_reference_and_finite_differences() {
-        let mut rng = StdRng::seed_from_u64(2);
-        let scores = var(&mut rng, &[2, 2, 3, 5], 2.0);
-        // Second sequence has two padding tokens.
-        let mask = Tensor::new(&[[0f32, 0., 0., 0., 0.], [0., 0., 0., -10_000., -10_000.]], &Device::Cpu).unwrap();
-        let fused = |t: &[Tensor]| masked_softmax(&t[0], &mask, 0.7);
-        check_grads(std::slice::from_ref(&scores), &fused, 2e-2);
-        let ours = masked_softmax(scores.as_tensor(), &mask, 0.7).unwrap();
-        let want = reference::masked_softmax(scores.as_tensor(), &mask, 0.7).unwrap();
-        close(&ours, &want, 1e-6);
-        let padded = ours.narrow(0, 1, 1).unwrap().narrow(3, 3, 2).unwrap().flatten_all().unwrap();
-        assert!(padded.to_vec1::<f32>().unwrap().iter().all(|&p| p == 0.0), "padding got attention");
-        let r = Tensor::from_vec(random(&mut rng, &[2, 2, 3, 5], 1.0), (2, 2, 3, 5), &Device::Cpu).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        close(g1.get(scores.as_tensor()).unwrap(), g2.get(scores.as_tensor()).unwrap(), 1e-5);
-    }
-
-    #[test]
     fn gelu_matches_candle_and_finite_differences() {
         let mut rng = StdRng::seed_from_u64(3);
         let x = var(&mut rng, &[3, 7], 4.0);
@@ -1173,17 +1088,20 @@ mod tests {
         for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
             close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-3);
         }
-        // Rows longer than the reduction lanes, with a partial last chunk, and many of them.
-        let scores = var(&mut rng, &[3, 4, 40, 37], 3.0);
+        // Softmax rows longer than the reduction lanes, with a partial last chunk, and padding
+        // of a different length in each sequence.
+        let (q, kv) = (var(&mut rng, &[3, 37, 64], 1.0), var(&mut rng, &[3, 37, 128], 1.0));
         let mask_rows: Vec<f32> =
             (0..3 * 37).map(|i| if i % 37 > 30 - (i / 37) * 5 { -10_000.0 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask_rows, (3, 37), &Device::Cpu).unwrap();
-        let ours = masked_softmax(scores.as_tensor(), &mask, 0.3).unwrap();
-        let want = reference::masked_softmax(scores.as_tensor(), &mask, 0.3).unwrap();
-        close(&ours, &want, 1e-6);
+        let ours = attention(q.as_tensor(), kv.as_tensor(), &mask, 2, None).unwrap();
+        let want = reference::attention(q.as_tensor(), kv.as_tensor(), &mask, 2, 1.0 / 32f64.sqrt(), None).unwrap();
+        close(&ours, &want, 1e-5);
         let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        close(g1.get(scores.as_tensor()).unwrap(), g2.get(scores.as_tensor()).unwrap(), 1e-5);
+        for t in [q.as_tensor(), kv.as_tensor()] {
+            close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-4);
+        }
         let x = var(&mut rng, &[70, 1000], 6.0);
         let ours = gelu_erf(x.as_tensor()).unwrap();
         close(&ours, &x.as_tensor().gelu_erf().unwrap(), 1e-6);
