@@ -22,7 +22,7 @@ use crate::model::bert::BertConfig;
 use crate::model::pooling::Pooling;
 use crate::model::{embed_texts, Encoder};
 use crate::optim::AdamW;
-use crate::train::{epoch_batches, train_step, StepStats};
+use crate::train::{epoch_batches, step_texts, train_step, StepOutcome, StepStats};
 
 /// What to run.
 pub struct BenchOptions {
@@ -167,6 +167,14 @@ pub fn synthetic_batch(rows: usize, seq: usize, vocab: usize, rng: &mut StdRng, 
     })
 }
 
+/// A bench step must update: a skipped one would time nothing.
+fn updated(o: StepOutcome) -> Result<StepStats> {
+    match o {
+        StepOutcome::Updated(s) => Ok(s),
+        StepOutcome::Skipped(why) => Err(Error::Invalid(format!("bench step skipped: {}", why.0))),
+    }
+}
+
 fn step_s(s: &StepStats) -> f64 {
     s.forward_s + s.backward_s + s.optimizer_s
 }
@@ -197,16 +205,17 @@ pub fn run(
     let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
     let (n_pairs, seq) = (cfg.train.batch_pairs, cfg.model.max_len);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let batch = synthetic_batch(2 * n_pairs, seq, encoder.config.vocab_size, &mut rng, device)?;
+    let batch =
+        synthetic_batch(crate::loss::views(&cfg.loss) * n_pairs, seq, encoder.config.vocab_size, &mut rng, device)?;
     let mut stats = Vec::new();
     for i in 0..=opts.steps.max(1) {
-        let s = train_step(encoder, &mut opt, &batch, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
+        let s = updated(train_step(encoder, &mut opt, &batch, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?)?;
         eprintln!("train {n_pairs}x{seq} step {i}{}: {:.3}s", if i == 0 { " (warm-up)" } else { "" }, step_s(&s));
         if i > 0 {
             stats.push(s);
         }
     }
-    let (nominal, executed) = forward_flop(&encoder.config, 2 * n_pairs, seq, cls_only);
+    let (nominal, executed) = forward_flop(&encoder.config, crate::loss::views(&cfg.loss) * n_pairs, seq, cls_only);
     let step = median(stats.iter().map(step_s).collect());
     let train_fixed = TrainFixed {
         pairs: n_pairs,
@@ -230,9 +239,8 @@ pub fn run(
     let order = epoch_batches(&lens, n_pairs, &mut StdRng::seed_from_u64(cfg.seed));
     let mut batches = Vec::new();
     for idx in order.iter().take(opts.mix_batches.max(1)) {
-        let texts: Vec<&str> =
-            idx.iter().map(|&i| &*pairs[i].anchor).chain(idx.iter().map(|&i| &*pairs[i].positive)).collect();
-        batches.push(tokenizer.batch(&texts, device)?);
+        let chosen: Vec<_> = idx.iter().map(|&i| &pairs[i]).collect();
+        batches.push(tokenizer.batch(&step_texts(&chosen, &cfg.loss), device)?);
     }
     if let Some(dir) = export {
         export_batches(dir, &batches)?;
@@ -242,7 +250,7 @@ pub fn run(
     let (mut fwd, mut bwd, mut optim, mut tokens, mut padded, mut flop, mut flop_exec) =
         (0.0, 0.0, 0.0, 0usize, 0usize, 0.0, 0.0);
     for (i, b) in batches.iter().enumerate() {
-        let s = train_step(encoder, &mut opt, b, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
+        let s = updated(train_step(encoder, &mut opt, b, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?)?;
         let (rows, len) = b.input_ids.dims2()?;
         eprintln!("train mix batch {i} ({rows} x {len}): {:.3}s", step_s(&s));
         (fwd, bwd, optim) = (fwd + s.forward_s, bwd + s.backward_s, optim + s.optimizer_s);

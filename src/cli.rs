@@ -11,19 +11,19 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use hypersphere::bench::BenchOptions;
-use hypersphere::config::{EvalConfig, RunConfig};
+use hypersphere::config::{EvalConfig, RunConfig, Select};
 use hypersphere::data::batch::TextTokenizer;
 use hypersphere::data::pairs::PairOptions;
 use hypersphere::data::{load_pairs, PairSet};
 use hypersphere::eval::runner::{evaluate, sha256_file, tables, EvalOptions, Evaluated};
-use hypersphere::eval::Task;
+use hypersphere::eval::{Task, UserSts};
 use hypersphere::export::{write_atomic, write_json, write_model};
 use hypersphere::model::pooling::Pooling;
 use hypersphere::model::source::{resolve, SourceOptions};
 use hypersphere::model::source::{saved_pooling, ModelFiles};
 use hypersphere::model::{embed_texts, Encoder};
 use hypersphere::report::{measure, table, Report, Sample, SampleInfo};
-use hypersphere::train::train;
+use hypersphere::train::{train, DevSet, TrainInputs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -68,9 +68,14 @@ pub enum Command {
     Eval {
         #[command(flatten)]
         model: ModelArgs,
-        /// Comma-separated: MR,CR,SUBJ,MPQA,SST2,TREC,MRPC,STSB, or all.
-        #[arg(long, default_value = "all")]
-        tasks: String,
+        /// Comma-separated: MR,CR,SUBJ,MPQA,SST2,TREC,MRPC,STSB, or all (the default, unless
+        /// --sts is given: then only the --sts sets).
+        #[arg(long)]
+        tasks: Option<String>,
+        /// Your own scored pairs, scored like STS-B (Spearman x 100): NAME=FILE, the file
+        /// tab-separated sentence1, sentence2, score, an optional header line (repeatable).
+        #[arg(long = "sts", value_name = "NAME=FILE")]
+        sts: Vec<String>,
         /// Data folder holding senteval/ and sts/ (default: $HYPERSPHERE_DATA).
         #[arg(long, env = "HYPERSPHERE_DATA")]
         data: Option<PathBuf>,
@@ -224,13 +229,28 @@ pub fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), &device),
         Command::Pairs { run, corpus, stats, sample } => pairs(&run, corpus, stats, sample),
-        Command::Eval { model, tasks, data, quick, out, seed, no_cache } => {
-            let tasks = EvalConfig::parse_tasks(&[tasks]).map_err(anyhow::Error::msg)?;
-            let root =
-                data.context("set HYPERSPHERE_DATA or pass --data DIR (the folder holding senteval/ and sts/)")?;
+        Command::Eval { model, tasks, sts, data, quick, out, seed, no_cache } => {
+            let default = if sts.is_empty() { "all" } else { "" };
+            let tasks = EvalConfig::parse_tasks(&[tasks.unwrap_or(default.into())]).map_err(anyhow::Error::msg)?;
+            // Every user file is read before anything is embedded.
+            let user_sts = sts.iter().map(|s| UserSts::parse(s)).collect::<hypersphere::Result<Vec<_>>>()?;
+            let root = match (data, tasks.is_empty()) {
+                (Some(d), _) => d,
+                (None, true) => PathBuf::new(),
+                (None, false) => {
+                    bail!("set HYPERSPHERE_DATA or pass --data DIR (the folder holding senteval/ and sts/)")
+                }
+            };
             let (files, encoder, tokenizer) = load_model(&model.model, model.pooling, model.max_len, &device)?;
-            let opts = eval_options(root, tasks, quick, seed, !no_cache);
-            eprintln!("evaluating {} ({} pooling) on {} tasks", files.spec, encoder.pooling.as_str(), opts.tasks.len());
+            let mut opts = eval_options(root, tasks, quick, seed, !no_cache);
+            opts.user_sts = user_sts;
+            eprintln!(
+                "evaluating {} ({} pooling) on {} tasks and {} STS sets",
+                files.spec,
+                encoder.pooling.as_str(),
+                opts.tasks.len(),
+                opts.user_sts.len()
+            );
             let results = run_eval(&encoder, &tokenizer, &files.weights, &opts, &device)?;
             let (text, md) = tables(&results, None);
             println!("{text}");
@@ -444,9 +464,34 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
         }
         eprintln!("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit now)");
     });
-    let summary = train(&encoder, &tokenizer, &cfg, &set.train, &val_pairs, &run_dir, device, resume.is_some(), &stop)?;
+    let dev = match cfg.train.select {
+        Select::Last => None,
+        Select::StsbDev => {
+            let root = args
+                .data
+                .clone()
+                .context("train.select = \"stsb-dev\" needs the data folder (sts/STSBenchmark/sts-dev.csv): set HYPERSPHERE_DATA or pass --data DIR, or set train.select = \"last\"")?;
+            Some(DevSet::stsb(&root, eval_tokenizer.clone())?)
+        }
+    };
+    let summary = train(&TrainInputs {
+        encoder: &encoder,
+        tokenizer: &tokenizer,
+        cfg: &cfg,
+        train_pairs: &set.train,
+        val_pairs: &val_pairs,
+        dev: dev.as_ref(),
+        run_dir: &run_dir,
+        device,
+        resume: resume.is_some(),
+        stop: &stop,
+    })?;
     if let Some(why) = &summary.stopped {
         // Interrupted, or too many non-finite steps: the checkpoints hold the last good state.
+        if summary.collapsed {
+            eprintln!("error: training stopped: {why}");
+            return Ok(false);
+        }
         let last = hypersphere::checkpoint::list(&run_dir).pop();
         let kept = last
             .map(|p| format!("last good checkpoint: {}", p.display()))
@@ -455,8 +500,16 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
         return Ok(false);
     }
     eprintln!(
-        "trained {} of {} steps in {:.1}s ({:.1} pairs/s)",
-        summary.steps, summary.planned_steps, summary.seconds, summary.pairs_per_s
+        "trained {} of {} steps in {:.1}s ({:.1} pairs/s); keeping the weights of step {} ({})",
+        summary.steps,
+        summary.planned_steps,
+        summary.seconds,
+        summary.pairs_per_s,
+        summary.selected.step,
+        match summary.selected.sts_dev {
+            Some(s) => format!("best STS-B dev Spearman, {s:.2}"),
+            None => "the last step".into(),
+        }
     );
     let after = measure(&encoder, &tokenizer, &sample, device)?;
     println!("\nheld-out books: {}", set.val_books.join(", "));
@@ -776,7 +829,7 @@ fn compare(
 
 fn eval_options(root: PathBuf, tasks: Vec<Task>, quick: bool, seed: u64, cache: bool) -> EvalOptions {
     let cache_dir = cache.then(|| SourceOptions::from_env().cache_dir.join("embeddings"));
-    EvalOptions { root, tasks, quick, seed, cache_dir }
+    EvalOptions { root, tasks, quick, seed, cache_dir, user_sts: Vec::new() }
 }
 
 fn run_eval(

@@ -123,6 +123,23 @@ pub struct TrainConfig {
     /// Steps with a non-finite loss or gradient that are skipped (no update) before the run
     /// stops; the stop keeps the last good checkpoint.
     pub max_bad_steps: usize,
+    /// Which step's weights the run keeps and exports: the last, or the one with the best
+    /// STS-B dev Spearman among the validations (the SimCSE protocol; never a test split).
+    pub select: Select,
+    /// Learning-rate multiplier for the last layer's output LayerNorm (gain and bias): the
+    /// parameters that set the offset all pooled vectors share, so the cone can be removed
+    /// there instead of by bending every weight. 1 = the same rate as the rest.
+    pub norm_lr_scale: f64,
+}
+
+/// Model selection during training.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Select {
+    /// Keep the weights of the last step.
+    Last,
+    /// Score STS-B dev (Spearman of cosine) at every validation and keep the best step's weights.
+    StsbDev,
 }
 
 /// Which objective to minimise.
@@ -144,6 +161,9 @@ pub struct LossConfig {
     pub w_align: f64,
     pub w_uniform: f64,
     pub w_infonce: f64,
+    /// Weight of the dropout-view positives (the anchor encoded twice with independent dropout
+    /// masks, as in SimCSE); 0 = off. Adds one forward pass of the anchors per step.
+    pub w_dropout: f64,
     /// Exponent of the alignment distance.
     pub alpha: f64,
     /// Uniformity temperature t.
@@ -215,6 +235,8 @@ impl Default for TrainConfig {
             checkpoint_every_steps: 50,
             keep_checkpoints: 2,
             max_bad_steps: 3,
+            select: Select::Last,
+            norm_lr_scale: 1.0,
         }
     }
 }
@@ -226,6 +248,7 @@ impl Default for LossConfig {
             w_align: 1.0,
             w_uniform: 1.0,
             w_infonce: 0.0,
+            w_dropout: 0.0,
             alpha: 2.0,
             t: 2.0,
             tau: 0.05,
@@ -274,7 +297,7 @@ impl RunConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.train;
-        let checks: [(bool, &str); 13] = [
+        let checks: [(bool, &str); 15] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
             (self.model.max_len <= 512, "model.max_len must be at most 512"),
             (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
@@ -288,6 +311,11 @@ impl RunConfig {
                 self.loss.t > 0.0 && self.loss.tau > 0.0 && self.loss.alpha > 0.0,
                 "loss.t, loss.tau and loss.alpha must be positive",
             ),
+            (
+                self.loss.w_dropout <= 0.0 || t.dropout,
+                "loss.w_dropout needs train.dropout = true (dropout views are what make those positives)",
+            ),
+            (t.norm_lr_scale > 0.0 && t.norm_lr_scale.is_finite(), "train.norm_lr_scale must be positive"),
             (self.report.sentences >= 2, "report.sentences must be at least 2"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
             (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),

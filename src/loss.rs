@@ -5,6 +5,16 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::config::{LossConfig, LossKind};
 
+/// Blocks of rows a training batch holds: anchors and adjacent positives, plus the anchors
+/// again when dropout views are a positive source.
+pub fn views(cfg: &LossConfig) -> usize {
+    if cfg.w_dropout > 0.0 {
+        3
+    } else {
+        2
+    }
+}
+
 /// `mean_i ||x_i - y_i||^alpha`.
 ///
 /// # Shapes
@@ -58,24 +68,57 @@ pub fn infonce(x: &Tensor, y: &Tensor, tau: f64) -> Result<Tensor> {
     (xent(&logits)? + xent(&logits.t()?)?)? / 2.0
 }
 
-/// The loss and its parts, as scalars.
+/// The loss and its named parts as scalars (the log and the step stats follow this list).
 pub struct LossParts {
     pub total: Tensor,
-    pub align: f32,
-    pub uniform: f32,
+    pub parts: Vec<(&'static str, f32)>,
 }
 
-/// The configured objective on a batch of positive pairs (anchors `x`, positives `y`).
-pub fn objective(x: &Tensor, y: &Tensor, cfg: &LossConfig) -> Result<LossParts> {
-    let a = align(x, y, cfg.alpha)?;
-    let u = ((uniform(x, cfg.t)? + uniform(y, cfg.t)?)? / 2.0)?;
-    let total = match cfg.kind {
-        LossKind::AlignUniform => ((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)?,
-        LossKind::Infonce => infonce(x, y, cfg.tau)?,
-        LossKind::Mix => (((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)? + (infonce(x, y, cfg.tau)? * cfg.w_infonce)?)?,
-    };
+impl LossParts {
+    /// The value of part `name`, if the objective has it.
+    pub fn get(&self, name: &str) -> Option<f32> {
+        self.parts.iter().find(|(n, _)| *n == name).map(|&(_, v)| v)
+    }
+}
+
+/// The configured objective on a batch of positive pairs (anchors `x`, adjacent sentences `y`)
+/// and, when `loss.w_dropout > 0`, `x_drop`: the anchors again under independent dropout masks
+/// (SimCSE's positives). Each positive source has its own weight: `w_align` for adjacent
+/// sentences, `w_dropout` for dropout views; InfoNCE uses the same two weights for its two
+/// positive sources. Uniformity is `(L_uniform(x) + L_uniform(y)) / 2`, as in the paper's code.
+pub fn objective(x: &Tensor, y: &Tensor, x_drop: Option<&Tensor>, cfg: &LossConfig) -> Result<LossParts> {
     let scalar = |t: &Tensor| t.to_dtype(DType::F32)?.to_scalar::<f32>();
-    Ok(LossParts { align: scalar(&a)?, uniform: scalar(&u)?, total })
+    let mut parts = Vec::new();
+    let a = align(x, y, cfg.alpha)?;
+    parts.push(("align", scalar(&a)?));
+    let u = ((uniform(x, cfg.t)? + uniform(y, cfg.t)?)? / 2.0)?;
+    parts.push(("uniform", scalar(&u)?));
+    let drop = match x_drop {
+        Some(x2) if cfg.w_dropout > 0.0 => Some(x2),
+        _ => None,
+    };
+    let mut total = match cfg.kind {
+        LossKind::AlignUniform => ((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)?,
+        LossKind::Infonce => {
+            let nce = infonce(x, y, cfg.tau)?;
+            parts.push(("infonce", scalar(&nce)?));
+            (nce * cfg.w_align)?
+        }
+        LossKind::Mix => {
+            let nce = infonce(x, y, cfg.tau)?;
+            parts.push(("infonce", scalar(&nce)?));
+            (((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)? + (nce * cfg.w_infonce)?)?
+        }
+    };
+    if let Some(x2) = drop {
+        let d = match cfg.kind {
+            LossKind::Infonce => infonce(x, x2, cfg.tau)?,
+            _ => align(x, x2, cfg.alpha)?,
+        };
+        parts.push(("dropout", scalar(&d)?));
+        total = (total + (d * cfg.w_dropout)?)?;
+    }
+    Ok(LossParts { total, parts })
 }
 
 #[cfg(test)]
@@ -150,6 +193,34 @@ mod tests {
         }
         let got = infonce(&tx, &ty, 0.05).unwrap().to_scalar::<f64>().unwrap();
         assert!((got - ref_infonce(&x, &y, 0.05)).abs() < 1e-9);
+    }
+
+    /// Each positive source enters with its own weight; dropout views use the same distance
+    /// (alignment, or InfoNCE for kind = infonce) as the adjacent pairs.
+    #[test]
+    fn objective_weights_each_source() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (x, y, x2) = (unit_rows(&mut rng, 6, 5), unit_rows(&mut rng, 6, 5), unit_rows(&mut rng, 6, 5));
+        let (tx, ty, tx2) = (tensor(&x), tensor(&y), tensor(&x2));
+        let u = (ref_uniform(&x, 2.0) + ref_uniform(&y, 2.0)) / 2.0;
+        let cfg = LossConfig { w_align: 0.7, w_uniform: 0.4, w_dropout: 1.5, ..Default::default() };
+        let parts = objective(&tx, &ty, Some(&tx2), &cfg).unwrap();
+        let want = 0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + 1.5 * ref_align(&x, &x2, 2.0);
+        assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+        let names: Vec<&str> = parts.parts.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["align", "uniform", "dropout"]);
+        assert!((parts.get("dropout").unwrap() as f64 - ref_align(&x, &x2, 2.0)).abs() < 1e-5);
+        // Without dropout views (or with weight 0) the term is absent.
+        let off = LossConfig { w_dropout: 0.0, ..cfg.clone() };
+        let parts = objective(&tx, &ty, Some(&tx2), &off).unwrap();
+        assert!((parts.total.to_scalar::<f64>().unwrap() - (0.7 * ref_align(&x, &y, 2.0) + 0.4 * u)).abs() < 1e-9);
+        assert_eq!(parts.get("dropout"), None);
+        // InfoNCE: w_align * InfoNCE(x, y) + w_dropout * InfoNCE(x, x').
+        let nce = LossConfig { kind: LossKind::Infonce, tau: 0.1, ..cfg };
+        let parts = objective(&tx, &ty, Some(&tx2), &nce).unwrap();
+        let want = 0.7 * ref_infonce(&x, &y, 0.1) + 1.5 * ref_infonce(&x, &x2, 0.1);
+        assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+        assert_eq!((views(&nce), views(&off)), (3, 2));
     }
 
     #[test]

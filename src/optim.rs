@@ -27,6 +27,8 @@ struct Param {
     m: Tensor,
     v: Tensor,
     decay: bool,
+    /// Multiplies the learning rate of this parameter (see `train.norm_lr_scale`).
+    lr_scale: f64,
 }
 
 impl AdamW {
@@ -38,7 +40,7 @@ impl AdamW {
                 let (m, v) = (var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?);
                 // Matrices decay; vectors (biases, LayerNorm gains) do not.
                 let decay = var.rank() > 1;
-                Ok(Param { m, v, var, decay })
+                Ok(Param { m, v, var, decay, lr_scale: 1.0 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -76,6 +78,17 @@ impl AdamW {
         Ok(())
     }
 
+    /// Per-parameter learning-rate multipliers, in the order of the vars given to `new`.
+    pub fn set_lr_scales(&mut self, scales: &[f64]) -> Result<()> {
+        if scales.len() != self.params.len() {
+            bail!("{} learning-rate scales for {} parameters", scales.len(), self.params.len())
+        }
+        for (p, &s) in self.params.iter_mut().zip(scales) {
+            p.lr_scale = s;
+        }
+        Ok(())
+    }
+
     pub fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
     }
@@ -88,10 +101,10 @@ impl AdamW {
             let (storage, layout) = g.storage_and_layout();
             match (&*storage, layout.contiguous_offsets()) {
                 (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => {
-                    total += data[a..b]
-                        .par_chunks(CHUNK)
-                        .map(|c| c.iter().map(|&x| (x * x) as f64).sum::<f64>())
-                        .sum::<f64>()
+                    // Collected, then summed in chunk order: the same result on any thread count.
+                    let partials: Vec<f64> =
+                        data[a..b].par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x * x) as f64).sum::<f64>()).collect();
+                    total += partials.iter().sum::<f64>()
                 }
                 _ => {
                     drop(storage);
@@ -110,15 +123,16 @@ impl AdamW {
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let lr = self.lr * p.lr_scale;
             let theta = p.var.as_tensor();
             if theta.device().is_cpu() && theta.dtype() == DType::F32 && theta.is_contiguous() {
                 let g = g.contiguous()?;
                 p.m.inplace_op2(&g, &Ema { decay: b1 as f32, scale: grad_scale as f32, square: false })?;
                 p.v.inplace_op2(&g, &Ema { decay: b2 as f32, scale: grad_scale as f32, square: true })?;
-                let keep = if p.decay { 1.0 - self.lr * self.weight_decay } else { 1.0 };
+                let keep = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
                 let update = Update {
                     keep: keep as f32,
-                    lr_over_bc1: (self.lr / bc1) as f32,
+                    lr_over_bc1: (lr / bc1) as f32,
                     inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
                     eps: self.eps as f32,
                 };
@@ -130,8 +144,8 @@ impl AdamW {
             p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&p.m / bc1)? / ((&p.v / bc2)?.sqrt()? + self.eps)?)?;
             let theta = p.var.as_tensor();
-            let decayed = if p.decay { (theta * (1.0 - self.lr * self.weight_decay))? } else { theta.clone() };
-            p.var.set(&(decayed - (update * self.lr)?)?)?;
+            let decayed = if p.decay { (theta * (1.0 - lr * self.weight_decay))? } else { theta.clone() };
+            p.var.set(&(decayed - (update * lr)?)?)?;
         }
         Ok(())
     }
@@ -232,6 +246,28 @@ mod tests {
         assert_eq!(lr_at(4, 12, &cfg), 1.0);
         assert_eq!(lr_at(8, 12, &cfg), 0.5);
         assert_eq!(lr_at(12, 12, &cfg), 0.0);
+    }
+
+    /// A parameter with learning-rate scale s moves s times as far: Adam's first step is
+    /// lr * g / (|g| + eps) per element, whatever the gradient's size.
+    #[test]
+    fn lr_scales_multiply_the_step() {
+        let cfg = TrainConfig { lr: 0.01, weight_decay: 0.0, ..Default::default() };
+        let (a, b) =
+            (Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap(), Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap());
+        let mut opt = AdamW::new(vec![a.clone(), b.clone()], &cfg).unwrap();
+        assert!(opt.set_lr_scales(&[1.0]).is_err());
+        opt.set_lr_scales(&[1.0, 50.0]).unwrap();
+        let loss = (a.as_tensor().sqr().unwrap().sum_all().unwrap() + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+        opt.step(&loss.backward().unwrap(), 1.0).unwrap();
+        let moved = |v: &Var| -> Vec<f32> {
+            v.as_tensor().to_vec1::<f32>().unwrap().iter().zip([1.0f32, -2.0]).map(|(x, x0)| (x - x0).abs()).collect()
+        };
+        for (da, db) in moved(&a).into_iter().zip(moved(&b)) {
+            assert!((da - 0.01).abs() < 1e-6, "{da}");
+            assert!((db - 0.5).abs() < 1e-4, "{db}");
+        }
     }
 
     /// Two steps by hand, PyTorch's AdamW formula: m, v, bias correction, decoupled decay.

@@ -1,5 +1,6 @@
 //! The training loop: pairs -> length-bucketed batches -> encoder -> loss -> AdamW.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,10 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{LossConfig, RunConfig};
+use crate::config::{LossConfig, RunConfig, Select};
 use crate::data::batch::{Batch, TextTokenizer};
 use crate::data::pairs::Pair;
 use crate::error::{Error, Result};
@@ -40,21 +41,49 @@ pub fn epoch_batches(lens: &[usize], batch_pairs: usize, rng: &mut StdRng) -> Ve
 }
 
 /// What one step measured.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct StepStats {
     pub loss: f32,
-    pub align: f32,
-    pub uniform: f32,
+    /// The objective's named parts (see [`loss::objective`]).
+    pub parts: Vec<(&'static str, f32)>,
     pub grad_norm: f64,
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
 }
 
+impl StepStats {
+    fn part(&self, name: &str) -> f32 {
+        self.parts.iter().find(|(n, _)| *n == name).map_or(f32::NAN, |&(_, v)| v)
+    }
+}
+
+/// Why a step made no update: the loss or the gradient norm was not finite.
+#[derive(Debug, Clone)]
+pub struct NonFinite(pub String);
+
+/// What one step did.
+#[derive(Debug)]
+pub enum StepOutcome {
+    Updated(StepStats),
+    /// Skipped without touching the weights.
+    Skipped(NonFinite),
+}
+
+/// The texts of one step's batch: the anchors, their adjacent sentences, and the anchors again
+/// when dropout views are a positive source (`loss.w_dropout > 0`).
+pub fn step_texts<'a>(pairs: &[&'a Pair], loss_cfg: &LossConfig) -> Vec<&'a str> {
+    let mut texts: Vec<&str> = pairs.iter().map(|p| &*p.anchor).chain(pairs.iter().map(|p| &*p.positive)).collect();
+    if loss::views(loss_cfg) == 3 {
+        texts.extend(pairs.iter().map(|p| &*p.anchor));
+    }
+    texts
+}
+
 /// Forward, backward and (when the numbers are finite) an optimizer update on one batch.
-/// Returns an error naming what went non-finite without touching the weights.
 ///
-/// `batch` holds the anchors of `n` pairs followed by their positives (2n rows).
+/// `batch` holds the anchors of `n` pairs, then their positives, then (with dropout positives)
+/// the anchors again: [`loss::views`] blocks of `n` rows, as [`step_texts`] lays them out.
 pub fn train_step(
     encoder: &Encoder,
     opt: &mut AdamW,
@@ -62,69 +91,189 @@ pub fn train_step(
     loss_cfg: &LossConfig,
     max_grad_norm: f64,
     dropout_rng: Option<&mut StdRng>,
-) -> Result<StepStats> {
+) -> Result<StepOutcome> {
     let t0 = Instant::now();
-    let n = batch.lengths.len() / 2;
+    let views = loss::views(loss_cfg);
+    let n = batch.lengths.len() / views;
     let emb = encoder.embed(batch, dropout_rng)?;
-    let parts = loss::objective(&emb.narrow(0, 0, n)?, &emb.narrow(0, n, n)?, loss_cfg)?;
+    let block = |k: usize| emb.narrow(0, k * n, n);
+    let x_drop = if views == 3 { Some(block(2)?) } else { None };
+    let parts = loss::objective(&block(0)?, &block(1)?, x_drop.as_ref(), loss_cfg)?;
     let loss = parts.total.to_scalar::<f32>()?;
     let forward_s = t0.elapsed().as_secs_f64();
     if !loss.is_finite() {
-        return Err(Error::Invalid(format!("loss is {loss} (align {}, uniform {})", parts.align, parts.uniform)));
+        return Ok(StepOutcome::Skipped(NonFinite(format!("loss is {loss} (parts {:?})", parts.parts))));
     }
     let t1 = Instant::now();
     let grads = parts.total.backward()?;
     let grad_norm = opt.grad_norm(&grads)?;
     let backward_s = t1.elapsed().as_secs_f64();
     if !grad_norm.is_finite() {
-        return Err(Error::Invalid(format!("gradient norm is {grad_norm} at loss {loss}")));
+        return Ok(StepOutcome::Skipped(NonFinite(format!("gradient norm is {grad_norm} at loss {loss}"))));
     }
     let t2 = Instant::now();
     let scale = if max_grad_norm > 0.0 && grad_norm > max_grad_norm { max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
     opt.step(&grads, scale)?;
-    Ok(StepStats {
+    Ok(StepOutcome::Updated(StepStats {
         loss,
-        align: parts.align,
-        uniform: parts.uniform,
+        parts: parts.parts,
         grad_norm,
         forward_s,
         backward_s,
         optimizer_s: t2.elapsed().as_secs_f64(),
-    })
+    }))
 }
 
-/// Alignment and uniformity (t from the config) of held-out pairs, dropout off.
+/// Held-out numbers at one validation.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Validation {
+    /// Alignment (alpha = 2) of held-out adjacent pairs.
+    pub val_align: f64,
+    /// Uniformity at the configured t of the held-out anchors and positives.
+    pub val_uniform: f64,
+    /// Mean cosine of distinct held-out anchors.
+    pub val_mean_cos: f64,
+    /// STS-B dev Spearman x 100 (with `train.select = "stsb-dev"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sts_dev: Option<f64>,
+}
+
+impl std::fmt::Display for Validation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "val align {:.4} uniform {:.4} mean cos {:.4}", self.val_align, self.val_uniform, self.val_mean_cos)?;
+        match self.sts_dev {
+            Some(s) => write!(f, " | STS-B dev {s:.2}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A mean cosine of held-out sentences at or above this is a collapse (when it also rose).
+pub const COLLAPSE_COSINE: f64 = 0.95;
+/// Positive pairs at least this share of the random-pair squared distance apart have drifted
+/// to random: adjacent sentences are then barely closer than strangers.
+pub const DRIFT_RATIO: f64 = 0.9;
+
+/// What the held-out geometry says about the run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    Fine,
+    /// The positives drifted towards random (a warning: the run goes on).
+    Drift(String),
+    /// Every sentence is being mapped near one point: the run stops.
+    Collapse(String),
+}
+
+/// Judge a validation against the one before training (`start`).
+pub fn health(v: &Validation, start: &Validation, t: f64) -> Health {
+    if v.val_mean_cos >= COLLAPSE_COSINE && v.val_mean_cos > start.val_mean_cos + 0.02 {
+        return Health::Collapse(format!(
+            "the embeddings collapsed: held-out mean cosine {:.3} (it was {:.3} before training), uniformity {:.3} at t={t}, alignment {:.4}. The alignment term outweighs uniformity: raise loss.w_uniform or loss.t (keep w_uniform * t * (random-pair distance) above w_align * (positive-pair distance); see README, 'Collapse and drift'), or lower train.lr",
+            v.val_mean_cos, start.val_mean_cos, v.val_uniform, v.val_align
+        ));
+    }
+    let random = 2.0 * (1.0 - v.val_mean_cos);
+    if random > 0.0 && v.val_align >= DRIFT_RATIO * random {
+        return Health::Drift(format!(
+            "positives drifted towards random: held-out alignment {:.3} is {:.0}% of the random-pair distance {:.3}; uniformity dominates: raise loss.w_align (or add loss.w_dropout) or lower loss.w_uniform",
+            v.val_align,
+            100.0 * v.val_align / random,
+            random
+        ));
+    }
+    Health::Fine
+}
+
+/// Mean cosine over distinct rows of unit rows `x` [n, d]: `(|sum x|^2 - n) / (n (n - 1))`.
+fn mean_cosine(x: &Tensor) -> Result<f64> {
+    let n = x.dim(0)? as f64;
+    let s = x.sum(0)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((s - n) / (n * (n - 1.0)).max(1.0))
+}
+
+/// STS-B dev, embedded and scored during training for model selection.
+pub struct DevSet {
+    pairs: Vec<(String, String)>,
+    scores: Vec<f64>,
+    tokenizer: TextTokenizer,
+}
+
+impl DevSet {
+    /// `sts/STSBenchmark/sts-dev.csv` under the data root (read now, so a missing file stops
+    /// the run before training); `tokenizer` truncates as evaluation does (`eval.max_len`).
+    pub fn stsb(root: &Path, tokenizer: TextTokenizer) -> Result<Self> {
+        let dev = crate::eval::tasks::stsb(&root.join("sts/STSBenchmark/sts-dev.csv"))?;
+        if dev.pairs.len() < 3 {
+            return Err(Error::Invalid(format!("{}: STS-B dev needs at least 3 pairs", root.display())));
+        }
+        Ok(Self { pairs: dev.pairs, scores: dev.scores, tokenizer })
+    }
+
+    /// Spearman x 100 of the cosine of each pair's embeddings against the gold scores.
+    pub fn score(&self, encoder: &Encoder, device: &Device) -> Result<f64> {
+        let texts: Vec<&str> = self.pairs.iter().flat_map(|(a, b)| [a.as_str(), b.as_str()]).collect();
+        let flat = embed_texts(encoder, &self.tokenizer, &texts, crate::model::EMBED_BATCH, device)?;
+        let d = encoder.config.hidden_size;
+        let cos: Vec<f64> = (0..self.pairs.len())
+            .map(|i| {
+                crate::eval::protocol::cosine(
+                    &flat[2 * i * d..(2 * i + 1) * d],
+                    &flat[(2 * i + 1) * d..(2 * i + 2) * d],
+                )
+            })
+            .collect();
+        Ok(100.0 * crate::eval::stats::spearman(&cos, &self.scores))
+    }
+}
+
+/// Alignment, uniformity (t from the config) and mean cosine of held-out pairs, dropout off;
+/// STS-B dev too when `dev` is given.
 pub fn validate(
     encoder: &Encoder,
     tokenizer: &TextTokenizer,
     pairs: &[Pair],
     cfg: &LossConfig,
+    dev: Option<&DevSet>,
     device: &Device,
-) -> Result<(f64, f64)> {
+) -> Result<Validation> {
     let embed = |texts: Vec<&str>| -> Result<Tensor> {
-        let flat = embed_texts(encoder, tokenizer, &texts, 64, device)?;
+        let flat = embed_texts(encoder, tokenizer, &texts, crate::model::EMBED_BATCH, device)?;
         Ok(Tensor::from_vec(flat, (texts.len(), encoder.config.hidden_size), device)?)
     };
     let x = embed(pairs.iter().map(|p| &*p.anchor).collect())?;
     let y = embed(pairs.iter().map(|p| &*p.positive).collect())?;
-    let align = loss::align(&x, &y, 2.0)?.to_scalar::<f32>()? as f64;
-    let uniform = ((loss::uniform(&x, cfg.t)? + loss::uniform(&y, cfg.t)?)? / 2.0)?.to_scalar::<f32>()? as f64;
-    Ok((align, uniform))
+    let val_align = loss::align(&x, &y, 2.0)?.to_scalar::<f32>()? as f64;
+    let val_uniform = ((loss::uniform(&x, cfg.t)? + loss::uniform(&y, cfg.t)?)? / 2.0)?.to_scalar::<f32>()? as f64;
+    let sts_dev = dev.map(|d| d.score(encoder, device)).transpose()?;
+    Ok(Validation { val_align, val_uniform, val_mean_cos: mean_cosine(&x)?, sts_dev })
 }
 
-/// One line of `log.jsonl`.
-#[derive(Debug, Serialize)]
+/// One line of `log.jsonl`. Step 0 is the model before training (no train numbers).
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct LogLine {
     step: usize,
     epoch: usize,
     lr: f64,
-    train_loss: f32,
-    train_align: f32,
-    train_uniform: f32,
-    val_align: f64,
-    val_uniform: f64,
+    /// Means since the previous line: the total and each named loss part.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    train: BTreeMap<String, f32>,
+    #[serde(flatten)]
+    val: Validation,
+    /// Drift or collapse, when the held-out geometry shows one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
     pairs_per_s: f64,
     elapsed_s: f64,
+}
+
+/// The step whose weights the run keeps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Selected {
+    /// "last" or "stsb-dev".
+    pub by: String,
+    pub step: usize,
+    /// The STS-B dev Spearman x 100 of that step, when selecting on it.
+    pub sts_dev: Option<f64>,
 }
 
 /// How training ended.
@@ -137,8 +286,15 @@ pub struct TrainSummary {
     pub pairs_per_s: f64,
     /// Steps skipped for a non-finite loss or gradient.
     pub bad_steps: usize,
-    /// Why the run stopped before its budget (a NaN loss, say); the weights are the last good ones.
+    /// Why the run stopped before its budget (a NaN loss, a collapse); the weights are the last
+    /// good ones.
     pub stopped: Option<String>,
+    /// The stop was the collapse guard (the weights are collapsed; nothing is exported).
+    pub collapsed: bool,
+    /// Warnings from the held-out geometry (drift of the positives), with their step.
+    pub warnings: Vec<String>,
+    /// Which step's weights the encoder holds now.
+    pub selected: Selected,
 }
 
 /// Total steps for the budget: `steps`, else `epochs` full passes.
@@ -160,52 +316,128 @@ fn derived_seed(seed: u64, kind: u64, index: usize) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Keep only the log lines up to `step` (a resumed run rewrites what came after).
-fn truncate_log(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: String = text
+/// Keep only the log lines up to `step` (a resumed run rewrites what came after); returns the
+/// kept lines.
+fn truncate_log(path: &Path, step: usize) -> Result<Vec<LogLine>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
+    let kept: Vec<(&str, LogLine)> = text
         .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
+        .filter_map(|l| serde_json::from_str::<LogLine>(l).ok().map(|v| (l, v)))
+        .filter(|(_, v)| v.step <= step)
         .collect();
-    crate::export::write_atomic(path, kept.as_bytes())
+    let bytes: String = kept.iter().map(|(l, _)| format!("{l}\n")).collect();
+    crate::export::write_atomic(path, bytes.as_bytes())?;
+    Ok(kept.into_iter().map(|(_, v)| v).collect())
 }
 
-/// Train `encoder` in place, logging validation numbers to `<run_dir>/log.jsonl` and writing
+/// The best step's weights so far, kept in `<run>/best/` for STS-B dev selection.
+fn best_dir(run_dir: &Path) -> std::path::PathBuf {
+    run_dir.join("best")
+}
+
+fn save_best(run_dir: &Path, encoder: &Encoder, best: &Selected) -> Result<()> {
+    let dir = best_dir(run_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let weights: std::collections::HashMap<String, Tensor> =
+        encoder.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+    crate::model::save_safetensors(&weights, &dir.join("model.safetensors"))?;
+    crate::export::write_json(&dir.join("best.json"), best)
+}
+
+/// Load the kept best weights (which must be those of `best`) into the encoder.
+fn load_best(run_dir: &Path, encoder: &Encoder, best: &Selected, device: &Device) -> Result<()> {
+    let meta = best_dir(run_dir).join("best.json");
+    let saved: Option<Selected> = std::fs::read_to_string(&meta).ok().and_then(|t| serde_json::from_str(&t).ok());
+    if saved.as_ref() != Some(best) {
+        return Err(Error::data(
+            &meta,
+            format!("does not describe the best step {}: start the run again with --force", best.step),
+        ));
+    }
+    let path = best_dir(run_dir).join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, device).map_err(|e| Error::data(&path, e.to_string()))?;
+    for (name, var) in &encoder.params {
+        let t = tensors.get(name).ok_or_else(|| Error::data(&path, format!("no tensor {name}")))?;
+        var.set(t).map_err(|e| Error::data(&path, format!("{name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The best step so far on STS-B dev, from the kept log lines. Its weights are in `best/`,
+/// except when it is the current step (step 0 of a new run: saved now), or when `best/` holds a
+/// later step than the checkpoint resumed from: the resumed run reproduces that step exactly
+/// (same seed, same data order, same dropout) and finds it again.
+fn restore_best(lines: &[LogLine], run_dir: &Path, encoder: &Encoder, step: usize) -> Result<Option<Selected>> {
+    let mut best: Option<Selected> = None;
+    for l in lines {
+        if let Some(s) = l.val.sts_dev {
+            if best.as_ref().is_none_or(|b| s > b.sts_dev.unwrap_or(f64::NEG_INFINITY)) {
+                best = Some(Selected { by: "stsb-dev".into(), step: l.step, sts_dev: Some(s) });
+            }
+        }
+    }
+    let Some(b) = best else { return Ok(None) };
+    let saved: Option<Selected> =
+        std::fs::read_to_string(best_dir(run_dir).join("best.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+    match saved {
+        Some(s) if s == b || s.step > step => {}
+        _ if b.step == step => save_best(run_dir, encoder, &b)?,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: the weights of the best step so far (step {}) are missing; start the run again with --force",
+                best_dir(run_dir).display(),
+                b.step
+            )))
+        }
+    }
+    Ok(Some(b))
+}
+
+/// Everything [`train`] reads.
+pub struct TrainInputs<'a> {
+    pub encoder: &'a Encoder,
+    pub tokenizer: &'a TextTokenizer,
+    pub cfg: &'a RunConfig,
+    pub train_pairs: &'a [Pair],
+    pub val_pairs: &'a [Pair],
+    /// STS-B dev for `train.select = "stsb-dev"`.
+    pub dev: Option<&'a DevSet>,
+    pub run_dir: &'a Path,
+    pub device: &'a Device,
+    pub resume: bool,
+    /// Set by Ctrl-C: the loop writes a checkpoint and returns.
+    pub stop: &'a AtomicBool,
+}
+
+/// Learning-rate multipliers per parameter: `train.norm_lr_scale` for the last layer's output
+/// LayerNorm, 1 elsewhere.
+fn lr_scales(encoder: &Encoder, scale: f64) -> Vec<f64> {
+    let last = format!("encoder.layer.{}.output.LayerNorm.", encoder.config.num_hidden_layers.saturating_sub(1));
+    encoder.params.iter().map(|(name, _)| if name.contains(&last) { scale } else { 1.0 }).collect()
+}
+
+/// Train the encoder in place, logging validation numbers to `<run_dir>/log.jsonl` and writing
 /// checkpoints to `<run_dir>/checkpoints/`. With `resume`, continue from the newest usable
-/// checkpoint. `stop` (set by Ctrl-C) makes the loop checkpoint and return.
-#[allow(clippy::too_many_arguments)]
-pub fn train(
-    encoder: &Encoder,
-    tokenizer: &TextTokenizer,
-    cfg: &RunConfig,
-    train_pairs: &[Pair],
-    val_pairs: &[Pair],
-    run_dir: &Path,
-    device: &Device,
-    resume: bool,
-    stop: &AtomicBool,
-) -> Result<TrainSummary> {
+/// checkpoint. On return the encoder holds the selected step's weights.
+pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
+    let (encoder, cfg, run_dir, device) = (inp.encoder, inp.cfg, inp.run_dir, inp.device);
     let tc = &cfg.train;
-    if train_pairs.len() < tc.batch_pairs {
+    if inp.train_pairs.len() < tc.batch_pairs {
         return Err(Error::Invalid(format!(
             "only {} training pairs, fewer than one batch of {}: use a larger corpus or lower train.batch_pairs",
-            train_pairs.len(),
+            inp.train_pairs.len(),
             tc.batch_pairs
         )));
     }
-    let total = planned_steps(cfg, train_pairs.len());
-    let lens: Vec<usize> = train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
+    let total = planned_steps(cfg, inp.train_pairs.len());
+    let lens: Vec<usize> = inp.train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
     let mut opt = AdamW::new(encoder.vars(), tc)?;
+    opt.set_lr_scales(&lr_scales(encoder, tc.norm_lr_scale))?;
     let log_path = run_dir.join("log.jsonl");
     let mut state =
         TrainState { step: 0, epoch: 0, batch_in_epoch: 0, bad_steps: 0, model: encoder.files.spec.clone() };
-    if resume {
+    let mut previous = Vec::new();
+    if inp.resume {
         let mut warn = |m: String| eprintln!("warning: {m}");
         match checkpoint::restore_latest(run_dir, &encoder.files.spec, &encoder.params, &mut opt, &mut warn)? {
             Some((s, dir)) => {
@@ -214,12 +446,35 @@ pub fn train(
             }
             None => eprintln!("warning: no usable checkpoint in {}: starting from step 0", run_dir.display()),
         }
-        truncate_log(&log_path, state.step)?;
+        previous = truncate_log(&log_path, state.step)?;
     } else {
         let _ = std::fs::remove_file(&log_path);
+        let _ = std::fs::remove_dir_all(best_dir(run_dir));
     }
     let mut log =
         std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| Error::io(&log_path, e))?;
+    let mut write_line = |line: &LogLine| -> Result<()> {
+        let json = serde_json::to_string(line).map_err(|e| Error::Invalid(e.to_string()))?;
+        writeln!(log, "{json}").and_then(|_| log.flush()).map_err(|e| Error::io(&log_path, e))
+    };
+    let validate_now = || validate(encoder, inp.tokenizer, inp.val_pairs, &cfg.loss, inp.dev, device);
+    let select_dev = tc.select == Select::StsbDev && inp.dev.is_some();
+    let mut warnings: Vec<String> = previous.iter().filter_map(|l| l.warning.clone()).collect();
+    // The model before training: the reference for the collapse guard and a selection candidate.
+    let start = match previous.iter().find(|l| l.step == 0) {
+        Some(l) => l.val,
+        None if inp.val_pairs.is_empty() => Validation::default(),
+        None => {
+            let line = LogLine { val: validate_now()?, ..LogLine::default() };
+            write_line(&line)?;
+            eprintln!("step 0 (before training): {}", line.val);
+            let v = line.val;
+            previous.push(line);
+            v
+        }
+    };
+    let mut best = if select_dev { restore_best(&previous, run_dir, encoder, state.step)? } else { None };
+
     let shuffle = |epoch: usize| {
         epoch_batches(&lens, tc.batch_pairs, &mut StdRng::seed_from_u64(derived_seed(cfg.seed, 1, epoch)))
     };
@@ -233,15 +488,17 @@ pub fn train(
             .progress_chars("=> "),
     );
     pb.set_position(state.step as u64);
-    let start = Instant::now();
+    let clock = Instant::now();
     let first_step = state.step;
-    let (mut sum_loss, mut sum_align, mut sum_uniform, mut since) = (0f32, 0f32, 0f32, 0usize);
+    let mut sums: Vec<(String, f32)> = Vec::new();
+    let mut since = 0usize;
     let mut stopped = None;
+    let mut collapsed = false;
     let checkpoint = |state: &TrainState, opt: &AdamW| -> Result<()> {
         checkpoint::save(run_dir, state, &encoder.params, opt, tc.keep_checkpoints).map(|_| ())
     };
     while state.step < total {
-        if stop.load(Ordering::SeqCst) {
+        if inp.stop.load(Ordering::SeqCst) {
             checkpoint(&state, &opt)?;
             stopped = Some(format!(
                 "interrupted at step {}; a checkpoint was written: continue with --resume {}",
@@ -259,14 +516,13 @@ pub fn train(
         state.batch_in_epoch += 1;
         let lr = lr_at(state.step + 1, total, tc);
         opt.set_lr(lr);
-        let pairs = batch.iter().map(|&i| &train_pairs[i]);
-        let texts: Vec<&str> = pairs.clone().map(|p| &*p.anchor).chain(pairs.map(|p| &*p.positive)).collect();
-        let tokens = tokenizer.batch(&texts, device)?;
+        let pairs: Vec<&Pair> = batch.iter().map(|&i| &inp.train_pairs[i]).collect();
+        let tokens = inp.tokenizer.batch(&step_texts(&pairs, &cfg.loss), device)?;
         let mut dropout_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, 2, state.step + 1));
         let rng = tc.dropout.then_some(&mut dropout_rng);
-        let stats = match train_step(encoder, &mut opt, &tokens, &cfg.loss, tc.max_grad_norm, rng) {
-            Ok(s) => s,
-            Err(Error::Invalid(msg)) => {
+        let stats = match train_step(encoder, &mut opt, &tokens, &cfg.loss, tc.max_grad_norm, rng)? {
+            StepOutcome::Updated(s) => s,
+            StepOutcome::Skipped(NonFinite(msg)) => {
                 state.bad_steps += 1;
                 let what = format!("step {}: {msg}", state.step + 1);
                 if state.bad_steps > tc.max_bad_steps {
@@ -284,58 +540,83 @@ pub fn train(
                 });
                 continue;
             }
-            Err(e) => return Err(e),
         };
         state.step += 1;
         let step = state.step;
-        (sum_loss, sum_align, sum_uniform, since) =
-            (sum_loss + stats.loss, sum_align + stats.align, sum_uniform + stats.uniform, since + 1);
-        let pairs_per_s = ((step - first_step) * tc.batch_pairs) as f64 / start.elapsed().as_secs_f64();
+        accumulate(&mut sums, &stats);
+        since += 1;
+        let pairs_per_s = ((step - first_step) * tc.batch_pairs) as f64 / clock.elapsed().as_secs_f64();
+        let brief = format!(
+            "loss {:.4} align {:.4} uniform {:.4} | {pairs_per_s:.1} pairs/s",
+            stats.loss,
+            stats.part("align"),
+            stats.part("uniform")
+        );
         pb.set_position(step as u64);
-        pb.set_message(format!(
-            "loss {:.4} align {:.4} uniform {:.4} | {:.1} pairs/s",
-            stats.loss, stats.align, stats.uniform, pairs_per_s
-        ));
+        pb.set_message(brief.clone());
         if pb.is_hidden() && step.is_multiple_of(10) {
             // No terminal (a log file, CI): a plain line now and then instead of the bar.
-            let eta = start.elapsed().as_secs_f64() / (step - first_step) as f64 * (total - step) as f64;
-            eprintln!(
-                "step {step}/{total}: loss {:.4} align {:.4} uniform {:.4} | {pairs_per_s:.1} pairs/s | ETA {eta:.0}s",
-                stats.loss, stats.align, stats.uniform
-            );
+            let eta = clock.elapsed().as_secs_f64() / (step - first_step) as f64 * (total - step) as f64;
+            eprintln!("step {step}/{total}: {brief} | ETA {eta:.0}s");
         }
         if step == total || (tc.checkpoint_every_steps > 0 && step.is_multiple_of(tc.checkpoint_every_steps)) {
             checkpoint(&state, &opt)?;
         }
         let eval_now = step == total || (tc.eval_every_steps > 0 && step.is_multiple_of(tc.eval_every_steps));
-        if eval_now && !val_pairs.is_empty() {
-            let (val_align, val_uniform) = validate(encoder, tokenizer, val_pairs, &cfg.loss, device)?;
+        if eval_now && !inp.val_pairs.is_empty() {
+            let val = validate_now()?;
+            let verdict = health(&val, &start, cfg.loss.t);
+            let warning = match &verdict {
+                Health::Fine => None,
+                Health::Drift(m) | Health::Collapse(m) => Some(format!("step {step}: {m}")),
+            };
             let k = since.max(1) as f32;
-            let line = LogLine {
+            write_line(&LogLine {
                 step,
                 epoch: state.epoch,
                 lr,
-                train_loss: sum_loss / k,
-                train_align: sum_align / k,
-                train_uniform: sum_uniform / k,
-                val_align,
-                val_uniform,
+                train: sums.iter().map(|(n, v)| (n.clone(), v / k)).collect(),
+                val,
+                warning: warning.clone(),
                 pairs_per_s,
-                elapsed_s: start.elapsed().as_secs_f64(),
-            };
-            let json = serde_json::to_string(&line).map_err(|e| Error::Invalid(e.to_string()))?;
-            writeln!(log, "{json}").and_then(|_| log.flush()).map_err(|e| Error::io(&log_path, e))?;
+                elapsed_s: clock.elapsed().as_secs_f64(),
+            })?;
             pb.suspend(|| {
                 eprintln!(
-                    "step {step}/{total}: train loss {:.4} | val align {val_align:.4} uniform {val_uniform:.4} | {pairs_per_s:.1} pairs/s",
-                    line.train_loss
-                )
+                    "step {step}/{total}: train loss {:.4} | {val} | {pairs_per_s:.1} pairs/s",
+                    sums.first().map_or(f32::NAN, |(_, v)| v / k),
+                );
+                if let Some(w) = &warning {
+                    eprintln!("warning: {w}");
+                }
             });
-            (sum_loss, sum_align, sum_uniform, since) = (0.0, 0.0, 0.0, 0);
+            (sums, since) = (Vec::new(), 0);
+            if let Health::Collapse(m) = verdict {
+                stopped = Some(format!("step {step}: {m}"));
+                collapsed = true;
+                break;
+            }
+            warnings.extend(warning);
+            if let (true, Some(s)) = (select_dev, val.sts_dev) {
+                if best.as_ref().is_none_or(|b| s > b.sts_dev.unwrap_or(f64::NEG_INFINITY)) {
+                    let b = Selected { by: "stsb-dev".into(), step, sts_dev: Some(s) };
+                    save_best(run_dir, encoder, &b)?;
+                    best = Some(b);
+                }
+            }
         }
     }
     pb.finish_and_clear();
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = clock.elapsed().as_secs_f64();
+    let selected = match best {
+        Some(b) if select_dev && stopped.is_none() => {
+            if b.step != state.step {
+                load_best(run_dir, encoder, &b, device)?;
+            }
+            b
+        }
+        _ => Selected { by: "last".into(), step: state.step, sts_dev: None },
+    };
     Ok(TrainSummary {
         steps: state.step,
         planned_steps: total,
@@ -343,12 +624,76 @@ pub fn train(
         pairs_per_s: ((state.step - first_step) * tc.batch_pairs) as f64 / seconds.max(1e-9),
         bad_steps: state.bad_steps,
         stopped,
+        collapsed,
+        warnings,
+        selected,
     })
+}
+
+/// Add a step's loss and parts to the running sums (the total first).
+fn accumulate(sums: &mut Vec<(String, f32)>, stats: &StepStats) {
+    let values = std::iter::once(("loss", stats.loss)).chain(stats.parts.iter().copied());
+    for (name, v) in values {
+        match sums.iter_mut().find(|(n, _)| n == name) {
+            Some((_, s)) => *s += v,
+            None => sums.push((name.to_string(), v)),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn val(align: f64, cos: f64) -> Validation {
+        Validation { val_align: align, val_uniform: 0.0, val_mean_cos: cos, sts_dev: None }
+    }
+
+    #[test]
+    fn health_flags_collapse_and_drift() {
+        let start = val(0.55, 0.69);
+        assert_eq!(health(&val(0.6, 0.5), &start, 2.0), Health::Fine);
+        // Everything on one point: collapse, whatever the alignment.
+        assert!(matches!(health(&val(0.004, 0.998), &start, 5.0), Health::Collapse(m) if m.contains("loss.w_uniform")));
+        // A base model that already sits at 0.97 and gets no narrower is not a collapse...
+        assert_eq!(health(&val(0.01, 0.975), &val(0.01, 0.97), 2.0), Health::Fine);
+        // ...but one that narrows further is.
+        assert!(matches!(health(&val(0.01, 0.995), &val(0.01, 0.97), 2.0), Health::Collapse(_)));
+        // Spread (mean cos 0) with positives 1.8 apart of a random 2.0: drift.
+        assert!(matches!(health(&val(1.8, 0.0), &start, 2.0), Health::Drift(m) if m.contains("90%")));
+        assert_eq!(health(&val(1.7, 0.0), &start, 2.0), Health::Fine);
+    }
+
+    #[test]
+    fn mean_cosine_matches_the_report_metric() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (n, d) = (40, 8);
+        // A cone: a shared direction plus noise, normalised.
+        let rows: Vec<f32> = (0..n)
+            .flat_map(|_| {
+                let v: Vec<f32> = (0..d)
+                    .map(|j| if j == 0 { 2.0 } else { 0.0 } + rand::Rng::gen_range(&mut rng, -1.0..1.0))
+                    .collect();
+                let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+                v.into_iter().map(move |a| a / norm)
+            })
+            .collect();
+        let x = Tensor::from_vec(rows.clone(), (n, d), &Device::Cpu).unwrap();
+        let got = mean_cosine(&x).unwrap();
+        let e = crate::metrics::Embeddings { data: &rows, n, dim: d };
+        let want = crate::metrics::anisotropy(e, None).unwrap().mean_cosine;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        assert!(got > 0.5);
+    }
+
+    #[test]
+    fn accumulate_sums_named_parts() {
+        let s = StepStats { loss: 1.0, parts: vec![("align", 0.5), ("uniform", -2.0)], ..Default::default() };
+        let mut sums = Vec::new();
+        accumulate(&mut sums, &s);
+        accumulate(&mut sums, &s);
+        assert_eq!(sums, [("loss".to_string(), 2.0), ("align".into(), 1.0), ("uniform".into(), -4.0)]);
+    }
 
     #[test]
     fn batches_are_full_disjoint_and_bucketed() {

@@ -52,6 +52,15 @@ impl Task {
         }
     }
 
+    /// The identifier results are stored under (`eval.json`, `report.json`).
+    pub fn id(self) -> &'static str {
+        match self {
+            Task::SST2 => "SST2",
+            Task::STSB => "STSB",
+            t => t.name(),
+        }
+    }
+
     /// Case-insensitive name, with or without the hyphen ("sst-2", "SST2", "stsb", ...).
     pub fn parse(s: &str) -> Option<Task> {
         let key = s.trim().replace('-', "").to_ascii_uppercase();
@@ -90,7 +99,8 @@ impl std::fmt::Display for Task {
 /// One task's scores.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TaskResult {
-    pub task: Task,
+    /// A built-in task's identifier (`STSB`, `SST2`, ...) or the name of a user STS set.
+    pub task: String,
     /// Percentages: ("accuracy", ..) and, when a penalty was searched, ("dev_accuracy", ..) (its
     /// inner-CV or dev accuracy); MRPC adds ("f1", ..); STS-B has ("spearman_dev", ..), ("spearman_test", ..).
     pub metrics: Vec<(String, f64)>,
@@ -100,6 +110,52 @@ pub struct TaskResult {
     pub n_test: usize,
     /// Wall-clock seconds of [`run_task`] (loading and classifier; embedding excluded).
     pub seconds: f64,
+}
+
+/// A user's scored sentence pairs (`eval --sts NAME=FILE`), scored like STS-B: Spearman x 100
+/// of the cosine against the gold score.
+#[derive(Debug, Clone)]
+pub struct UserSts {
+    pub name: String,
+    pub data: Scored,
+}
+
+impl UserSts {
+    /// Parse `NAME=FILE` and read the file: tab-separated sentence1, sentence2, score (any
+    /// real scale), one pair per line; a first line whose score is not a number is a header.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (name, file) = spec.split_once('=').ok_or_else(|| {
+            Error::Invalid(format!("--sts {spec}: expected NAME=FILE (tab-separated sentence1, sentence2, score)"))
+        })?;
+        let name = name.trim();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(Error::Invalid(format!("--sts {spec}: the name must be one word")));
+        }
+        if Task::parse(name).is_some() {
+            return Err(Error::Invalid(format!("--sts {spec}: {name} is a built-in task; pick another name")));
+        }
+        Ok(Self { name: name.to_string(), data: tasks::scored_pairs(std::path::Path::new(file))? })
+    }
+
+    /// Distinct sentences of both sides, first-seen order.
+    pub fn sentences(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.data.pairs.iter().flat_map(|(a, b)| [a.clone(), b.clone()]).filter(|s| seen.insert(s.clone())).collect()
+    }
+
+    /// Spearman x 100 given a lookup from sentence to embedding.
+    pub fn score<'e>(&self, embed: &dyn Fn(&str) -> Option<&'e [f32]>) -> Result<TaskResult> {
+        let start = Instant::now();
+        let (a, b) = lookup_pairs(&self.name, &self.data.pairs, embed)?;
+        let cos: Vec<f64> = a.iter().zip(&b).map(|(u, v)| protocol::cosine(u, v)).collect();
+        Ok(TaskResult {
+            task: self.name.clone(),
+            metrics: vec![("spearman".into(), 100.0 * stats::spearman(&cos, &self.data.scores))],
+            n_train: 0,
+            n_test: self.data.pairs.len(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 /// Examples per split in quick mode.
@@ -164,7 +220,11 @@ pub fn task_sentences(task: Task, root: &Path, quick: bool) -> Result<Vec<String
 }
 
 /// Embeddings of `texts`, all of one non-zero dimension.
-fn lookup<'e>(task: Task, texts: &[&str], embed: &dyn Fn(&str) -> Option<&'e [f32]>) -> Result<Vec<&'e [f32]>> {
+fn lookup<'e>(
+    task: &dyn std::fmt::Display,
+    texts: &[&str],
+    embed: &dyn Fn(&str) -> Option<&'e [f32]>,
+) -> Result<Vec<&'e [f32]>> {
     let rows = texts
         .iter()
         .map(|s| embed(s).ok_or_else(|| Error::Invalid(format!("{task}: no embedding for sentence {s:?}"))))
@@ -183,7 +243,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 /// Embeddings of both sides of each pair.
 type Sides<'e> = (Vec<&'e [f32]>, Vec<&'e [f32]>);
 fn lookup_pairs<'e>(
-    task: Task,
+    task: &dyn std::fmt::Display,
     pairs: &[(String, String)],
     embed: &dyn Fn(&str) -> Option<&'e [f32]>,
 ) -> Result<Sides<'e>> {
@@ -197,7 +257,7 @@ fn lookup_pairs<'e>(
 
 /// MRPC pair features `[u, v, |u−v|, u·v]` (element-wise), flattened row-major, and their width.
 fn pair_features<'e>(
-    task: Task,
+    task: &dyn std::fmt::Display,
     pairs: &[(String, String)],
     embed: &dyn Fn(&str) -> Option<&'e [f32]>,
 ) -> Result<(Vec<f32>, usize)> {
@@ -214,7 +274,11 @@ fn pair_features<'e>(
 }
 
 /// Spearman ×100 between the pairs' cosine similarities and the gold scores.
-fn sts_spearman<'e>(task: Task, d: &Scored, embed: &dyn Fn(&str) -> Option<&'e [f32]>) -> Result<f64> {
+fn sts_spearman<'e>(
+    task: &dyn std::fmt::Display,
+    d: &Scored,
+    embed: &dyn Fn(&str) -> Option<&'e [f32]>,
+) -> Result<f64> {
     let (a, b) = lookup_pairs(task, &d.pairs, embed)?;
     let cos: Vec<f64> = a.iter().zip(&b).map(|(u, v)| protocol::cosine(u, v)).collect();
     Ok(100.0 * stats::spearman(&cos, &d.scores))
@@ -250,7 +314,7 @@ pub fn run_task<'e>(
     let mut metrics = Vec::new();
     let (n_train, n_test) = match &data {
         TaskData::CrossVal { data, classes } => {
-            let rows = lookup(task, &strs(&data.x), embed)?;
+            let rows = lookup(&task, &strs(&data.x), embed)?;
             let (k, inner) = if quick { (5, None) } else { (OUTER_FOLDS, Some(INNER_FOLDS)) };
             progress(&format!("{task}: {k}-fold CV on {} examples", data.len()));
             let mut done = 0;
@@ -264,10 +328,10 @@ pub fn run_task<'e>(
             (data.len(), data.len())
         }
         TaskData::Split { train, dev, test, classes } => {
-            let rows = lookup(task, &strs(&train.x), embed)?;
-            let test_rows = lookup(task, &strs(&test.x), embed)?;
+            let rows = lookup(&task, &strs(&train.x), embed)?;
+            let test_rows = lookup(&task, &strs(&test.x), embed)?;
             let dev_rows = match dev {
-                Some(d) => Some(lookup(task, &strs(&d.x), embed)?),
+                Some(d) => Some(lookup(&task, &strs(&d.x), embed)?),
                 None => None,
             };
             let select = match (&dev_rows, dev, quick) {
@@ -283,8 +347,8 @@ pub fn run_task<'e>(
             (train.len(), test.len())
         }
         TaskData::Pairs { train, test } => {
-            let (f_train, dim) = pair_features(task, &train.x, embed)?;
-            let (f_test, _) = pair_features(task, &test.x, embed)?;
+            let (f_train, dim) = pair_features(&task, &train.x, embed)?;
+            let (f_test, _) = pair_features(&task, &test.x, embed)?;
             let rows: Vec<&[f32]> = f_train.chunks_exact(dim).collect();
             let test_rows: Vec<&[f32]> = f_test.chunks_exact(dim).collect();
             let select = if quick { Select::Fixed(protocol::QUICK_PENALTY) } else { Select::KFold(INNER_FOLDS) };
@@ -297,12 +361,12 @@ pub fn run_task<'e>(
             (train.len(), test.len())
         }
         TaskData::Similarity { dev, test, .. } => {
-            metrics.push(("spearman_dev".to_string(), sts_spearman(task, dev, embed)?));
-            metrics.push(("spearman_test".to_string(), sts_spearman(task, test, embed)?));
+            metrics.push(("spearman_dev".to_string(), sts_spearman(&task, dev, embed)?));
+            metrics.push(("spearman_test".to_string(), sts_spearman(&task, test, embed)?));
             (0, test.scores.len())
         }
     };
-    Ok(TaskResult { task, metrics, n_train, n_test, seconds: start.elapsed().as_secs_f64() })
+    Ok(TaskResult { task: task.id().into(), metrics, n_train, n_test, seconds: start.elapsed().as_secs_f64() })
 }
 
 #[cfg(test)]

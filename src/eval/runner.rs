@@ -8,11 +8,11 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::Serialize;
 
-use super::{run_task, task_sentences, Task, TaskResult};
+use super::{run_task, task_sentences, Task, TaskResult, UserSts};
 use crate::data::batch::TextTokenizer;
 use crate::error::Result;
 use crate::export::{read_embeddings, EmbeddingWriter};
-use crate::model::{embed_texts, Encoder};
+use crate::model::{embed_texts, Encoder, EMBED_BATCH};
 
 pub struct EvalOptions {
     /// The data root holding `senteval/` and `sts/`.
@@ -22,6 +22,8 @@ pub struct EvalOptions {
     pub seed: u64,
     /// Where embeddings are cached; None disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// The user's scored-pair sets (`eval --sts NAME=FILE`), after the tasks.
+    pub user_sts: Vec<UserSts>,
 }
 
 /// One task's scores plus how long its embedding took (0 when it came from the cache).
@@ -43,8 +45,8 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-/// Evaluate `encoder` (whose weights file hashes to `weights_sha256`) on every task.
-/// `progress` receives one-line status messages.
+/// Evaluate `encoder` (whose weights file hashes to `weights_sha256`) on every task, then on
+/// the user's STS sets. `progress` receives one-line status messages.
 pub fn evaluate(
     encoder: &Encoder,
     tokenizer: &TextTokenizer,
@@ -54,70 +56,108 @@ pub fn evaluate(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Evaluated>> {
     let mut out = Vec::new();
+    let cache_key = |what: &str| {
+        use sha2::{Digest, Sha256};
+        let id = format!(
+            "{weights_sha256}|{}|{}|{what}|{}",
+            encoder.pooling.as_str(),
+            tokenizer.max_len,
+            if opts.quick { "quick" } else { "full" }
+        );
+        format!("{:x}", Sha256::digest(id.as_bytes()))
+    };
     for &task in &opts.tasks {
         let sentences = task_sentences(task, &opts.root, opts.quick)?;
-        let key = {
-            use sha2::{Digest, Sha256};
-            let id = format!(
-                "{weights_sha256}|{}|{}|{}|{}",
-                encoder.pooling.as_str(),
-                tokenizer.max_len,
-                task.name(),
-                if opts.quick { "quick" } else { "full" }
-            );
-            format!("{:x}", Sha256::digest(id.as_bytes()))
-        };
+        let key = cache_key(task.name());
         let cache_file = opts.cache_dir.as_ref().map(|d| d.join(format!("{}-{}.safetensors", task.name(), &key[..16])));
-        let dim = encoder.config.hidden_size;
-        let start = Instant::now();
-        let cached = cache_file
-            .as_ref()
-            .and_then(|f| read_embeddings(f).ok())
-            .filter(|e| e.n == sentences.len() && e.dim == dim)
-            .map(|e| e.data);
-        let was_cached = cached.is_some();
-        let flat = match cached {
-            Some(flat) => flat,
-            None => {
-                progress(&format!("{}: embedding {} sentences", task.name(), sentences.len()));
-                let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
-                let mut flat = Vec::with_capacity(texts.len() * dim);
-                let pb = indicatif::ProgressBar::new(texts.len() as u64);
-                if let Ok(style) = indicatif::ProgressStyle::with_template(
-                    "{prefix:>6} [{bar:30}] {pos}/{len} sentences, {per_sec}, ETA {eta}",
-                ) {
-                    pb.set_style(style.progress_chars("=> "));
-                }
-                pb.set_prefix(task.name());
-                for (i, chunk) in texts.chunks(512).enumerate() {
-                    flat.extend(embed_texts(encoder, tokenizer, chunk, 64, device)?);
-                    pb.inc(chunk.len() as u64);
-                    if pb.is_hidden() && (i + 1) % 8 == 0 {
-                        progress(&format!("{}: {}/{} sentences", task.name(), i * 512 + chunk.len(), texts.len()));
-                    }
-                }
-                pb.finish_and_clear();
-                if let Some(f) = &cache_file {
-                    write_cache(f, &flat, sentences.len(), dim)?;
-                }
-                flat
-            }
-        };
-        let embed_seconds = if was_cached { 0.0 } else { start.elapsed().as_secs_f64() };
-        let lookup: HashMap<&str, &[f32]> =
-            sentences.iter().zip(flat.chunks_exact(dim)).map(|(s, row)| (s.as_str(), row)).collect();
+        let embedded =
+            embed_cached(encoder, tokenizer, task.name(), &sentences, cache_file.as_deref(), device, progress)?;
+        let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
         let result = run_task(task, &opts.root, opts.quick, &|s| lookup.get(s).copied(), opts.seed, progress)?;
-        progress(&format!(
-            "{}: done in {:.1}s (embedding {:.1}s{}, classifier {:.1}s)",
-            task.name(),
-            embed_seconds + result.seconds,
-            embed_seconds,
-            if was_cached { ", cached" } else { "" },
-            result.seconds
-        ));
-        out.push(Evaluated { result, sentences: sentences.len(), embed_seconds, cached: was_cached });
+        out.push(embedded.done(result, sentences.len(), progress));
+    }
+    for set in &opts.user_sts {
+        let sentences = set.sentences();
+        // Keyed by the content too: an edited file is embedded again.
+        let content: String = sentences.concat();
+        let key = cache_key(&format!("user:{}:{content}", set.name));
+        let cache_file =
+            opts.cache_dir.as_ref().map(|d| d.join(format!("sts-{}-{}.safetensors", set.name, &key[..16])));
+        let embedded =
+            embed_cached(encoder, tokenizer, &set.name, &sentences, cache_file.as_deref(), device, progress)?;
+        let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
+        let result = set.score(&|s| lookup.get(s).copied())?;
+        out.push(embedded.done(result, sentences.len(), progress));
     }
     Ok(out)
+}
+
+/// Rows for a task's sentences and how they were obtained.
+struct Embedded {
+    flat: Vec<f32>,
+    cached: bool,
+    seconds: f64,
+}
+
+impl Embedded {
+    fn lookup<'a>(&'a self, sentences: &'a [String], dim: usize) -> HashMap<&'a str, &'a [f32]> {
+        sentences.iter().zip(self.flat.chunks_exact(dim)).map(|(s, row)| (s.as_str(), row)).collect()
+    }
+
+    fn done(&self, result: TaskResult, sentences: usize, progress: &mut dyn FnMut(&str)) -> Evaluated {
+        progress(&format!(
+            "{}: done in {:.1}s (embedding {:.1}s{}, scoring {:.1}s)",
+            result.task,
+            self.seconds + result.seconds,
+            self.seconds,
+            if self.cached { ", cached" } else { "" },
+            result.seconds
+        ));
+        Evaluated { result, sentences, embed_seconds: self.seconds, cached: self.cached }
+    }
+}
+
+/// Embed `sentences` (or read them from `cache_file`), with a progress bar labelled `label`.
+fn embed_cached(
+    encoder: &Encoder,
+    tokenizer: &TextTokenizer,
+    label: &str,
+    sentences: &[String],
+    cache_file: Option<&Path>,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Embedded> {
+    let dim = encoder.config.hidden_size;
+    let start = Instant::now();
+    let cached = cache_file
+        .and_then(|f| read_embeddings(f).ok())
+        .filter(|e| e.n == sentences.len() && e.dim == dim)
+        .map(|e| e.data);
+    if let Some(flat) = cached {
+        return Ok(Embedded { flat, cached: true, seconds: 0.0 });
+    }
+    progress(&format!("{label}: embedding {} sentences", sentences.len()));
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let mut flat = Vec::with_capacity(texts.len() * dim);
+    let pb = indicatif::ProgressBar::new(texts.len() as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{prefix:>6} [{bar:30}] {pos}/{len} sentences, {per_sec}, ETA {eta}")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_prefix(label.to_string());
+    for (i, chunk) in texts.chunks(512).enumerate() {
+        flat.extend(embed_texts(encoder, tokenizer, chunk, EMBED_BATCH, device)?);
+        pb.inc(chunk.len() as u64);
+        if pb.is_hidden() && (i + 1) % 8 == 0 {
+            progress(&format!("{label}: {}/{} sentences", i * 512 + chunk.len(), texts.len()));
+        }
+    }
+    pb.finish_and_clear();
+    if let Some(f) = cache_file {
+        write_cache(f, &flat, sentences.len(), dim)?;
+    }
+    Ok(Embedded { flat, cached: false, seconds: start.elapsed().as_secs_f64() })
 }
 
 fn write_cache(path: &Path, flat: &[f32], n: usize, dim: usize) -> Result<()> {
@@ -136,8 +176,15 @@ fn shown(r: &TaskResult) -> Vec<(String, f64)> {
     r.metrics.iter().filter(|(k, _)| k != "dev_accuracy").cloned().collect()
 }
 
-fn reference_text(task: Task) -> String {
-    task.reference().iter().map(|(name, v)| format!("{name} {v:.2}")).collect::<Vec<_>>().join("; ")
+/// Published references of a built-in task; a user set has none.
+fn reference_text(task: &str) -> String {
+    let refs = Task::parse(task).map(Task::reference).unwrap_or_default();
+    refs.iter().map(|(name, v)| format!("{name} {v:.2}")).collect::<Vec<_>>().join("; ")
+}
+
+/// Display name: "SST-2" for a built-in task's id, the user's name for a user set.
+fn display_name(task: &str) -> String {
+    Task::parse(task).map_or_else(|| task.to_string(), |t| t.name().to_string())
 }
 
 /// Text and Markdown tables: one row per (task, metric); with `before`, before/after/change.
@@ -155,10 +202,10 @@ pub fn tables(after: &[Evaluated], before: Option<&[Evaluated]>) -> (String, Str
     };
     for (i, e) in after.iter().enumerate() {
         let secs = e.embed_seconds + e.result.seconds;
-        let reference = reference_text(e.result.task);
+        let reference = reference_text(&e.result.task);
         let prior = before.and_then(|b| b.get(i)).map(|b| shown(&b.result));
         for (j, (metric, v)) in shown(&e.result).into_iter().enumerate() {
-            let name = e.result.task.name();
+            let name = display_name(&e.result.task);
             match prior.as_ref().and_then(|p| p.get(j)) {
                 Some((_, b)) => {
                     text +=

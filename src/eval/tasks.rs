@@ -154,7 +154,7 @@ fn mrpc(path: &Path) -> Result<Labelled<(String, String)>> {
 }
 
 /// STS-B: genre, file, year, id, score, s1, s2 [, extra fields ignored].
-fn stsb(path: &Path) -> Result<Scored> {
+pub fn stsb(path: &Path) -> Result<Scored> {
     let mut out = Scored::default();
     for (line, f) in tsv(path, 0, 7, false)? {
         let score: f64 = f[4]
@@ -165,6 +165,26 @@ fn stsb(path: &Path) -> Result<Scored> {
             .ok_or_else(|| bad(path, line, format!("score must be a number in 0..5, found {:?}", f[4])))?;
         out.scores.push(score);
         out.pairs.push((norm(&f[5]), norm(&f[6])));
+    }
+    Ok(out)
+}
+
+/// User scored pairs: sentence1, sentence2, score, tab-separated; a first line whose score is
+/// not a number is a header. Scores may be on any scale (only their ranking is used).
+pub fn scored_pairs(path: &Path) -> Result<Scored> {
+    let mut out = Scored::default();
+    for (line, f) in tsv(path, 0, 3, false)? {
+        match f[2].trim().parse::<f64>() {
+            Ok(score) if score.is_finite() => {
+                out.scores.push(score);
+                out.pairs.push((norm(&f[0]), norm(&f[1])));
+            }
+            _ if line == 1 => {} // a header
+            _ => return Err(bad(path, line, format!("the third field must be a score (a number), found {:?}", f[2]))),
+        }
+    }
+    if out.pairs.len() < 3 {
+        return Err(Error::data(path, "needs at least 3 scored pairs (sentence1 TAB sentence2 TAB score per line)"));
     }
     Ok(out)
 }

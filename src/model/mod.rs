@@ -20,6 +20,9 @@ use bert::{Bert, BertConfig};
 use pooling::Pooling;
 use source::ModelFiles;
 
+/// Sentences per batch when embedding without gradients (eval, validation, `embed`).
+pub const EMBED_BATCH: usize = 64;
+
 /// A BERT with a pooling head whose output rows are unit vectors.
 pub struct Encoder {
     pub bert: Bert,

@@ -260,22 +260,24 @@ kernel! {
     }
 }
 
-/// Column sums of a row-major [rows, cols] matrix, rows split across threads.
-fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
+/// Column sums of a row-major [rows, cols] matrix, rows split across threads. The partial
+/// sums are combined in chunk order (not in rayon's scheduling order), so the result is the
+/// same on any number of threads and same-seed runs stay bit-identical.
+pub(crate) fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
     let per = (CHUNK / cols.max(1)).max(1);
-    g.par_chunks(per * cols)
+    let partials: Vec<Vec<f32>> = g
+        .par_chunks(per * cols)
         .map(|chunk| {
             let mut acc = vec![0f32; cols];
             add_column_sums(chunk, &mut acc);
             acc
         })
-        .reduce(
-            || vec![0f32; cols],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+        .collect();
+    let mut total = vec![0f32; cols];
+    for p in partials {
+        total.iter_mut().zip(p).for_each(|(x, y)| *x += y);
+    }
+    total
 }
 
 /// Column sums of `g` viewed as [rows, cols], as a [cols] tensor.
@@ -905,6 +907,33 @@ mod tests {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
             assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+
+    /// Column sums combine per-chunk partials in chunk order: bit-identical to a sequential
+    /// chunk-by-chunk sum on any number of threads (rayon's own reduce order depends on
+    /// scheduling, which made same-seed runs differ on 2 threads).
+    #[test]
+    fn column_sums_are_the_same_on_any_thread_count() {
+        let cols = 48;
+        let rows = 5 * CHUNK / cols + 7; // six chunks, the last one partial
+        let g: Vec<f32> =
+            (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3 + 1e-7 * i as f32).collect();
+        let per = CHUNK / cols;
+        let mut expected = vec![0f32; cols];
+        for chunk in g.chunks(per * cols) {
+            let mut acc = vec![0f32; cols];
+            for row in chunk.chunks_exact(cols) {
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+            }
+            expected.iter_mut().zip(acc).for_each(|(e, a)| *e += a);
+        }
+        for threads in [1, 2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for _ in 0..3 {
+                let got = pool.install(|| column_sums(&g, cols));
+                assert!(got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()), "{threads} threads");
+            }
         }
     }
 

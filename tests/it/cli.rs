@@ -22,7 +22,7 @@ fn one_line_error(out: &Output, what: &str) -> String {
     lines[0].to_string()
 }
 
-/// Finetune on a tiny random BERT and the fixture books, with extra `--set`s.
+/// Finetune on a tiny random BERT and the fixture books, with extra `--set`s (and flags).
 fn tiny_finetune(dir: &Path, corpus: &Path, extra: &[&str]) -> Output {
     let model = tiny_model(&dir.join("tiny"), 1, "");
     let model_dir = model.config.parent().unwrap().to_str().unwrap().to_string();
@@ -39,8 +39,11 @@ fn tiny_finetune(dir: &Path, corpus: &Path, extra: &[&str]) -> Output {
         "report.pairs=10".into(),
     ];
     let mut args = vec!["finetune".to_string()];
+    // Extras that start with `--` are flags; the rest are config keys.
     for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
-        args.push("--set".into());
+        if !s.starts_with("--") {
+            args.push("--set".into());
+        }
         args.push(s.into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -63,12 +66,98 @@ fn tiny_finetune_writes_a_complete_run_folder() {
         assert!(report["before"][key].is_number() && report["after"][key].is_number(), "{key}");
     }
     let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
-    assert_eq!(log.lines().count(), 2, "validation at steps 2 and 4");
+    let steps: Vec<u64> =
+        log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 2, 4], "validation before training and at steps 2 and 4");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("uniformity (t=2)") && stdout.contains("before"), "{stdout}");
     // A second run into the same folder is refused without --force.
     let again = tiny_finetune(tmp.path(), &fixtures().join("books"), &[]);
     one_line_error(&again, "--force");
+}
+
+/// A data folder holding only an STS-B dev file of made-up scored pairs.
+fn sts_dev_folder(root: &Path) -> std::path::PathBuf {
+    let dir = root.join("data/sts/STSBenchmark");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pairs = [
+        ("the barge moved along the canal", "a barge went slowly down the canal", 4.6),
+        ("the keeper waved them through", "the keeper let them pass the lock", 3.8),
+        ("nell sat on the roof with a book", "the horse ate hay in the yard", 0.4),
+        ("the city smelled of coal", "dark water and coal smoke filled the city", 3.1),
+        ("her father whistled an old song", "a man sang while he walked", 2.2),
+        ("they reached the city late", "the orchard was full of apples", 0.2),
+        ("the lighthouse stood on the rock", "a tall light stood on the rocks by the sea", 4.1),
+        ("the market was loud and busy", "many people shouted at the market", 3.5),
+    ];
+    let text: String = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b, s))| format!("main-forums\tfixture\t2026\t{i:04}\t{s:.3}\t{a}\t{b}\n"))
+        .collect();
+    std::fs::write(dir.join("sts-dev.csv"), text).unwrap();
+    root.join("data")
+}
+
+/// With `train.select = "stsb-dev"` the run scores STS-B dev at each validation (step 0, the
+/// model before training, included), and exports the weights of the best one.
+#[test]
+fn selection_exports_the_best_stsb_dev_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sts_dev_folder(tmp.path());
+    let data_arg = format!("--data={}", data.display());
+    let out = tiny_finetune(
+        tmp.path(),
+        &fixtures().join("books"),
+        &["train.select=\"stsb-dev\"", "train.steps=6", "train.eval_every_steps=2", "train.lr=3e-3", &data_arg],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = tmp.path().join("runs/default");
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = log.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 2, 4, 6]);
+    let dev: Vec<f64> = log.iter().map(|l| l["sts_dev"].as_f64().unwrap()).collect();
+    let best = (0..dev.len()).fold(0, |b, i| if dev[i] > dev[b] { i } else { b });
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["train"]["selected"]["by"], "stsb-dev");
+    assert_eq!(report["train"]["selected"]["step"].as_u64(), Some(steps[best]));
+    assert_eq!(report["train"]["selected"]["sts_dev"].as_f64(), Some(dev[best]));
+    // The exported weights are the kept best ones, and differ from the last step's when the best
+    // is an earlier step.
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let exported = load(&run.join("model/model.safetensors"));
+    let kept = load(&run.join("best/model.safetensors"));
+    let last = load(&run.join("checkpoints/step-0000006/model.safetensors"));
+    let key = "encoder.layer.1.output.dense.weight";
+    assert_eq!(max_abs_diff(&exported[key], &kept[key]), 0.0);
+    assert_eq!(max_abs_diff(&exported[key], &last[key]) == 0.0, steps[best] == 6);
+}
+
+/// A config whose alignment term outweighs uniformity collapses; the guard stops the run with
+/// exit code 1, names the cause and the fix, and exports nothing.
+#[test]
+fn a_collapsing_run_stops_with_the_cause_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_finetune(
+        tmp.path(),
+        &fixtures().join("books"),
+        &["loss.w_uniform=0", "train.lr=1e-2", "train.norm_lr_scale=10", "train.steps=40", "train.eval_every_steps=4"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let err = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(err.contains("collapsed") && err.contains("mean cosine") && err.contains("loss.w_uniform"), "{stderr}");
+    let run = tmp.path().join("runs/default");
+    assert!(!run.join("model").exists() && !run.join("report.json").exists());
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert!(last["val_mean_cos"].as_f64().unwrap() >= 0.95, "{last}");
+    assert!(last["warning"].as_str().unwrap().contains("collapsed"));
 }
 
 #[test]

@@ -102,3 +102,74 @@ fn finetune_with_quick_eval_reports_before_and_after() {
     assert!(report["before"]["uniformity"].is_number());
     assert!(tmp.path().join("runs/default/eval.md").is_file());
 }
+
+/// Spearman of distinct values: Pearson of ranks (an independent reference for the test).
+fn spearman_distinct(x: &[f64], y: &[f64]) -> f64 {
+    let ranks = |v: &[f64]| -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        for (rank, &i) in idx.iter().enumerate() {
+            r[i] = rank as f64;
+        }
+        r
+    };
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = x.len() as f64;
+    let d2: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - b) * (a - b)).sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
+}
+
+/// `eval --sts NAME=FILE`: the user's pairs scored like STS-B, checked against `embed`'s vectors
+/// of the same sentences and a rank correlation computed here; bad files name file and line.
+#[test]
+fn user_sts_sets_match_embed_and_an_independent_spearman() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(&tmp.path().join("tiny"), 3, "");
+    let model = files.config.parent().unwrap().to_str().unwrap().to_string();
+    let pairs = [
+        ("the barge moved along the canal", "a barge went down the canal", 4.5),
+        ("nell sat on the roof", "the horse ate hay", 0.3),
+        ("the keeper waved them through", "the keeper let them pass", 3.9),
+        ("the city smelled of coal", "coal smoke filled the city", 3.2),
+        ("her father whistled a song", "the orchard was full of apples", 1.1),
+        ("the lighthouse stood on the rock", "a light stood on the rocks", 4.2),
+    ];
+    let mut text = "sentence1\tsentence2\tscore\n".to_string();
+    let mut lines = String::new();
+    for (a, b, s) in pairs {
+        text += &format!("{a}\t{b}\t{s}\n");
+        lines += &format!("{a}\n{b}\n");
+    }
+    std::fs::write(tmp.path().join("mine.tsv"), &text).unwrap();
+    std::fs::write(tmp.path().join("lines.txt"), &lines).unwrap();
+    let out = run(&["eval", "--model", &model, "--sts", "mine=mine.tsv", "--out", "ev", "--max-len", "32"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&tmp.path().join("ev/eval.json"));
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "only the --sts set runs when --tasks is absent");
+    assert_eq!(results[0]["task"], "mine");
+    assert_eq!(results[0]["n_test"], 6);
+    let got = results[0]["metrics"][0][1].as_f64().unwrap();
+
+    let out = run(
+        &["embed", "--model", &model, "--input", "lines.txt", "--out", "e.safetensors", "--max-len", "32"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = hypersphere::export::read_embeddings(&tmp.path().join("e.safetensors")).unwrap();
+    let row = |i: usize| &e.data[i * e.dim..(i + 1) * e.dim];
+    let cos: Vec<f64> = (0..pairs.len()).map(|i| cosine(row(2 * i), row(2 * i + 1)) as f64).collect();
+    let gold: Vec<f64> = pairs.iter().map(|p| p.2).collect();
+    let want = 100.0 * spearman_distinct(&cos, &gold);
+    assert!((got - want).abs() < 1e-6, "eval {got} vs reference {want}");
+
+    // A bad score names the file and the line; a built-in name is refused.
+    std::fs::write(tmp.path().join("bad.tsv"), "a\tb\t1\nc\td\tx\n").unwrap();
+    let out = run(&["eval", "--model", &model, "--sts", "bad=bad.tsv"], tmp.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bad.tsv") && err.contains("line 2"), "{err}");
+    let out = run(&["eval", "--model", &model, "--sts", "STSB=mine.tsv"], tmp.path());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("built-in"));
+}

@@ -7,7 +7,7 @@ use hypersphere::model::pooling::Pooling;
 use hypersphere::model::source::local_files;
 use hypersphere::model::{embed_texts, Encoder};
 use hypersphere::optim::AdamW;
-use hypersphere::train::train_step;
+use hypersphere::train::{train_step, StepOutcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -64,7 +64,8 @@ fn every_real_parameter_gets_a_gradient() {
     let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
     let emb = enc.embed(&batch, Some(&mut StdRng::seed_from_u64(0))).unwrap();
     let parts =
-        loss::objective(&emb.narrow(0, 0, 2).unwrap(), &emb.narrow(0, 2, 2).unwrap(), &LossConfig::default()).unwrap();
+        loss::objective(&emb.narrow(0, 0, 2).unwrap(), &emb.narrow(0, 2, 2).unwrap(), None, &LossConfig::default())
+            .unwrap();
     let grads = parts.total.backward().unwrap();
     for (name, var) in &enc.params {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
@@ -158,7 +159,10 @@ fn train_tiny(seed: u64, steps: usize) -> (Vec<f32>, Vec<f32>) {
     let batch = tok.batch(&texts, &dev).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     let losses: Vec<f32> = (0..steps)
-        .map(|_| train_step(&enc, &mut opt, &batch, &LossConfig::default(), 1.0, Some(&mut rng)).unwrap().loss)
+        .map(|_| match train_step(&enc, &mut opt, &batch, &LossConfig::default(), 1.0, Some(&mut rng)).unwrap() {
+            StepOutcome::Updated(s) => s.loss,
+            StepOutcome::Skipped(why) => panic!("skipped: {}", why.0),
+        })
         .collect();
     let w = enc.params[0].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     (losses, w)

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""The quality study (issue 10): train each candidate at an equal budget, evaluate, tabulate.
+
+Every candidate starts from all-MiniLM-L6-v2's [CLS] vector (the cone) and sees the same number
+of sentences through the encoder (150 steps x 128 sentences = 19,200; candidates with dropout
+positives encode 3 sentences per pair, so they run 100 steps). Each run is scored on:
+  - STS-B dev (the selection metric) and STS-B test (max_len 128, full sets);
+  - the seven SentEval classification tasks with --quick (1000-example subsets);
+  - the held-out geometry of report.json (uniformity t=2, mean cosine, alignment).
+
+  python3 study/study.py run [--only NAME,...] [--seeds 42,1,2]   # resumable: finished runs are skipped
+  python3 study/study.py table                                      # study/results/*.json -> study/results.md
+
+Needs HYPERSPHERE_DATA and a release build (cargo build --release). Standard library only.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# STUDY_BIN: a copy of the binary, so that rebuilding during a long study changes nothing.
+BIN = Path(os.environ.get("STUDY_BIN", ROOT / "target" / "release" / "hypersphere"))
+RESULTS = ROOT / "study" / "results"
+RUNS = Path(os.environ.get("STUDY_RUNS", "/tmp/hypersphere-study"))
+QUICK_TASKS = "MR,CR,SUBJ,MPQA,SST2,TREC,MRPC"
+
+# Overrides on top of configs/study-base.toml. Budget: steps * batch_pairs * views = 19,200.
+CANDIDATES = {
+    # Baselines.
+    "infonce": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.select=\"last\""],
+    "infonce-sel": ["loss.kind=\"infonce\"", "loss.tau=0.05"],
+    "au-1-1": ["loss.w_align=1", "loss.w_uniform=1", "train.select=\"last\""],
+    "au-0.9-0.1-t5": ["loss.w_align=0.9", "loss.w_uniform=0.1", "loss.t=5", "train.select=\"last\""],
+    # Model selection on STS-B dev alone.
+    "au-1-1-sel": ["loss.w_align=1", "loss.w_uniform=1"],
+    # A fast output LayerNorm: the cone removed by the shared offset, not by bending every weight.
+    "au-1-1-norm": ["loss.w_align=1", "loss.w_uniform=1", "train.norm_lr_scale=1000"],
+    "au-1-1-norm-t5": ["loss.w_align=1", "loss.w_uniform=1", "loss.t=5", "train.norm_lr_scale=1000"],
+    "au-1-1-norm-t10": ["loss.w_align=1", "loss.w_uniform=1", "loss.t=10", "train.norm_lr_scale=1000"],
+    "au-3-1-norm": ["loss.w_align=3", "loss.w_uniform=1", "train.norm_lr_scale=1000"],
+    "au-2-1-norm": ["loss.w_align=2", "loss.w_uniform=1", "train.norm_lr_scale=1000"],
+    "au-3-1-norm-a1": ["loss.w_align=3", "loss.w_uniform=1", "loss.alpha=1", "train.norm_lr_scale=1000"],
+    # InfoNCE's ranking plus an explicit uniformity term, with the fast output LayerNorm.
+    "mix-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "train.norm_lr_scale=1000"],
+    "mix-0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=0.5", "train.norm_lr_scale=1000"],
+    "mix-0.25-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=0.25", "train.norm_lr_scale=1000"],
+    "infonce-norm": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.norm_lr_scale=1000"],
+    # SimCSE-style: InfoNCE over adjacent and dropout positives (3 sentences per pair: 100 steps).
+    "infonce-drop": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_dropout=1", "train.steps=100"],
+    "mix-0.5-drop-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=0.5", "train.norm_lr_scale=1000", "train.steps=100"],
+    # Dropout views as positives (3 sentences per pair: 100 steps).
+    "au-drop-norm": ["loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
+    "au-adj+drop-norm": ["loss.w_align=1", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
+    "au-3adj+1drop-norm": ["loss.w_align=3", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
+    # Larger batches at the same budget.
+    "au-3-1-norm-b128": ["loss.w_align=3", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.steps=75"],
+}
+
+
+def sh(args, log):
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(str(a) for a in args) + "\n")
+        f.flush()
+        r = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    return r.returncode
+
+
+def eval_json(model, tasks, quick, out, log):
+    args = [BIN, "eval", "--model", model, "--tasks", tasks, "--out", out]
+    if quick:
+        args.append("--quick")
+    if sh(args, log) != 0:
+        raise SystemExit(f"eval failed: see {log}")
+    return json.loads((Path(out) / "eval.json").read_text())
+
+
+def scores(ev):
+    """{task: {metric: value}} from eval.json."""
+    return {r["task"]: dict(r["metrics"]) for r in ev["results"]}
+
+
+def run_one(name, seed):
+    dest = RESULTS / f"{name}-s{seed}.json"
+    if dest.exists():
+        return
+    sets = CANDIDATES[name]
+    run = f"{name}-s{seed}"
+    run_dir = RUNS / run
+    log = RUNS / f"{run}.log"
+    RUNS.mkdir(parents=True, exist_ok=True)
+    args = [BIN, "finetune", "--config", ROOT / "configs" / "study-base.toml", "--force",
+            "--set", f"name={run}", "--set", f"out_dir={RUNS}", "--set", f"seed={seed}"]
+    for s in sets:
+        args += ["--set", s]
+    t0 = time.time()
+    code = sh(args, log)
+    train_s = time.time() - t0
+    result = {"candidate": name, "seed": seed, "sets": sets, "exit": code, "train_wall_s": round(train_s, 1)}
+    if code == 0:
+        report = json.loads((run_dir / "report.json").read_text())
+        run_toml = (run_dir / "run.toml").read_text()
+        result["report"] = {k: report["after"].get(k) for k in ["alignment", "uniformity", "mean_cosine", "isotropy"]}
+        result["selected"] = report["train"].get("selected")
+        result["warnings"] = report["train"].get("warnings", [])
+        model = str(run_dir / "model")
+        sts = scores(eval_json(model, "STSB", False, run_dir / "eval-stsb", log))
+        quick = scores(eval_json(model, QUICK_TASKS, True, run_dir / "eval-quick", log))
+        result["stsb_dev"] = sts["STSB"]["spearman_dev"]
+        result["stsb_test"] = sts["STSB"]["spearman_test"]
+        result["quick"] = {t: v.get("accuracy") for t, v in quick.items()}
+        result["quick_avg"] = statistics.mean(result["quick"].values())
+        result["log"] = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
+    else:
+        result["error"] = [l for l in log.read_text().splitlines() if l.startswith("error")][-1:]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{run}: exit {code}, STS-B test {result.get('stsb_test')}, uniformity {result.get('report', {}).get('uniformity')}", flush=True)
+
+
+def table():
+    rows = {}
+    for p in sorted(RESULTS.glob("*.json")):
+        r = json.loads(p.read_text())
+        rows.setdefault(r["candidate"], []).append(r)
+
+    def fmt(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return ""
+        if len(vals) == 1:
+            return f"{vals[0]:.2f}"
+        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+    lines = ["| candidate | seeds | STS-B dev | STS-B test | SentEval quick avg | uniformity | mean cos | alignment | selected step | overrides |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name in [n for n in CANDIDATES if n in rows] + [n for n in rows if n not in CANDIDATES]:
+        rs = rows[name]
+        ok = [r for r in rs if r["exit"] == 0]
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        if not ok:
+            lines.append(f"| {name} | {seeds} | stopped: {rs[0].get('error')} | | | | | | | `{' '.join(rs[0]['sets'])}` |")
+            continue
+        sel = ",".join(str((r.get("selected") or {}).get("step")) for r in ok)
+        lines.append("| " + " | ".join([
+            name, seeds,
+            fmt([r["stsb_dev"] for r in ok]), fmt([r["stsb_test"] for r in ok]), fmt([r["quick_avg"] for r in ok]),
+            fmt([r["report"]["uniformity"] for r in ok]), fmt([r["report"]["mean_cosine"] for r in ok]),
+            fmt([r["report"]["alignment"] for r in ok]), sel, "`" + " ".join(rs[0]["sets"]) + "`"]) + " |")
+    text = "\n".join(lines) + "\n"
+    (ROOT / "study" / "results.md").write_text(text)
+    print(text)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["run", "table"])
+    ap.add_argument("--only", default="")
+    ap.add_argument("--seeds", default="42")
+    a = ap.parse_args()
+    if a.what == "table":
+        return table()
+    if not BIN.exists():
+        sys.exit(f"{BIN} not found: run cargo build --release first")
+    names = [n for n in a.only.split(",") if n] or list(CANDIDATES)
+    for n in names:
+        if n not in CANDIDATES:
+            sys.exit(f"unknown candidate {n}; known: {', '.join(CANDIDATES)}")
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for n in names:
+            run_one(n, seed)
+    table()
+
+
+if __name__ == "__main__":
+    main()
