@@ -209,7 +209,14 @@ pub fn run(
         synthetic_batch(crate::loss::views(&cfg.loss) * n_pairs, seq, encoder.config.vocab_size, &mut rng, device)?;
     let mut stats = Vec::new();
     for i in 0..=opts.steps.max(1) {
-        let s = updated(train_step(encoder, &mut opt, &batch, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?)?;
+        let s = updated(train_step(
+            encoder,
+            &mut opt,
+            std::slice::from_ref(&batch),
+            &cfg.loss,
+            cfg.train.max_grad_norm,
+            Some(&mut rng),
+        )?)?;
         eprintln!("train {n_pairs}x{seq} step {i}{}: {:.3}s", if i == 0 { " (warm-up)" } else { "" }, step_s(&s));
         if i > 0 {
             stats.push(s);
@@ -246,11 +253,18 @@ pub fn run(
         export_batches(dir, &batches)?;
     }
     let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
-    train_step(encoder, &mut opt, &batches[0], &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
+    train_step(encoder, &mut opt, &batches[..1], &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
     let (mut fwd, mut bwd, mut optim, mut tokens, mut padded, mut flop, mut flop_exec) =
         (0.0, 0.0, 0.0, 0usize, 0usize, 0.0, 0.0);
     for (i, b) in batches.iter().enumerate() {
-        let s = updated(train_step(encoder, &mut opt, b, &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?)?;
+        let s = updated(train_step(
+            encoder,
+            &mut opt,
+            std::slice::from_ref(b),
+            &cfg.loss,
+            cfg.train.max_grad_norm,
+            Some(&mut rng),
+        )?)?;
         let (rows, len) = b.input_ids.dims2()?;
         eprintln!("train mix batch {i} ({rows} x {len}): {:.3}s", step_s(&s));
         (fwd, bwd, optim) = (fwd + s.forward_s, bwd + s.backward_s, optim + s.optimizer_s);

@@ -123,6 +123,10 @@ pub struct TrainConfig {
     /// Steps with a non-finite loss or gradient that are skipped (no update) before the run
     /// stops; the stop keeps the last good checkpoint.
     pub max_bad_steps: usize,
+    /// Pairs per micro-batch: a larger `batch_pairs` is computed in pieces of this size with
+    /// GradCache (the loss and its gradient over the whole batch, exactly; the memory of one
+    /// micro-batch). 0 = the whole batch at once.
+    pub micro_batch_pairs: usize,
     /// Which step's weights the run keeps and exports: the last, or the one with the best
     /// STS-B dev Spearman among the validations (the SimCSE protocol; never a test split).
     pub select: Select,
@@ -130,6 +134,9 @@ pub struct TrainConfig {
     /// parameters that set the offset all pooled vectors share, so the cone can be removed
     /// there instead of by bending every weight. 1 = the same rate as the rest.
     pub norm_lr_scale: f64,
+    /// Learning-rate multiplier for the last layer's output LayerNorm bias alone: the offset
+    /// every token state, and so every pooled vector, shares. Combines with `norm_lr_scale`.
+    pub offset_lr_scale: f64,
 }
 
 /// Model selection during training.
@@ -235,8 +242,10 @@ impl Default for TrainConfig {
             checkpoint_every_steps: 50,
             keep_checkpoints: 2,
             max_bad_steps: 3,
+            micro_batch_pairs: 0,
             select: Select::Last,
             norm_lr_scale: 1.0,
+            offset_lr_scale: 1.0,
         }
     }
 }
@@ -297,7 +306,7 @@ impl RunConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.train;
-        let checks: [(bool, &str); 15] = [
+        let checks: [(bool, &str); 16] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
             (self.model.max_len <= 512, "model.max_len must be at most 512"),
             (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
@@ -315,7 +324,14 @@ impl RunConfig {
                 self.loss.w_dropout <= 0.0 || t.dropout,
                 "loss.w_dropout needs train.dropout = true (dropout views are what make those positives)",
             ),
-            (t.norm_lr_scale > 0.0 && t.norm_lr_scale.is_finite(), "train.norm_lr_scale must be positive"),
+            (
+                [t.norm_lr_scale, t.offset_lr_scale].iter().all(|s| *s > 0.0 && s.is_finite()),
+                "train.norm_lr_scale and train.offset_lr_scale must be positive",
+            ),
+            (
+                t.micro_batch_pairs == 0 || t.micro_batch_pairs >= 2,
+                "train.micro_batch_pairs must be 0 (off) or at least 2",
+            ),
             (self.report.sentences >= 2, "report.sentences must be at least 2"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
             (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),

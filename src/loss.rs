@@ -84,8 +84,9 @@ impl LossParts {
 /// The configured objective on a batch of positive pairs (anchors `x`, adjacent sentences `y`)
 /// and, when `loss.w_dropout > 0`, `x_drop`: the anchors again under independent dropout masks
 /// (SimCSE's positives). Each positive source has its own weight: `w_align` for adjacent
-/// sentences, `w_dropout` for dropout views; InfoNCE uses the same two weights for its two
-/// positive sources. Uniformity is `(L_uniform(x) + L_uniform(y)) / 2`, as in the paper's code.
+/// sentences, `w_dropout` for dropout views. Dropout views are scored with alignment in
+/// `align_uniform` and with InfoNCE (SimCSE's loss) in `infonce` and `mix`; in `infonce` the
+/// adjacent pairs' InfoNCE is weighted by `w_align` too. Uniformity is `(L_uniform(x) + L_uniform(y)) / 2`, as in the paper's code.
 pub fn objective(x: &Tensor, y: &Tensor, x_drop: Option<&Tensor>, cfg: &LossConfig) -> Result<LossParts> {
     let scalar = |t: &Tensor| t.to_dtype(DType::F32)?.to_scalar::<f32>();
     let mut parts = Vec::new();
@@ -112,8 +113,8 @@ pub fn objective(x: &Tensor, y: &Tensor, x_drop: Option<&Tensor>, cfg: &LossConf
     };
     if let Some(x2) = drop {
         let d = match cfg.kind {
-            LossKind::Infonce => infonce(x, x2, cfg.tau)?,
-            _ => align(x, x2, cfg.alpha)?,
+            LossKind::AlignUniform => align(x, x2, cfg.alpha)?,
+            LossKind::Infonce | LossKind::Mix => infonce(x, x2, cfg.tau)?,
         };
         parts.push(("dropout", scalar(&d)?));
         total = (total + (d * cfg.w_dropout)?)?;

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -14,7 +15,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{LossConfig, RunConfig, Select};
+use crate::config::{LossConfig, LossKind, RunConfig, Select};
 use crate::data::batch::{Batch, TextTokenizer};
 use crate::data::pairs::Pair;
 use crate::error::{Error, Result};
@@ -80,45 +81,136 @@ pub fn step_texts<'a>(pairs: &[&'a Pair], loss_cfg: &LossConfig) -> Vec<&'a str>
     texts
 }
 
-/// Forward, backward and (when the numbers are finite) an optimizer update on one batch.
+/// A batch's loss, its parts and the parameter gradients.
+pub struct Gradients {
+    pub loss: f32,
+    pub parts: Vec<(&'static str, f32)>,
+    pub grads: GradStore,
+    pub forward_s: f64,
+    pub backward_s: f64,
+}
+
+/// The view blocks of a batch's embeddings: anchors, positives (and dropout views).
+fn split_views(emb: &Tensor, views: usize) -> candle_core::Result<Vec<Tensor>> {
+    let n = emb.dim(0)? / views;
+    (0..views).map(|k| emb.narrow(0, k * n, n)).collect()
+}
+
+fn objective_of(blocks: &[Tensor], cfg: &LossConfig) -> candle_core::Result<loss::LossParts> {
+    loss::objective(&blocks[0], &blocks[1], blocks.get(2), cfg)
+}
+
+/// Loss and gradients of one batch given as micro-batches (each laid out by [`step_texts`]).
 ///
-/// `batch` holds the anchors of `n` pairs, then their positives, then (with dropout positives)
-/// the anchors again: [`loss::views`] blocks of `n` rows, as [`step_texts`] lays them out.
+/// One micro-batch: an ordinary forward and backward. Several: GradCache (Gao et al. 2021),
+/// exact for any loss over the whole batch with the memory of one micro-batch: embed every
+/// micro-batch without keeping its graph, take the loss over all embeddings and its gradient
+/// `G` with respect to them, then run each micro-batch again with a graph and back-propagate
+/// `sum(e * G)`; the parameter gradients add up to the full batch's. Each micro-batch draws
+/// its dropout masks from its own seed, so both passes see the same masks.
+pub fn batch_gradients(
+    encoder: &Encoder,
+    micro: &[Batch],
+    loss_cfg: &LossConfig,
+    dropout_rng: Option<&mut StdRng>,
+) -> Result<std::result::Result<Gradients, NonFinite>> {
+    let t0 = Instant::now();
+    let views = loss::views(loss_cfg);
+    let finite = |parts: &loss::LossParts| -> Result<std::result::Result<f32, NonFinite>> {
+        let loss = parts.total.to_scalar::<f32>()?;
+        Ok(if loss.is_finite() {
+            Ok(loss)
+        } else {
+            Err(NonFinite(format!("loss is {loss} (parts {:?})", parts.parts)))
+        })
+    };
+    if let [batch] = micro {
+        let parts = objective_of(&split_views(&encoder.embed(batch, dropout_rng)?, views)?, loss_cfg)?;
+        let loss = match finite(&parts)? {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
+        let forward_s = t0.elapsed().as_secs_f64();
+        let grads = parts.total.backward()?;
+        let backward_s = t0.elapsed().as_secs_f64() - forward_s;
+        return Ok(Ok(Gradients { loss, parts: parts.parts, grads, forward_s, backward_s }));
+    }
+    let seeds: Option<Vec<u64>> = dropout_rng.map(|r| micro.iter().map(|_| rand::Rng::gen(r)).collect());
+    let rng_for = |k: usize| seeds.as_ref().map(|s| StdRng::seed_from_u64(s[k]));
+    // Pass 1: embeddings only.
+    let mut blocks: Vec<Vec<Tensor>> = vec![Vec::new(); views];
+    for (k, b) in micro.iter().enumerate() {
+        let emb = encoder.embed(b, rng_for(k).as_mut())?.detach();
+        for (v, part) in split_views(&emb, views)?.into_iter().enumerate() {
+            blocks[v].push(part);
+        }
+    }
+    let vars = blocks.iter().map(|b| Var::from_tensor(&Tensor::cat(b, 0)?)).collect::<candle_core::Result<Vec<_>>>()?;
+    let full: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let parts = objective_of(&full, loss_cfg)?;
+    let loss = match finite(&parts)? {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(e)),
+    };
+    let g_emb = parts.total.backward()?;
+    let g_views = full
+        .iter()
+        .map(|t| g_emb.get(t).cloned().map_or_else(|| t.zeros_like(), Ok))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let forward_s = t0.elapsed().as_secs_f64();
+    // Pass 2: each micro-batch with a graph, back-propagating its rows of G.
+    let mut acc =
+        Var::new(0f32, encoder.params.first().map_or(&Device::Cpu, |(_, v)| v.device()))?.as_tensor().backward()?;
+    let mut offset = 0;
+    for (k, b) in micro.iter().enumerate() {
+        let n = b.lengths.len() / views;
+        let emb = encoder.embed(b, rng_for(k).as_mut())?;
+        let g =
+            Tensor::cat(&g_views.iter().map(|g| g.narrow(0, offset, n)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+        let grads = (emb * g)?.sum_all()?.backward()?;
+        for (_, var) in &encoder.params {
+            if let Some(gk) = grads.get(var.as_tensor()) {
+                let sum = match acc.get(var.as_tensor()) {
+                    Some(ga) => (ga + gk)?,
+                    None => gk.clone(),
+                };
+                acc.insert(var.as_tensor(), sum);
+            }
+        }
+        offset += n;
+    }
+    let backward_s = t0.elapsed().as_secs_f64() - forward_s;
+    Ok(Ok(Gradients { loss, parts: parts.parts, grads: acc, forward_s, backward_s }))
+}
+
+/// Forward, backward and (when the numbers are finite) an optimizer update on one batch, given
+/// as one or more micro-batches (see [`batch_gradients`]).
 pub fn train_step(
     encoder: &Encoder,
     opt: &mut AdamW,
-    batch: &Batch,
+    micro: &[Batch],
     loss_cfg: &LossConfig,
     max_grad_norm: f64,
     dropout_rng: Option<&mut StdRng>,
 ) -> Result<StepOutcome> {
-    let t0 = Instant::now();
-    let views = loss::views(loss_cfg);
-    let n = batch.lengths.len() / views;
-    let emb = encoder.embed(batch, dropout_rng)?;
-    let block = |k: usize| emb.narrow(0, k * n, n);
-    let x_drop = if views == 3 { Some(block(2)?) } else { None };
-    let parts = loss::objective(&block(0)?, &block(1)?, x_drop.as_ref(), loss_cfg)?;
-    let loss = parts.total.to_scalar::<f32>()?;
-    let forward_s = t0.elapsed().as_secs_f64();
-    if !loss.is_finite() {
-        return Ok(StepOutcome::Skipped(NonFinite(format!("loss is {loss} (parts {:?})", parts.parts))));
-    }
+    let g = match batch_gradients(encoder, micro, loss_cfg, dropout_rng)? {
+        Ok(g) => g,
+        Err(e) => return Ok(StepOutcome::Skipped(e)),
+    };
     let t1 = Instant::now();
-    let grads = parts.total.backward()?;
-    let grad_norm = opt.grad_norm(&grads)?;
-    let backward_s = t1.elapsed().as_secs_f64();
+    let grad_norm = opt.grad_norm(&g.grads)?;
+    let backward_s = g.backward_s + t1.elapsed().as_secs_f64();
     if !grad_norm.is_finite() {
-        return Ok(StepOutcome::Skipped(NonFinite(format!("gradient norm is {grad_norm} at loss {loss}"))));
+        return Ok(StepOutcome::Skipped(NonFinite(format!("gradient norm is {grad_norm} at loss {}", g.loss))));
     }
     let t2 = Instant::now();
     let scale = if max_grad_norm > 0.0 && grad_norm > max_grad_norm { max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
-    opt.step(&grads, scale)?;
+    opt.step(&g.grads, scale)?;
     Ok(StepOutcome::Updated(StepStats {
-        loss,
-        parts: parts.parts,
+        loss: g.loss,
+        parts: g.parts,
         grad_norm,
-        forward_s,
+        forward_s: g.forward_s,
         backward_s,
         optimizer_s: t2.elapsed().as_secs_f64(),
     }))
@@ -133,6 +225,10 @@ pub struct Validation {
     pub val_uniform: f64,
     /// Mean cosine of distinct held-out anchors.
     pub val_mean_cos: f64,
+    /// Share of (anchor, other positive) pairs that are farther apart than the anchor and its
+    /// own positive: 1 = positives always closest, 0.5 = no closer than strangers.
+    #[serde(default)]
+    pub val_pos_auc: f64,
     /// STS-B dev Spearman x 100 (with `train.select = "stsb-dev"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sts_dev: Option<f64>,
@@ -140,7 +236,14 @@ pub struct Validation {
 
 impl std::fmt::Display for Validation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "val align {:.4} uniform {:.4} mean cos {:.4}", self.val_align, self.val_uniform, self.val_mean_cos)?;
+        write!(
+            f,
+            "val align {:.4} (positive closer {:.1}%) uniform {:.4} mean cos {:.4}",
+            self.val_align,
+            100.0 * self.val_pos_auc,
+            self.val_uniform,
+            self.val_mean_cos
+        )?;
         match self.sts_dev {
             Some(s) => write!(f, " | STS-B dev {s:.2}"),
             None => Ok(()),
@@ -150,9 +253,11 @@ impl std::fmt::Display for Validation {
 
 /// A mean cosine of held-out sentences at or above this is a collapse (when it also rose).
 pub const COLLAPSE_COSINE: f64 = 0.95;
-/// Positive pairs at least this share of the random-pair squared distance apart have drifted
-/// to random: adjacent sentences are then barely closer than strangers.
-pub const DRIFT_RATIO: f64 = 0.9;
+/// Held-out positives this far apart (squared distance; 2 is the expected distance of random
+/// unit vectors) have drifted towards random.
+pub const DRIFT_ALIGN: f64 = 1.8;
+/// ...and so have positives that are closer than this share of random held-out sentences.
+pub const DRIFT_AUC: f64 = 0.6;
 
 /// What the held-out geometry says about the run.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,16 +277,40 @@ pub fn health(v: &Validation, start: &Validation, t: f64) -> Health {
             v.val_mean_cos, start.val_mean_cos, v.val_uniform, v.val_align
         ));
     }
-    let random = 2.0 * (1.0 - v.val_mean_cos);
-    if random > 0.0 && v.val_align >= DRIFT_RATIO * random {
+    if v.val_align >= DRIFT_ALIGN || v.val_pos_auc < DRIFT_AUC {
         return Health::Drift(format!(
-            "positives drifted towards random: held-out alignment {:.3} is {:.0}% of the random-pair distance {:.3}; uniformity dominates: raise loss.w_align (or add loss.w_dropout) or lower loss.w_uniform",
+            "positives drifted towards random: held-out alignment {:.3} (2 = random unit vectors), each positive closer than {:.0}% of the other held-out sentences (50% = chance); uniformity dominates: raise loss.w_align or lower loss.w_uniform",
             v.val_align,
-            100.0 * v.val_align / random,
-            random
+            100.0 * v.val_pos_auc
         ));
     }
     Health::Fine
+}
+
+/// The push/pull balance of align + uniform at the start: shrinking every distance by a
+/// factor lowers `w_align * d_pos` by more than it raises `w_uniform * L_uniform` (whose
+/// derivative is at most `t * d_rand`) unless `w_uniform * t * d_rand > w_align * d_pos`. Below
+/// 1 collapse is downhill all the way; `None` when InfoNCE (which repels by itself) is in the loss.
+pub fn balance(start: &Validation, cfg: &LossConfig) -> Option<f64> {
+    let with_infonce = match cfg.kind {
+        LossKind::Infonce => true,
+        LossKind::Mix => cfg.w_infonce > 0.0,
+        LossKind::AlignUniform => false,
+    };
+    let pull = cfg.w_align * start.val_align;
+    (!with_infonce && pull > 0.0).then(|| cfg.w_uniform * cfg.t * 2.0 * (1.0 - start.val_mean_cos) / pull)
+}
+
+/// The share of (i, j != i) with `x_i . y_i > x_i . y_j`: how often an anchor is closer to its
+/// own positive than to another pair's.
+fn positive_auc(x: &Tensor, y: &Tensor) -> Result<f64> {
+    let sims = x.matmul(&y.t()?)?.to_vec2::<f32>()?;
+    let n = sims.len();
+    if n < 2 {
+        return Ok(1.0);
+    }
+    let closer: usize = sims.iter().enumerate().map(|(i, row)| row.iter().filter(|&&s| s < row[i]).count()).sum();
+    Ok(closer as f64 / (n * (n - 1)) as f64)
 }
 
 /// Mean cosine over distinct rows of unit rows `x` [n, d]: `(|sum x|^2 - n) / (n (n - 1))`.
@@ -245,7 +374,13 @@ pub fn validate(
     let val_align = loss::align(&x, &y, 2.0)?.to_scalar::<f32>()? as f64;
     let val_uniform = ((loss::uniform(&x, cfg.t)? + loss::uniform(&y, cfg.t)?)? / 2.0)?.to_scalar::<f32>()? as f64;
     let sts_dev = dev.map(|d| d.score(encoder, device)).transpose()?;
-    Ok(Validation { val_align, val_uniform, val_mean_cos: mean_cosine(&x)?, sts_dev })
+    Ok(Validation {
+        val_align,
+        val_uniform,
+        val_mean_cos: mean_cosine(&x)?,
+        val_pos_auc: positive_auc(&x, &y)?,
+        sts_dev,
+    })
 }
 
 /// One line of `log.jsonl`. Step 0 is the model before training (no train numbers).
@@ -410,10 +545,15 @@ pub struct TrainInputs<'a> {
 }
 
 /// Learning-rate multipliers per parameter: `train.norm_lr_scale` for the last layer's output
-/// LayerNorm, 1 elsewhere.
-fn lr_scales(encoder: &Encoder, scale: f64) -> Vec<f64> {
+/// LayerNorm (times `train.offset_lr_scale` for its bias), 1 elsewhere.
+fn lr_scales(encoder: &Encoder, tc: &crate::config::TrainConfig) -> Vec<f64> {
     let last = format!("encoder.layer.{}.output.LayerNorm.", encoder.config.num_hidden_layers.saturating_sub(1));
-    encoder.params.iter().map(|(name, _)| if name.contains(&last) { scale } else { 1.0 }).collect()
+    let scale = |name: &str| match name.split_once(&last) {
+        Some((_, "bias")) => tc.norm_lr_scale * tc.offset_lr_scale,
+        Some(_) => tc.norm_lr_scale,
+        None => 1.0,
+    };
+    encoder.params.iter().map(|(name, _)| scale(name)).collect()
 }
 
 /// Train the encoder in place, logging validation numbers to `<run_dir>/log.jsonl` and writing
@@ -432,7 +572,7 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
     let total = planned_steps(cfg, inp.train_pairs.len());
     let lens: Vec<usize> = inp.train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
     let mut opt = AdamW::new(encoder.vars(), tc)?;
-    opt.set_lr_scales(&lr_scales(encoder, tc.norm_lr_scale))?;
+    opt.set_lr_scales(&lr_scales(encoder, tc))?;
     let log_path = run_dir.join("log.jsonl");
     let mut state =
         TrainState { step: 0, epoch: 0, batch_in_epoch: 0, bad_steps: 0, model: encoder.files.spec.clone() };
@@ -473,6 +613,13 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
             v
         }
     };
+    if let Some(r) = balance(&start, &cfg.loss).filter(|&r| r < 1.0) {
+        let w = format!(
+            "step 0: push/pull balance {r:.2} < 1 (w_uniform * t * random-pair distance over w_align * positive distance): shrinking everything lowers this loss, expect a collapse; raise loss.w_uniform or loss.t, or lower loss.w_align"
+        );
+        eprintln!("warning: {w}");
+        warnings.push(w);
+    }
     let mut best = if select_dev { restore_best(&previous, run_dir, encoder, state.step)? } else { None };
 
     let shuffle = |epoch: usize| {
@@ -517,10 +664,14 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         let lr = lr_at(state.step + 1, total, tc);
         opt.set_lr(lr);
         let pairs: Vec<&Pair> = batch.iter().map(|&i| &inp.train_pairs[i]).collect();
-        let tokens = inp.tokenizer.batch(&step_texts(&pairs, &cfg.loss), device)?;
+        let micro_pairs = if tc.micro_batch_pairs == 0 { pairs.len() } else { tc.micro_batch_pairs };
+        let micro = pairs
+            .chunks(micro_pairs)
+            .map(|c| inp.tokenizer.batch(&step_texts(c, &cfg.loss), device))
+            .collect::<Result<Vec<_>>>()?;
         let mut dropout_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, 2, state.step + 1));
         let rng = tc.dropout.then_some(&mut dropout_rng);
-        let stats = match train_step(encoder, &mut opt, &tokens, &cfg.loss, tc.max_grad_norm, rng)? {
+        let stats = match train_step(encoder, &mut opt, &micro, &cfg.loss, tc.max_grad_norm, rng)? {
             StepOutcome::Updated(s) => s,
             StepOutcome::Skipped(NonFinite(msg)) => {
                 state.bad_steps += 1;
@@ -646,7 +797,7 @@ mod tests {
     use super::*;
 
     fn val(align: f64, cos: f64) -> Validation {
-        Validation { val_align: align, val_uniform: 0.0, val_mean_cos: cos, sts_dev: None }
+        Validation { val_align: align, val_uniform: 0.0, val_mean_cos: cos, val_pos_auc: 0.8, sts_dev: None }
     }
 
     #[test]
@@ -659,9 +810,33 @@ mod tests {
         assert_eq!(health(&val(0.01, 0.975), &val(0.01, 0.97), 2.0), Health::Fine);
         // ...but one that narrows further is.
         assert!(matches!(health(&val(0.01, 0.995), &val(0.01, 0.97), 2.0), Health::Collapse(_)));
-        // Spread (mean cos 0) with positives 1.8 apart of a random 2.0: drift.
-        assert!(matches!(health(&val(1.8, 0.0), &start, 2.0), Health::Drift(m) if m.contains("90%")));
+        // Positives 1.85 apart (random unit vectors: 2), or no closer than strangers: drift.
+        assert!(matches!(health(&val(1.85, 0.0), &start, 2.0), Health::Drift(m) if m.contains("1.850")));
         assert_eq!(health(&val(1.7, 0.0), &start, 2.0), Health::Fine);
+        let chance = Validation { val_pos_auc: 0.52, ..val(0.4, 0.5) };
+        assert!(matches!(health(&chance, &start, 2.0), Health::Drift(m) if m.contains("52%")));
+    }
+
+    #[test]
+    fn positive_auc_counts_closer_positives() {
+        let t = |rows: [[f32; 3]; 3]| Tensor::new(&rows, &Device::Cpu).unwrap();
+        let x = t([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]);
+        assert_eq!(positive_auc(&x, &x).unwrap(), 1.0);
+        // Each anchor's positive is orthogonal to it and equal to another anchor: never closest.
+        let y = t([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]);
+        assert_eq!(positive_auc(&x, &y).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn balance_predicts_collapse() {
+        // The cone of MiniLM's [CLS]: positives 0.55 apart, mean cosine 0.69.
+        let start = val(0.55, 0.69);
+        let paper = LossConfig { w_align: 0.9, w_uniform: 0.1, t: 5.0, ..Default::default() };
+        let r = balance(&start, &paper).unwrap();
+        assert!((r - 0.1 * 5.0 * 0.62 / (0.9 * 0.55)).abs() < 1e-12 && r < 1.0);
+        assert!(balance(&start, &LossConfig::default()).unwrap() > 2.0);
+        let nce = LossConfig { kind: LossKind::Mix, w_infonce: 1.0, ..paper };
+        assert_eq!(balance(&start, &nce), None);
     }
 
     #[test]

@@ -53,6 +53,13 @@ CANDIDATES = {
     # SimCSE-style: InfoNCE over adjacent and dropout positives (3 sentences per pair: 100 steps).
     "infonce-drop": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_dropout=1", "train.steps=100"],
     "mix-0.5-drop-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=0.5", "train.norm_lr_scale=1000", "train.steps=100"],
+    # Only the output LayerNorm's bias fast: the shared offset, nothing else.
+    "mix-u1-offset": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "train.offset_lr_scale=1000"],
+    "mix-u1-t0.5-offset": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "train.offset_lr_scale=1000"],
+    "mix-u0.5-offset": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=0.5", "train.offset_lr_scale=1000"],
+    "infonce-offset": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.offset_lr_scale=1000"],
+    # Dropout views scored with InfoNCE (SimCSE) next to the adjacent pairs; 3 sentences per pair: 100 steps.
+    "mix-drop-offset": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=1", "train.offset_lr_scale=1000", "train.steps=100"],
     # Dropout views as positives (3 sentences per pair: 100 steps).
     "au-drop-norm": ["loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
     "au-adj+drop-norm": ["loss.w_align=1", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],

@@ -159,9 +159,13 @@ fn train_tiny(seed: u64, steps: usize) -> (Vec<f32>, Vec<f32>) {
     let batch = tok.batch(&texts, &dev).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     let losses: Vec<f32> = (0..steps)
-        .map(|_| match train_step(&enc, &mut opt, &batch, &LossConfig::default(), 1.0, Some(&mut rng)).unwrap() {
-            StepOutcome::Updated(s) => s.loss,
-            StepOutcome::Skipped(why) => panic!("skipped: {}", why.0),
+        .map(|_| {
+            match train_step(&enc, &mut opt, std::slice::from_ref(&batch), &LossConfig::default(), 1.0, Some(&mut rng))
+                .unwrap()
+            {
+                StepOutcome::Updated(s) => s.loss,
+                StepOutcome::Skipped(why) => panic!("skipped: {}", why.0),
+            }
         })
         .collect();
     let w = enc.params[0].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -186,7 +190,7 @@ fn export_then_reload_gives_the_same_embeddings() {
     // Change the weights so that the export must carry trained values, not the originals.
     let mut opt = AdamW::new(enc.vars(), &TrainConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() }).unwrap();
     let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
-    train_step(&enc, &mut opt, &batch, &LossConfig::default(), 1.0, None).unwrap();
+    train_step(&enc, &mut opt, std::slice::from_ref(&batch), &LossConfig::default(), 1.0, None).unwrap();
     let out = d.path().join("exported");
     hypersphere::export::write_model(&enc, &out, 32, &dev).unwrap();
     for f in [
@@ -255,4 +259,47 @@ fn tokenizer_pads_per_batch_and_truncates() {
     let tok = TextTokenizer::load(&files.tokenizer, 128).unwrap();
     let b = tok.batch(&["short.", "also short."], &Device::Cpu).unwrap();
     assert!(b.input_ids.dim(1).unwrap() < 10, "no fixed padding to 128");
+}
+
+/// GradCache: the gradients of a batch computed in micro-batches equal those of the whole
+/// batch at once, for every loss (dropout off, so both see the same network).
+#[test]
+fn micro_batches_give_the_full_batch_gradient() {
+    use hypersphere::config::LossKind;
+    use hypersphere::data::pairs::Pair;
+    use hypersphere::train::{batch_gradients, step_texts};
+    let (_d, enc, tok) = tiny(6, Pooling::Mean, true);
+    let dev = Device::Cpu;
+    let pairs: Vec<Pair> = SENTENCES
+        .iter()
+        .zip(SENTENCES.iter().rev())
+        .map(|(a, b)| Pair { anchor: (*a).into(), positive: (*b).into() })
+        .collect();
+    let refs: Vec<&Pair> = pairs.iter().collect();
+    let losses = [
+        LossConfig::default(),
+        LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
+        LossConfig { kind: LossKind::Mix, w_infonce: 0.5, w_dropout: 0.3, t: 5.0, ..Default::default() },
+    ];
+    for cfg in &losses {
+        let micro =
+            |m: usize| -> Vec<_> { refs.chunks(m).map(|c| tok.batch(&step_texts(c, cfg), &dev).unwrap()).collect() };
+        let full = batch_gradients(&enc, &micro(6), cfg, None).unwrap().unwrap();
+        for m in [2, 4] {
+            let cached = batch_gradients(&enc, &micro(m), cfg, None).unwrap().unwrap();
+            assert!((cached.loss - full.loss).abs() < 1e-5, "{:?} loss {} vs {}", cfg.kind, cached.loss, full.loss);
+            for (name, var) in &enc.params {
+                let a = full.grads.get(var.as_tensor()).unwrap();
+                let b = cached.grads.get(var.as_tensor()).unwrap();
+                let scale = a.abs().unwrap().max_keepdim(0).unwrap().flatten_all().unwrap().max(0).unwrap();
+                let scale = scale.to_scalar::<f32>().unwrap().max(1e-6);
+                let diff = max_abs_diff(a, b);
+                assert!(
+                    diff <= 1e-4 * scale + 1e-7,
+                    "{:?} micro {m}: {name} differs by {diff} (scale {scale})",
+                    cfg.kind
+                );
+            }
+        }
+    }
 }
