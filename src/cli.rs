@@ -19,8 +19,8 @@ use hypersphere::eval::runner::{evaluate, sha256_file, tables, EvalOptions, Eval
 use hypersphere::eval::{Task, UserSts};
 use hypersphere::export::{write_atomic, write_json, write_model};
 use hypersphere::model::pooling::Pooling;
+use hypersphere::model::source::{declared_max_len, saved_pooling, ModelFiles};
 use hypersphere::model::source::{resolve, SourceOptions};
-use hypersphere::model::source::{saved_pooling, ModelFiles};
 use hypersphere::model::{embed_texts, Encoder};
 use hypersphere::report::{measure, table, Report, Sample, SampleInfo};
 use hypersphere::train::{train, DevSet, TrainInputs};
@@ -128,8 +128,9 @@ pub enum Command {
         /// Pooling for model inputs without @POOLING (default: what the model folder declares, else mean).
         #[arg(long, value_enum)]
         pooling: Option<Pooling>,
-        #[arg(long, default_value_t = 32)]
-        max_len: usize,
+        /// Tokens per sentence (default: the length each model declares).
+        #[arg(long)]
+        max_len: Option<usize>,
     },
     /// Download models into the cache (for offline use later) and print where they are.
     Fetch {
@@ -167,9 +168,10 @@ pub struct ModelArgs {
     /// Pooling (default: what the model folder declares, else mean).
     #[arg(long, value_enum)]
     pooling: Option<Pooling>,
-    /// Tokens per sentence, [CLS] and [SEP] included.
-    #[arg(long, default_value_t = 128)]
-    max_len: usize,
+    /// Tokens per sentence, [CLS] and [SEP] included (default: the model folder's declared
+    /// max_seq_length, as sentence-transformers uses, else its position table).
+    #[arg(long)]
+    max_len: Option<usize>,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
 }
@@ -443,8 +445,9 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
             Some(eval_options(root, eval_tasks, cfg.eval.quick, cfg.seed, true))
         }
     };
-    let eval_tokenizer =
-        TextTokenizer::load(&files.tokenizer, cfg.eval.max_len.min(encoder.config.max_position_embeddings))?;
+    let positions = encoder.config.max_position_embeddings;
+    let eval_len = if cfg.eval.max_len == 0 { declared_max_len(&files, positions) } else { cfg.eval.max_len };
+    let eval_tokenizer = TextTokenizer::load(&files.tokenizer, eval_len.min(positions))?;
     let eval_before = match (&eval_opts, saved.and_then(|b| b.eval)) {
         (Some(_), Some(saved)) => Some(saved),
         (Some(o), None) => {
@@ -526,7 +529,13 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
         after: &after,
         train: &summary,
     };
-    write_model(&encoder, &run_dir.join("model"), cfg.model.max_len, device)?;
+    // The base model's length, not the training truncation: Python gets the same vectors.
+    write_model(
+        &encoder,
+        &run_dir.join("model"),
+        declared_max_len(&files, encoder.config.max_position_embeddings),
+        device,
+    )?;
     let eval_after = match &eval_opts {
         Some(o) => {
             eprintln!("evaluating the trained model on {} tasks", o.tasks.len());
@@ -590,7 +599,7 @@ fn bench(
 fn load_model(
     spec: &str,
     pooling: Option<Pooling>,
-    max_len: usize,
+    max_len: Option<usize>,
     device: &Device,
 ) -> Result<(ModelFiles, Encoder, TextTokenizer)> {
     use clap::ValueEnum;
@@ -604,7 +613,9 @@ fn load_model(
     let files = resolve(spec, &SourceOptions::from_env())?;
     let pooling = pooling.or_else(|| saved_pooling(&files)).unwrap_or(Pooling::Mean);
     let encoder = Encoder::load(&files, pooling, false, device)?;
-    let tokenizer = TextTokenizer::load(&files.tokenizer, max_len.min(encoder.config.max_position_embeddings))?;
+    let positions = encoder.config.max_position_embeddings;
+    let max_len = max_len.unwrap_or_else(|| declared_max_len(&files, positions)).min(positions);
+    let tokenizer = TextTokenizer::load(&files.tokenizer, max_len)?;
     Ok((files, encoder, tokenizer))
 }
 
@@ -678,7 +689,7 @@ fn embed(
     meta.insert("whitening".to_string(), whiten.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
     meta.insert("count".to_string(), rows.len().to_string());
     meta.insert("empty_lines".to_string(), empty.to_string());
-    meta.insert("max_len".to_string(), m.max_len.to_string());
+    meta.insert("max_len".to_string(), tokenizer.max_len.to_string());
     meta.insert("input_sha256".to_string(), if input.is_file() { sha256_file(input)? } else { "folder".into() });
     meta.insert("hypersphere_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
     let mut writer = EmbeddingWriter::create(out, rows.len(), dim, dtype == OutDtype::F16, &meta)?;
@@ -752,7 +763,7 @@ fn compare(
     out: &Path,
     whiten: Option<usize>,
     pooling: Option<Pooling>,
-    max_len: usize,
+    max_len: Option<usize>,
     device: &Device,
 ) -> Result<bool> {
     use hypersphere::compare::{compare as measure_all, table as compare_table, Column};

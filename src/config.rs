@@ -37,13 +37,14 @@ pub struct EvalConfig {
     pub tasks: Vec<String>,
     /// The fixed small subset for smoke tests (see `eval::run_task`).
     pub quick: bool,
-    /// Tokens per sentence when embedding task sentences.
+    /// Tokens per sentence when embedding task sentences (and STS-B dev for selection);
+    /// 0 = the length the model declares, as `hypersphere eval` and sentence-transformers use.
     pub max_len: usize,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { tasks: Vec::new(), quick: false, max_len: 128 }
+        Self { tasks: Vec::new(), quick: false, max_len: 0 }
     }
 }
 
@@ -337,8 +338,8 @@ impl RunConfig {
             (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),
         ];
         EvalConfig::parse_tasks(&self.eval.tasks)?;
-        if self.eval.max_len < 3 || self.eval.max_len > 512 {
-            return Err("eval.max_len must be in 3..=512".into());
+        if self.eval.max_len != 0 && !(3..=512).contains(&self.eval.max_len) {
+            return Err("eval.max_len must be 0 (the model's length) or in 3..=512".into());
         }
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, msg)) => Err(msg.to_string()),

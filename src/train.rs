@@ -256,8 +256,9 @@ pub const COLLAPSE_COSINE: f64 = 0.95;
 /// Held-out positives this far apart (squared distance; 2 is the expected distance of random
 /// unit vectors) have drifted towards random.
 pub const DRIFT_ALIGN: f64 = 1.8;
-/// ...and so have positives that are closer than this share of random held-out sentences.
-pub const DRIFT_AUC: f64 = 0.6;
+/// ...and so have positives closer to their anchor than only this share of other held-out
+/// sentences (MiniLM-L6 [CLS] starts at 0.61 on ELTeC: adjacent sentences are weak positives).
+pub const DRIFT_AUC: f64 = 0.55;
 
 /// What the held-out geometry says about the run.
 #[derive(Debug, Clone, PartialEq)]

@@ -60,6 +60,11 @@ CANDIDATES = {
     "infonce-offset": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.offset_lr_scale=1000"],
     # Dropout views scored with InfoNCE (SimCSE) next to the adjacent pairs; 3 sentences per pair: 100 steps.
     "mix-drop-offset": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=1", "train.offset_lr_scale=1000", "train.steps=100"],
+    # A higher learning rate: 150 steps is a small budget.
+    "infonce-lr1e-4": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4"],
+    "infonce-lr5e-5": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=5e-5"],
+    "mix-norm-lr5e-5": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.lr=5e-5"],
+    "mix-norm100-lr1e-4": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "train.norm_lr_scale=100", "train.lr=1e-4"],
     # Dropout views as positives (3 sentences per pair: 100 steps).
     "au-drop-norm": ["loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
     "au-adj+drop-norm": ["loss.w_align=1", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],

@@ -84,6 +84,19 @@ pub fn local_files(spec: &str, dir: &Path) -> Result<ModelFiles> {
 
 /// The pooling a model folder declares: our `hypersphere.json`, else sentence-transformers'
 /// `1_Pooling/config.json` (cls or mean). None when the folder says nothing.
+/// The sequence length the model folder declares for embedding (sentence-transformers'
+/// `sentence_bert_config.json` `max_seq_length`), capped at the model's position table; else
+/// the position table's size. What Python's `SentenceTransformer(dir).encode` truncates at.
+pub fn declared_max_len(files: &ModelFiles, max_position_embeddings: usize) -> usize {
+    let dir = files.config.parent();
+    let declared = dir
+        .and_then(|d| std::fs::read_to_string(d.join("sentence_bert_config.json")).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("max_seq_length")?.as_u64())
+        .map(|n| n as usize);
+    declared.unwrap_or(max_position_embeddings).min(max_position_embeddings)
+}
+
 pub fn saved_pooling(files: &ModelFiles) -> Option<crate::model::pooling::Pooling> {
     use crate::model::pooling::Pooling;
     let dir = files.config.parent()?;

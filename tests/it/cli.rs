@@ -267,6 +267,21 @@ fn real_model_three_step_run() {
     // The [CLS] cone of MiniLM: uniformity well above -2 before training.
     assert!(before > -2.0 && before < -0.5, "before {before}");
     assert!(after < before, "three steps of the uniformity loss should spread the cone: {before} -> {after}");
+    // The export declares the base model's length (256), not the training truncation (32), and
+    // `embed` defaults to what the folder declares: the length sentence-transformers uses.
+    let model = tmp.path().join("runs/real3/model");
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("sentence_bert_config.json")).unwrap()).unwrap();
+    assert_eq!(st["max_seq_length"], 256);
+    std::fs::write(tmp.path().join("s.txt"), "a sentence\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+        .args(["embed", "--model", model.to_str().unwrap(), "--input", "s.txt", "--out", "s.safetensors"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = hypersphere::export::read_embeddings(&tmp.path().join("s.safetensors")).unwrap();
+    assert_eq!(e.metadata.get("max_len").map(String::as_str), Some("256"));
 }
 
 /// Bad input of every class, for every command that reads files: one `error:` line that names
