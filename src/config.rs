@@ -30,7 +30,7 @@ pub struct RunConfig {
 }
 
 /// Downstream evaluation before and after training (off when `tasks` is empty).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalConfig {
     /// Task names (MR, CR, SUBJ, MPQA, SST2, TREC, MRPC, STSB) or "all".
@@ -42,11 +42,6 @@ pub struct EvalConfig {
     pub max_len: usize,
 }
 
-impl Default for EvalConfig {
-    fn default() -> Self {
-        Self { tasks: Vec::new(), quick: false, max_len: 0 }
-    }
-}
 
 impl EvalConfig {
     /// The tasks named, in canonical order, or an error naming the unknown one.
