@@ -42,7 +42,6 @@ pub struct EvalConfig {
     pub max_len: usize,
 }
 
-
 impl EvalConfig {
     /// The tasks named, in canonical order, or an error naming the unknown one.
     pub fn parse_tasks(names: &[String]) -> std::result::Result<Vec<crate::eval::Task>, String> {
@@ -167,6 +166,10 @@ pub struct LossConfig {
     /// Weight of the dropout-view positives (the anchor encoded twice with independent dropout
     /// masks, as in SimCSE); 0 = off. Adds one forward pass of the anchors per step.
     pub w_dropout: f64,
+    /// Weight of the mean-pooled view: each sentence's pooled vector (say [CLS]) against its
+    /// own mean of token states from the same pass, held fixed (no gradient through it);
+    /// 0 = off. Needs a pooling other than `mean`.
+    pub w_mean: f64,
     /// Exponent of the alignment distance.
     pub alpha: f64,
     /// Uniformity temperature t.
@@ -254,6 +257,7 @@ impl Default for LossConfig {
             w_uniform: 1.0,
             w_infonce: 0.0,
             w_dropout: 0.0,
+            w_mean: 0.0,
             alpha: 2.0,
             t: 2.0,
             tau: 0.05,
@@ -302,7 +306,7 @@ impl RunConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.train;
-        let checks: [(bool, &str); 16] = [
+        let checks: [(bool, &str); 17] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
             (self.model.max_len <= 512, "model.max_len must be at most 512"),
             (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
@@ -315,6 +319,10 @@ impl RunConfig {
             (
                 self.loss.t > 0.0 && self.loss.tau > 0.0 && self.loss.alpha > 0.0,
                 "loss.t, loss.tau and loss.alpha must be positive",
+            ),
+            (
+                self.loss.w_mean <= 0.0 || self.model.pooling != Pooling::Mean,
+                "loss.w_mean needs model.pooling other than mean (the view would be the vector itself)",
             ),
             (
                 self.loss.w_dropout <= 0.0 || t.dropout,

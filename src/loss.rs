@@ -81,23 +81,36 @@ impl LossParts {
     }
 }
 
-/// The configured objective on a batch of positive pairs (anchors `x`, adjacent sentences `y`)
-/// and, when `loss.w_dropout > 0`, `x_drop`: the anchors again under independent dropout masks
-/// (SimCSE's positives). Each positive source has its own weight: `w_align` for adjacent
-/// sentences, `w_dropout` for dropout views. Dropout views are scored with alignment in
-/// `align_uniform` and with InfoNCE (SimCSE's loss) in `infonce` and `mix`; in `infonce` the
-/// adjacent pairs' InfoNCE is weighted by `w_align` too. Uniformity is `(L_uniform(x) + L_uniform(y)) / 2`, as in the paper's code.
-pub fn objective(x: &Tensor, y: &Tensor, x_drop: Option<&Tensor>, cfg: &LossConfig) -> Result<LossParts> {
+/// One batch's unit embeddings, by role.
+pub struct Views<'a> {
+    /// Anchors [n, d].
+    pub x: &'a Tensor,
+    /// Their adjacent sentences [n, d].
+    pub y: &'a Tensor,
+    /// The anchors again under independent dropout masks [n, d] (with `loss.w_dropout > 0`).
+    pub x_drop: Option<&'a Tensor>,
+    /// The mean-pooled vectors of the anchors then the adjacent sentences [2n, d], detached:
+    /// a fixed target for the pooled vectors (with `loss.w_mean > 0`).
+    pub mean_xy: Option<&'a Tensor>,
+}
+
+/// The configured objective on a batch.
+///
+/// Each positive source has its own weight: `w_align` for adjacent sentences, `w_dropout` for
+/// dropout views (the anchor encoded twice, SimCSE's positives), `w_mean` for the sentence's own
+/// mean-pooled vector (a second view of the same sentence from the same pass: it teaches a
+/// [CLS] vector what the mean of the token states knows). The extra views are scored with
+/// alignment in `align_uniform` and with InfoNCE in `infonce` and `mix`; in `infonce` the
+/// adjacent pairs' InfoNCE is weighted by `w_align` too. Uniformity is
+/// `(L_uniform(x) + L_uniform(y)) / 2`, as in the paper's code.
+pub fn objective(v: &Views, cfg: &LossConfig) -> Result<LossParts> {
+    let (x, y) = (v.x, v.y);
     let scalar = |t: &Tensor| t.to_dtype(DType::F32)?.to_scalar::<f32>();
     let mut parts = Vec::new();
     let a = align(x, y, cfg.alpha)?;
     parts.push(("align", scalar(&a)?));
     let u = ((uniform(x, cfg.t)? + uniform(y, cfg.t)?)? / 2.0)?;
     parts.push(("uniform", scalar(&u)?));
-    let drop = match x_drop {
-        Some(x2) if cfg.w_dropout > 0.0 => Some(x2),
-        _ => None,
-    };
     let mut total = match cfg.kind {
         LossKind::AlignUniform => ((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)?,
         LossKind::Infonce => {
@@ -111,13 +124,20 @@ pub fn objective(x: &Tensor, y: &Tensor, x_drop: Option<&Tensor>, cfg: &LossConf
             (((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)? + (nce * cfg.w_infonce)?)?
         }
     };
-    if let Some(x2) = drop {
-        let d = match cfg.kind {
-            LossKind::AlignUniform => align(x, x2, cfg.alpha)?,
-            LossKind::Infonce | LossKind::Mix => infonce(x, x2, cfg.tau)?,
-        };
+    // A second view of the same sentences: alignment, or InfoNCE against the other sentences'.
+    let view = |a: &Tensor, b: &Tensor| match cfg.kind {
+        LossKind::AlignUniform => align(a, b, cfg.alpha),
+        LossKind::Infonce | LossKind::Mix => infonce(a, b, cfg.tau),
+    };
+    if let (Some(x2), true) = (v.x_drop, cfg.w_dropout > 0.0) {
+        let d = view(x, x2)?;
         parts.push(("dropout", scalar(&d)?));
         total = (total + (d * cfg.w_dropout)?)?;
+    }
+    if let (Some(m), true) = (v.mean_xy, cfg.w_mean > 0.0) {
+        let d = view(&Tensor::cat(&[x, y], 0)?, m)?;
+        parts.push(("mean", scalar(&d)?));
+        total = (total + (d * cfg.w_mean)?)?;
     }
     Ok(LossParts { total, parts })
 }
@@ -205,7 +225,7 @@ mod tests {
         let (tx, ty, tx2) = (tensor(&x), tensor(&y), tensor(&x2));
         let u = (ref_uniform(&x, 2.0) + ref_uniform(&y, 2.0)) / 2.0;
         let cfg = LossConfig { w_align: 0.7, w_uniform: 0.4, w_dropout: 1.5, ..Default::default() };
-        let parts = objective(&tx, &ty, Some(&tx2), &cfg).unwrap();
+        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &cfg).unwrap();
         let want = 0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + 1.5 * ref_align(&x, &x2, 2.0);
         assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
         let names: Vec<&str> = parts.parts.iter().map(|(n, _)| *n).collect();
@@ -213,15 +233,28 @@ mod tests {
         assert!((parts.get("dropout").unwrap() as f64 - ref_align(&x, &x2, 2.0)).abs() < 1e-5);
         // Without dropout views (or with weight 0) the term is absent.
         let off = LossConfig { w_dropout: 0.0, ..cfg.clone() };
-        let parts = objective(&tx, &ty, Some(&tx2), &off).unwrap();
+        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &off).unwrap();
         assert!((parts.total.to_scalar::<f64>().unwrap() - (0.7 * ref_align(&x, &y, 2.0) + 0.4 * u)).abs() < 1e-9);
         assert_eq!(parts.get("dropout"), None);
         // InfoNCE: w_align * InfoNCE(x, y) + w_dropout * InfoNCE(x, x').
         let nce = LossConfig { kind: LossKind::Infonce, tau: 0.1, ..cfg };
-        let parts = objective(&tx, &ty, Some(&tx2), &nce).unwrap();
+        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &nce).unwrap();
         let want = 0.7 * ref_infonce(&x, &y, 0.1) + 1.5 * ref_infonce(&x, &x2, 0.1);
         assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
         assert_eq!((views(&nce), views(&off)), (3, 2));
+        // The mean-pooled view: its distance from the pooled rows of x then y, weighted.
+        let (mx, my) = (unit_rows(&mut rng, 6, 5), unit_rows(&mut rng, 6, 5));
+        let mrows = [mx, my].concat();
+        let m = tensor(&mrows);
+        let cfg = LossConfig { w_align: 0.7, w_uniform: 0.4, w_mean: 2.0, ..Default::default() };
+        let v = Views { x: &tx, y: &ty, x_drop: None, mean_xy: Some(&m) };
+        let xy = [x.clone(), y.clone()].concat();
+        let want = 0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + 2.0 * ref_align(&xy, &mrows, 2.0);
+        assert!((objective(&v, &cfg).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+        let mix = LossConfig { kind: LossKind::Mix, w_infonce: 1.0, tau: 0.1, ..cfg };
+        let want =
+            0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + ref_infonce(&x, &y, 0.1) + 2.0 * ref_infonce(&xy, &mrows, 0.1);
+        assert!((objective(&v, &mix).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
     }
 
     #[test]

@@ -96,8 +96,19 @@ fn split_views(emb: &Tensor, views: usize) -> candle_core::Result<Vec<Tensor>> {
     (0..views).map(|k| emb.narrow(0, k * n, n)).collect()
 }
 
-fn objective_of(blocks: &[Tensor], cfg: &LossConfig) -> candle_core::Result<loss::LossParts> {
-    loss::objective(&blocks[0], &blocks[1], blocks.get(2), cfg)
+/// The objective on view blocks; `mean` holds the mean-pooled rows of the first two blocks.
+fn objective_of(blocks: &[Tensor], mean: Option<&Tensor>, cfg: &LossConfig) -> candle_core::Result<loss::LossParts> {
+    let v = loss::Views { x: &blocks[0], y: &blocks[1], x_drop: blocks.get(2), mean_xy: mean };
+    loss::objective(&v, cfg)
+}
+
+/// The mean-pooled rows of a batch's anchors and positives (the first two view blocks).
+fn mean_rows(mean: Option<Tensor>, views: usize) -> candle_core::Result<Option<Tensor>> {
+    mean.map(|m| {
+        let n = m.dim(0)? / views;
+        m.narrow(0, 0, 2 * n)
+    })
+    .transpose()
 }
 
 /// Loss and gradients of one batch given as micro-batches (each laid out by [`step_texts`]).
@@ -124,8 +135,10 @@ pub fn batch_gradients(
             Err(NonFinite(format!("loss is {loss} (parts {:?})", parts.parts)))
         })
     };
+    let with_mean = loss_cfg.w_mean > 0.0;
     if let [batch] = micro {
-        let parts = objective_of(&split_views(&encoder.embed(batch, dropout_rng)?, views)?, loss_cfg)?;
+        let (emb, mean) = encoder.embed_views(batch, dropout_rng, with_mean)?;
+        let parts = objective_of(&split_views(&emb, views)?, mean_rows(mean, views)?.as_ref(), loss_cfg)?;
         let loss = match finite(&parts)? {
             Ok(l) => l,
             Err(e) => return Ok(Err(e)),
@@ -139,15 +152,25 @@ pub fn batch_gradients(
     let rng_for = |k: usize| seeds.as_ref().map(|s| StdRng::seed_from_u64(s[k]));
     // Pass 1: embeddings only.
     let mut blocks: Vec<Vec<Tensor>> = vec![Vec::new(); views];
+    let mut means: Vec<Vec<Tensor>> = vec![Vec::new(); 2];
     for (k, b) in micro.iter().enumerate() {
-        let emb = encoder.embed(b, rng_for(k).as_mut())?.detach();
-        for (v, part) in split_views(&emb, views)?.into_iter().enumerate() {
+        let (emb, mean) = encoder.embed_views(b, rng_for(k).as_mut(), with_mean)?;
+        for (v, part) in split_views(&emb.detach(), views)?.into_iter().enumerate() {
             blocks[v].push(part);
+        }
+        if let Some(m) = mean {
+            for (v, part) in split_views(&m, views)?.into_iter().take(2).enumerate() {
+                means[v].push(part);
+            }
         }
     }
     let vars = blocks.iter().map(|b| Var::from_tensor(&Tensor::cat(b, 0)?)).collect::<candle_core::Result<Vec<_>>>()?;
     let full: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let parts = objective_of(&full, loss_cfg)?;
+    let mean = match with_mean {
+        true => Some(Tensor::cat(&[Tensor::cat(&means[0], 0)?, Tensor::cat(&means[1], 0)?], 0)?),
+        false => None,
+    };
+    let parts = objective_of(&full, mean.as_ref(), loss_cfg)?;
     let loss = match finite(&parts)? {
         Ok(l) => l,
         Err(e) => return Ok(Err(e)),
@@ -164,7 +187,7 @@ pub fn batch_gradients(
     let mut offset = 0;
     for (k, b) in micro.iter().enumerate() {
         let n = b.lengths.len() / views;
-        let emb = encoder.embed(b, rng_for(k).as_mut())?;
+        let (emb, _) = encoder.embed_views(b, rng_for(k).as_mut(), with_mean)?;
         let g =
             Tensor::cat(&g_views.iter().map(|g| g.narrow(0, offset, n)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
         let grads = (emb * g)?.sum_all()?.backward()?;

@@ -36,6 +36,7 @@ CANDIDATES = {
     "infonce-sel": ["loss.kind=\"infonce\"", "loss.tau=0.05"],
     "au-1-1": ["loss.w_align=1", "loss.w_uniform=1", "train.select=\"last\""],
     "au-0.9-0.1-t5": ["loss.w_align=0.9", "loss.w_uniform=0.1", "loss.t=5", "train.select=\"last\""],
+    "paper-fixed": ["loss.w_align=0.9", "loss.w_uniform=0.3", "loss.t=5", "train.select=\"last\""],
     # Model selection on STS-B dev alone.
     "au-1-1-sel": ["loss.w_align=1", "loss.w_uniform=1"],
     # A fast output LayerNorm: the cone removed by the shared offset, not by bending every weight.
@@ -65,6 +66,11 @@ CANDIDATES = {
     "infonce-lr5e-5": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=5e-5"],
     "mix-norm-lr5e-5": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.lr=5e-5"],
     "mix-norm100-lr1e-4": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "train.norm_lr_scale=100", "train.lr=1e-4"],
+    "mix-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000"],
+    # The sentence's own mean-pooled vector (same pass, held fixed) as a positive of its [CLS].
+    "mix-mean-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
+    "infonce-mean": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_mean=1"],
+    "au-mean-norm": ["loss.w_align=1", "loss.w_uniform=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
     # Dropout views as positives (3 sentences per pair: 100 steps).
     "au-drop-norm": ["loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
     "au-adj+drop-norm": ["loss.w_align=1", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],

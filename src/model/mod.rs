@@ -73,6 +73,25 @@ impl Encoder {
         pooling::l2_normalize(&pooling::pool(self.pooling, &first, &last, &batch.attention_mask)?)
     }
 
+    /// The pooled embeddings and, with `with_mean`, each sentence's mean of last-layer token
+    /// states, unit-norm and detached: a second view of the sentence from the same pass (the
+    /// last layer then runs on every position even for [CLS] pooling).
+    pub fn embed_views(
+        &self,
+        batch: &Batch,
+        rng: Option<&mut StdRng>,
+        with_mean: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        if !with_mean {
+            return Ok((self.embed(batch, rng)?, None));
+        }
+        let (first, last) =
+            self.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, false, rng)?;
+        let pooled = pooling::l2_normalize(&pooling::pool(self.pooling, &first, &last, &batch.attention_mask)?)?;
+        let mean = pooling::l2_normalize(&pooling::masked_mean(&last.detach(), &batch.attention_mask)?)?;
+        Ok((pooled, Some(mean)))
+    }
+
     pub fn vars(&self) -> Vec<Var> {
         self.params.iter().map(|(_, v)| v.clone()).collect()
     }
@@ -130,11 +149,58 @@ impl SimpleBackend for ParamStore {
     }
 }
 
-/// Save tensors as safetensors through a temp file and a rename.
+/// Save tensors as safetensors through a temp file and a rename, with `{"format": "pt"}`
+/// metadata (what transformers expects) and the ordinary file mode (candle's own writer
+/// leaves 0600, which other users cannot load).
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::data(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let raw = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), RawTensor::new(t)?)))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(|e| Error::data(path, e.to_string()))?;
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let bytes = safetensors::serialize(raw, &meta).map_err(|e| Error::data(path, e.to_string()))?;
+    crate::export::write_atomic(path, &bytes)
+}
+
+/// A tensor's little-endian bytes, for the safetensors writer.
+struct RawTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl RawTensor {
+    fn new(t: &Tensor) -> candle_core::Result<Self> {
+        use safetensors::Dtype as S;
+        let flat = t.flatten_all()?;
+        let (dtype, data): (S, Vec<u8>) = match t.dtype() {
+            DType::F32 => (S::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F64 => (S::F64, flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F16 => (S::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::BF16 => (S::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::I64 => (S::I64, flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::U32 => (S::U32, flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::U8 => (S::U8, flat.to_vec1::<u8>()?),
+            other => candle_core::bail!("cannot save a {other:?} tensor"),
+        };
+        Ok(Self { dtype, shape: t.dims().to_vec(), data })
+    }
+}
+
+impl safetensors::View for RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
 }
 
 /// Embed many sentences without gradients: batches of sentences sorted by their token count

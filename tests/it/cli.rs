@@ -59,6 +59,13 @@ fn tiny_finetune_writes_a_complete_run_folder() {
     for f in ["run.toml", "log.jsonl", "report.json", "model/model.safetensors", "model/modules.json"] {
         assert!(run.join(f).is_file(), "{f} missing");
     }
+    // The weights are readable by others and carry the metadata transformers expects.
+    let weights = run.join("model/model.safetensors");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&weights).unwrap().permissions().mode() & 0o044, 0o044);
+    let bytes = std::fs::read(&weights).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["train"]["steps"], 4);
