@@ -59,7 +59,9 @@ pub fn write_model(encoder: &Encoder, dir: &Path, max_len: usize, device: &Devic
         &json!({
             "word_embedding_dimension": encoder.config.hidden_size,
             "pooling_mode_cls_token": pooling == "cls",
-            "pooling_mode_mean_tokens": pooling == "mean",
+            // first-last-avg has no sentence-transformers mode: the nearest, mean, is declared
+            // (hypersphere.json records the real pooling).
+            "pooling_mode_mean_tokens": pooling != "cls",
             "pooling_mode_max_tokens": false,
             "pooling_mode_mean_sqrt_len_tokens": false,
             "pooling_mode_weightedmean_tokens": false,

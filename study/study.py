@@ -69,6 +69,8 @@ CANDIDATES = {
     "mix-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000"],
     # The sentence's own mean-pooled vector (same pass, held fixed) as a positive of its [CLS].
     "mix-mean-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
+    "mix-mean-t1-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
+    "mix-t1-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=1", "train.norm_lr_scale=1000"],
     "infonce-mean": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_mean=1"],
     "au-mean-norm": ["loss.w_align=1", "loss.w_uniform=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
     # Dropout views as positives (3 sentences per pair: 100 steps).

@@ -397,3 +397,27 @@ fn bench_reports_every_workload_and_exports_its_inputs() {
     let sentences = std::fs::read_to_string(inputs.join("sentences.txt")).unwrap();
     assert_eq!(sentences.lines().count(), 30);
 }
+
+/// first-last-avg has no sentence-transformers mode: the export declares mean pooling (the
+/// nearest) and hypersphere.json records the real one, which `embed` then uses.
+#[test]
+fn first_last_avg_export_declares_mean_and_records_the_pooling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_finetune(tmp.path(), &fixtures().join("books"), &["model.pooling=\"first-last-avg\""]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let model = tmp.path().join("runs/default/model");
+    let read = |p: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(model.join(p)).unwrap()).unwrap()
+    };
+    let st = read("1_Pooling/config.json");
+    assert_eq!(
+        (st["pooling_mode_mean_tokens"].as_bool(), st["pooling_mode_cls_token"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(read("hypersphere.json")["pooling"], "first-last-avg");
+    let files = hypersphere::model::source::local_files(model.to_str().unwrap(), &model).unwrap();
+    assert_eq!(
+        hypersphere::model::source::saved_pooling(&files),
+        Some(hypersphere::model::pooling::Pooling::FirstLastAvg)
+    );
+}
