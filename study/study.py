@@ -71,6 +71,8 @@ CANDIDATES = {
     "mix-mean-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
     "mix-mean-t1-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
     "mix-t1-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=1", "train.norm_lr_scale=1000"],
+    "infonce-mean3": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_mean=3"],
+    "mix-mean3-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "train.norm_lr_scale=1000"],
     "infonce-mean": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_mean=1"],
     "au-mean-norm": ["loss.w_align=1", "loss.w_uniform=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
     # Dropout views as positives (3 sentences per pair: 100 steps).
@@ -163,7 +165,8 @@ def table():
         ok = [r for r in rs if r["exit"] == 0]
         seeds = ",".join(str(r["seed"]) for r in rs)
         if not ok:
-            lines.append(f"| {name} | {seeds} | stopped: {rs[0].get('error')} | | | | | | | `{' '.join(rs[0]['sets'])}` |")
+            err = (rs[0].get("error") or [""])[0][:110]
+            lines.append(f"| {name} | {seeds} | stopped: {err}... | | | | | | | `{' '.join(rs[0]['sets'])}` |")
             continue
         sel = ",".join(str((r.get("selected") or {}).get("step")) for r in ok)
         lines.append("| " + " | ".join([

@@ -30,6 +30,10 @@ fn tiny_finetune(dir: &Path, corpus: &Path, extra: &[&str]) -> Output {
         format!("model.source={model_dir}"),
         format!("data.corpus={}", corpus.display()),
         "model.pooling=\"mean\"".into(),
+        // The default config's mean-pooled view and STS-B dev selection need [CLS] pooling
+        // and the data folder: tests that want them set them.
+        "loss.w_mean=0".into(),
+        "train.select=\"last\"".into(),
         "data.val_fraction=0.25".into(),
         "data.min_tokens=2".into(),
         "train.batch_pairs=8".into(),
