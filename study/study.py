@@ -79,7 +79,10 @@ CANDIDATES = {
     "au-drop-norm": ["loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
     "au-adj+drop-norm": ["loss.w_align=1", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
     "au-3adj+1drop-norm": ["loss.w_align=3", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
-    # Larger batches at the same budget.
+    # Larger batches at the same budget, through GradCache (micro-batches of 64 pairs).
+    "infonce-b128": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.batch_pairs=128", "train.micro_batch_pairs=64", "train.steps=75"],
+    "mix-mean3-t0.5-norm-b128": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.micro_batch_pairs=64", "train.steps=75"],
+    "au-1-1-norm-a1": ["loss.w_align=1", "loss.w_uniform=1", "loss.alpha=1", "train.norm_lr_scale=1000"],
     "au-3-1-norm-b128": ["loss.w_align=3", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.steps=75"],
 }
 

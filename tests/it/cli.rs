@@ -87,29 +87,6 @@ fn tiny_finetune_writes_a_complete_run_folder() {
     one_line_error(&again, "--force");
 }
 
-/// A data folder holding only an STS-B dev file of made-up scored pairs.
-fn sts_dev_folder(root: &Path) -> std::path::PathBuf {
-    let dir = root.join("data/sts/STSBenchmark");
-    std::fs::create_dir_all(&dir).unwrap();
-    let pairs = [
-        ("the barge moved along the canal", "a barge went slowly down the canal", 4.6),
-        ("the keeper waved them through", "the keeper let them pass the lock", 3.8),
-        ("nell sat on the roof with a book", "the horse ate hay in the yard", 0.4),
-        ("the city smelled of coal", "dark water and coal smoke filled the city", 3.1),
-        ("her father whistled an old song", "a man sang while he walked", 2.2),
-        ("they reached the city late", "the orchard was full of apples", 0.2),
-        ("the lighthouse stood on the rock", "a tall light stood on the rocks by the sea", 4.1),
-        ("the market was loud and busy", "many people shouted at the market", 3.5),
-    ];
-    let text: String = pairs
-        .iter()
-        .enumerate()
-        .map(|(i, (a, b, s))| format!("main-forums\tfixture\t2026\t{i:04}\t{s:.3}\t{a}\t{b}\n"))
-        .collect();
-    std::fs::write(dir.join("sts-dev.csv"), text).unwrap();
-    root.join("data")
-}
-
 /// With `train.select = "stsb-dev"` the run scores STS-B dev at each validation (step 0, the
 /// model before training, included), and exports the weights of the best one.
 #[test]

@@ -99,3 +99,26 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// A data folder holding only an STS-B dev file of made-up scored pairs.
+pub fn sts_dev_folder(root: &Path) -> PathBuf {
+    let dir = root.join("data/sts/STSBenchmark");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pairs = [
+        ("the barge moved along the canal", "a barge went slowly down the canal", 4.6),
+        ("the keeper waved them through", "the keeper let them pass the lock", 3.8),
+        ("nell sat on the roof with a book", "the horse ate hay in the yard", 0.4),
+        ("the city smelled of coal", "dark water and coal smoke filled the city", 3.1),
+        ("her father whistled an old song", "a man sang while he walked", 2.2),
+        ("they reached the city late", "the orchard was full of apples", 0.2),
+        ("the lighthouse stood on the rock", "a tall light stood on the rocks by the sea", 4.1),
+        ("the market was loud and busy", "many people shouted at the market", 3.5),
+    ];
+    let text: String = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b, s))| format!("main-forums\tfixture\t2026\t{i:04}\t{s:.3}\t{a}\t{b}\n"))
+        .collect();
+    std::fs::write(dir.join("sts-dev.csv"), text).unwrap();
+    root.join("data")
+}

@@ -48,14 +48,41 @@ fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
 /// uninterrupted run's, bit for bit.
 #[test]
 fn killed_run_resumes_to_the_same_weights() {
+    kill_corrupt_resume(&[]);
+}
+
+/// The same with STS-B dev selection at every step: the resumed run picks the same step and
+/// exports the same weights (the best weights kept in `best/` survive the kill).
+#[test]
+fn killed_run_with_selection_resumes_to_the_same_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sts_dev_folder(tmp.path());
+    let data = format!("--data={}", data.display());
+    let run = kill_corrupt_resume(&["--set", "train.select=\"stsb-dev\"", &data]);
+    let report = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run.path().join(format!("runs/{name}/report.json"))).unwrap())
+            .unwrap()
+    };
+    let (full, killed) = (report("full"), report("killed"));
+    assert_eq!(full["train"]["selected"]["by"], "stsb-dev");
+    assert_eq!(full["train"]["selected"], killed["train"]["selected"]);
+}
+
+/// Run "full" to the end; run "killed" with the same settings, SIGKILL it once two checkpoints
+/// exist, tear the newest, resume; the exported weights must be equal bit for bit.
+fn kill_corrupt_resume(extra: &[&str]) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(&tmp.path().join("tiny"), 11, "");
     let model_dir = model.config.parent().unwrap();
-    let full = finetune_cmd(tmp.path(), model_dir, "full").output().unwrap();
+    let full = finetune_cmd(tmp.path(), model_dir, "full").args(extra).output().unwrap();
     assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
 
-    let mut child =
-        finetune_cmd(tmp.path(), model_dir, "killed").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = finetune_cmd(tmp.path(), model_dir, "killed")
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let checkpoints = tmp.path().join("runs/killed/checkpoints");
     let start = Instant::now();
     // Kill once at least two checkpoints exist (so one can be corrupted and another used).
@@ -79,6 +106,7 @@ fn killed_run_resumes_to_the_same_weights() {
     let resumed = Command::new(env!("CARGO_BIN_EXE_hypersphere"))
         .current_dir(tmp.path())
         .args(["finetune", "--resume", "runs/killed"])
+        .args(extra.iter().filter(|a| a.starts_with("--data")))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&resumed.stderr);
@@ -97,6 +125,7 @@ fn killed_run_resumes_to_the_same_weights() {
     let steps: Vec<u64> =
         log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (0..=300).collect::<Vec<u64>>());
+    tmp
 }
 
 /// An absurd learning rate blows the weights up after the first update, so the loss turns
