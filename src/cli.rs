@@ -172,7 +172,7 @@ pub struct ModelArgs {
     /// max_seq_length, as sentence-transformers uses, else its position table).
     #[arg(long)]
     max_len: Option<usize>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = hypersphere::model::EMBED_BATCH)]
     batch_size: usize,
 }
 
@@ -799,7 +799,7 @@ fn compare(
             Input::Model(label, m) => {
                 let (enc, tok) = (&m.0, &m.1);
                 eprintln!("embedding {} sentences and {} pairs with {label}", sentences.len(), pairs.len());
-                let embed = |texts: Vec<&str>| embed_texts(enc, tok, &texts, 64, device);
+                let embed = |texts: Vec<&str>| embed_texts(enc, tok, &texts, hypersphere::model::EMBED_BATCH, device);
                 let s = embed(sentences.iter().map(String::as_str).collect())?;
                 let p = if pairs.is_empty() {
                     None

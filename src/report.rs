@@ -40,7 +40,7 @@ impl Sample {
 /// Anisotropy metrics of `encoder` on the sample, with alignment over its pairs.
 pub fn measure(encoder: &Encoder, tokenizer: &TextTokenizer, sample: &Sample, device: &Device) -> Result<Anisotropy> {
     let dim = encoder.config.hidden_size;
-    let embed = |texts: Vec<&str>| embed_texts(encoder, tokenizer, &texts, 64, device);
+    let embed = |texts: Vec<&str>| embed_texts(encoder, tokenizer, &texts, crate::model::EMBED_BATCH, device);
     let x = embed(sample.sentences.iter().map(|s| &**s).collect())?;
     let a = embed(sample.pairs.iter().map(|p| &*p.anchor).collect())?;
     let b = embed(sample.pairs.iter().map(|p| &*p.positive).collect())?;
