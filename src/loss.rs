@@ -77,8 +77,13 @@ pub struct LossParts {
 impl LossParts {
     /// The value of part `name`, if the objective has it.
     pub fn get(&self, name: &str) -> Option<f32> {
-        self.parts.iter().find(|(n, _)| *n == name).map(|&(_, v)| v)
+        part(&self.parts, name)
     }
+}
+
+/// The value named `name` in a list of named loss parts.
+pub fn part(parts: &[(&'static str, f32)], name: &str) -> Option<f32> {
+    parts.iter().find(|(n, _)| *n == name).map(|&(_, v)| v)
 }
 
 /// One batch's unit embeddings, by role.

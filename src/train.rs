@@ -55,7 +55,7 @@ pub struct StepStats {
 
 impl StepStats {
     fn part(&self, name: &str) -> f32 {
-        self.parts.iter().find(|(n, _)| *n == name).map_or(f32::NAN, |&(_, v)| v)
+        loss::part(&self.parts, name).unwrap_or(f32::NAN)
     }
 }
 
@@ -428,8 +428,7 @@ struct LogLine {
 /// The step whose weights the run keeps.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Selected {
-    /// "last" or "stsb-dev".
-    pub by: String,
+    pub by: Select,
     pub step: usize,
     /// The STS-B dev Spearman x 100 of that step, when selecting on it.
     pub sts_dev: Option<f64>,
@@ -529,10 +528,8 @@ fn load_best(run_dir: &Path, encoder: &Encoder, best: &Selected, device: &Device
 fn restore_best(lines: &[LogLine], run_dir: &Path, encoder: &Encoder, step: usize) -> Result<Option<Selected>> {
     let mut best: Option<Selected> = None;
     for l in lines {
-        if let Some(s) = l.val.sts_dev {
-            if best.as_ref().is_none_or(|b| s > b.sts_dev.unwrap_or(f64::NEG_INFINITY)) {
-                best = Some(Selected { by: "stsb-dev".into(), step: l.step, sts_dev: Some(s) });
-            }
+        if let Some(b) = improves(best.as_ref(), l.step, &l.val) {
+            best = Some(b);
         }
     }
     let Some(b) = best else { return Ok(None) };
@@ -550,6 +547,115 @@ fn restore_best(lines: &[LogLine], run_dir: &Path, encoder: &Encoder, step: usiz
         }
     }
     Ok(Some(b))
+}
+
+/// The selection for `step` when its STS-B dev score beats `best`'s.
+fn improves(best: Option<&Selected>, step: usize, val: &Validation) -> Option<Selected> {
+    let s = val.sts_dev?;
+    let beaten = best.is_none_or(|b| s > b.sts_dev.unwrap_or(f64::NEG_INFINITY));
+    beaten.then_some(Selected { by: Select::StsbDev, step, sts_dev: Some(s) })
+}
+
+/// The run's log, the reference validation of step 0, the warnings so far and the best step:
+/// what [`train`] keeps between validations.
+struct Monitor<'a> {
+    inp: &'a TrainInputs<'a>,
+    log: std::fs::File,
+    log_path: std::path::PathBuf,
+    start: Validation,
+    warnings: Vec<String>,
+    /// Selecting on STS-B dev: the best step so far (its weights in `best/`).
+    best: Option<Selected>,
+    select_dev: bool,
+}
+
+impl<'a> Monitor<'a> {
+    /// Open `log.jsonl` (trimmed to `step` on resume, new otherwise), validate the model before
+    /// training unless the log has it, warn when the push/pull balance makes collapse downhill,
+    /// and find the best step so far.
+    fn open(inp: &'a TrainInputs<'a>, step: usize) -> Result<Self> {
+        let log_path = inp.run_dir.join("log.jsonl");
+        let mut previous = Vec::new();
+        if inp.resume {
+            previous = truncate_log(&log_path, step)?;
+        } else {
+            let _ = std::fs::remove_file(&log_path);
+            let _ = std::fs::remove_dir_all(best_dir(inp.run_dir));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io(&log_path, e))?;
+        let select_dev = inp.cfg.train.select == Select::StsbDev && inp.dev.is_some();
+        let warnings = previous.iter().filter_map(|l| l.warning.clone()).collect();
+        let mut m = Self { inp, log, log_path, start: Validation::default(), warnings, best: None, select_dev };
+        m.start = match previous.iter().find(|l| l.step == 0) {
+            Some(l) => l.val,
+            None if inp.val_pairs.is_empty() => Validation::default(),
+            None => {
+                let line = LogLine { val: m.validate()?, ..LogLine::default() };
+                m.write(&line)?;
+                eprintln!("step 0 (before training): {}", line.val);
+                previous.push(line);
+                previous.last().map_or_else(Validation::default, |l| l.val)
+            }
+        };
+        if let Some(r) = balance(&m.start, &inp.cfg.loss).filter(|&r| r < 1.0) {
+            let w = format!(
+                "step 0: push/pull balance {r:.2} < 1 (w_uniform * t * random-pair distance over w_align * positive distance): shrinking everything lowers this loss, expect a collapse; raise loss.w_uniform or loss.t, or lower loss.w_align"
+            );
+            eprintln!("warning: {w}");
+            m.warnings.push(w);
+        }
+        if m.select_dev {
+            m.best = restore_best(&previous, inp.run_dir, inp.encoder, step)?;
+        }
+        Ok(m)
+    }
+
+    fn validate(&self) -> Result<Validation> {
+        let i = self.inp;
+        validate(i.encoder, i.tokenizer, i.val_pairs, &i.cfg.loss, i.dev, i.device)
+    }
+
+    fn write(&mut self, line: &LogLine) -> Result<()> {
+        let json = serde_json::to_string(line).map_err(|e| Error::Invalid(e.to_string()))?;
+        writeln!(self.log, "{json}").and_then(|_| self.log.flush()).map_err(|e| Error::io(&self.log_path, e))
+    }
+
+    /// Validate after a step, log it (with `line`'s step, lr and train means), keep the best
+    /// weights; returns the validation and what the geometry says.
+    fn after_step(&mut self, mut line: LogLine) -> Result<(Validation, Health)> {
+        let val = self.validate()?;
+        let verdict = health(&val, &self.start, self.inp.cfg.loss.t);
+        if let Health::Drift(m) | Health::Collapse(m) = &verdict {
+            line.warning = Some(format!("step {}: {m}", line.step));
+        }
+        line.val = val;
+        self.write(&line)?;
+        if matches!(verdict, Health::Drift(_)) {
+            self.warnings.extend(line.warning.clone());
+        }
+        if let (true, Some(b)) = (self.select_dev, improves(self.best.as_ref(), line.step, &val)) {
+            save_best(self.inp.run_dir, self.inp.encoder, &b)?;
+            self.best = Some(b);
+        }
+        Ok((val, verdict))
+    }
+
+    /// The step whose weights the encoder should end with, loaded when it is not `last`.
+    fn select(self, last: usize, stopped: bool) -> Result<Selected> {
+        match self.best {
+            Some(b) if self.select_dev && !stopped => {
+                if b.step != last {
+                    load_best(self.inp.run_dir, self.inp.encoder, &b, self.inp.device)?;
+                }
+                Ok(b)
+            }
+            _ => Ok(Selected { by: Select::Last, step: last, sts_dev: None }),
+        }
+    }
 }
 
 /// Everything [`train`] reads.
@@ -597,10 +703,8 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
     let lens: Vec<usize> = inp.train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
     let mut opt = AdamW::new(encoder.vars(), tc)?;
     opt.set_lr_scales(&lr_scales(encoder, tc))?;
-    let log_path = run_dir.join("log.jsonl");
     let mut state =
         TrainState { step: 0, epoch: 0, batch_in_epoch: 0, bad_steps: 0, model: encoder.files.spec.clone() };
-    let mut previous = Vec::new();
     if inp.resume {
         let mut warn = |m: String| eprintln!("warning: {m}");
         match checkpoint::restore_latest(run_dir, &encoder.files.spec, &encoder.params, &mut opt, &mut warn)? {
@@ -610,41 +714,8 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
             }
             None => eprintln!("warning: no usable checkpoint in {}: starting from step 0", run_dir.display()),
         }
-        previous = truncate_log(&log_path, state.step)?;
-    } else {
-        let _ = std::fs::remove_file(&log_path);
-        let _ = std::fs::remove_dir_all(best_dir(run_dir));
     }
-    let mut log =
-        std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| Error::io(&log_path, e))?;
-    let mut write_line = |line: &LogLine| -> Result<()> {
-        let json = serde_json::to_string(line).map_err(|e| Error::Invalid(e.to_string()))?;
-        writeln!(log, "{json}").and_then(|_| log.flush()).map_err(|e| Error::io(&log_path, e))
-    };
-    let validate_now = || validate(encoder, inp.tokenizer, inp.val_pairs, &cfg.loss, inp.dev, device);
-    let select_dev = tc.select == Select::StsbDev && inp.dev.is_some();
-    let mut warnings: Vec<String> = previous.iter().filter_map(|l| l.warning.clone()).collect();
-    // The model before training: the reference for the collapse guard and a selection candidate.
-    let start = match previous.iter().find(|l| l.step == 0) {
-        Some(l) => l.val,
-        None if inp.val_pairs.is_empty() => Validation::default(),
-        None => {
-            let line = LogLine { val: validate_now()?, ..LogLine::default() };
-            write_line(&line)?;
-            eprintln!("step 0 (before training): {}", line.val);
-            let v = line.val;
-            previous.push(line);
-            v
-        }
-    };
-    if let Some(r) = balance(&start, &cfg.loss).filter(|&r| r < 1.0) {
-        let w = format!(
-            "step 0: push/pull balance {r:.2} < 1 (w_uniform * t * random-pair distance over w_align * positive distance): shrinking everything lowers this loss, expect a collapse; raise loss.w_uniform or loss.t, or lower loss.w_align"
-        );
-        eprintln!("warning: {w}");
-        warnings.push(w);
-    }
-    let mut best = if select_dev { restore_best(&previous, run_dir, encoder, state.step)? } else { None };
+    let mut monitor = Monitor::open(inp, state.step)?;
 
     let shuffle = |epoch: usize| {
         epoch_batches(&lens, tc.batch_pairs, &mut StdRng::seed_from_u64(derived_seed(cfg.seed, 1, epoch)))
@@ -739,30 +810,22 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         }
         let eval_now = step == total || (tc.eval_every_steps > 0 && step.is_multiple_of(tc.eval_every_steps));
         if eval_now && !inp.val_pairs.is_empty() {
-            let val = validate_now()?;
-            let verdict = health(&val, &start, cfg.loss.t);
-            let warning = match &verdict {
-                Health::Fine => None,
-                Health::Drift(m) | Health::Collapse(m) => Some(format!("step {step}: {m}")),
-            };
             let k = since.max(1) as f32;
-            write_line(&LogLine {
+            let line = LogLine {
                 step,
                 epoch: state.epoch,
                 lr,
                 train: sums.iter().map(|(n, v)| (n.clone(), v / k)).collect(),
-                val,
-                warning: warning.clone(),
                 pairs_per_s,
                 elapsed_s: clock.elapsed().as_secs_f64(),
-            })?;
+                ..LogLine::default()
+            };
+            let (val, verdict) = monitor.after_step(line)?;
             pb.suspend(|| {
-                eprintln!(
-                    "step {step}/{total}: train loss {:.4} | {val} | {pairs_per_s:.1} pairs/s",
-                    sums.first().map_or(f32::NAN, |(_, v)| v / k),
-                );
-                if let Some(w) = &warning {
-                    eprintln!("warning: {w}");
+                let loss = sums.first().map_or(f32::NAN, |(_, v)| v / k);
+                eprintln!("step {step}/{total}: train loss {loss:.4} | {val} | {pairs_per_s:.1} pairs/s");
+                if let Health::Drift(m) | Health::Collapse(m) = &verdict {
+                    eprintln!("warning: step {step}: {m}");
                 }
             });
             (sums, since) = (Vec::new(), 0);
@@ -771,27 +834,12 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
                 collapsed = true;
                 break;
             }
-            warnings.extend(warning);
-            if let (true, Some(s)) = (select_dev, val.sts_dev) {
-                if best.as_ref().is_none_or(|b| s > b.sts_dev.unwrap_or(f64::NEG_INFINITY)) {
-                    let b = Selected { by: "stsb-dev".into(), step, sts_dev: Some(s) };
-                    save_best(run_dir, encoder, &b)?;
-                    best = Some(b);
-                }
-            }
         }
     }
     pb.finish_and_clear();
     let seconds = clock.elapsed().as_secs_f64();
-    let selected = match best {
-        Some(b) if select_dev && stopped.is_none() => {
-            if b.step != state.step {
-                load_best(run_dir, encoder, &b, device)?;
-            }
-            b
-        }
-        _ => Selected { by: "last".into(), step: state.step, sts_dev: None },
-    };
+    let warnings = monitor.warnings.clone();
+    let selected = monitor.select(state.step, stopped.is_some())?;
     Ok(TrainSummary {
         steps: state.step,
         planned_steps: total,
