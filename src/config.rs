@@ -170,6 +170,10 @@ pub struct LossConfig {
     /// own mean of token states from the same pass, held fixed (no gradient through it);
     /// 0 = off. Needs a pooling other than `mean`.
     pub w_mean: f64,
+    /// Weight of relational distillation from the same mean-pooled vectors: each sentence's
+    /// softmax (at `tau`) over its similarities to the batch's other sentences is pulled
+    /// towards the mean-pooled vectors' (KL); 0 = off. Needs a pooling other than `mean`.
+    pub w_distill: f64,
     /// Exponent of the alignment distance.
     pub alpha: f64,
     /// Uniformity temperature t.
@@ -258,10 +262,18 @@ impl Default for LossConfig {
             w_infonce: 0.0,
             w_dropout: 0.0,
             w_mean: 0.0,
+            w_distill: 0.0,
             alpha: 2.0,
             t: 2.0,
             tau: 0.05,
         }
+    }
+}
+
+impl LossConfig {
+    /// Whether a term reads the mean-pooled view (so the encoder must return it).
+    pub fn needs_mean_view(&self) -> bool {
+        self.w_mean > 0.0 || self.w_distill > 0.0
     }
 }
 
@@ -321,8 +333,8 @@ impl RunConfig {
                 "loss.t, loss.tau and loss.alpha must be positive",
             ),
             (
-                self.loss.w_mean <= 0.0 || self.model.pooling != Pooling::Mean,
-                "loss.w_mean needs model.pooling other than mean (the view would be the vector itself)",
+                !self.loss.needs_mean_view() || self.model.pooling != Pooling::Mean,
+                "loss.w_mean and loss.w_distill need model.pooling other than mean (the view would be the vector itself)",
             ),
             (
                 self.loss.w_dropout <= 0.0 || t.dropout,

@@ -68,6 +68,28 @@ pub fn infonce(x: &Tensor, y: &Tensor, tau: f64) -> Result<Tensor> {
     (xent(&logits)? + xent(&logits.t()?)?)? / 2.0
 }
 
+/// Relational distillation: each row's softmax over its similarities to the other rows
+/// (`z zᵀ / tau`, self excluded), the student's pulled towards the teacher's by
+/// `mean_i KL(teacher_i || student_i)`. Only similarity *differences* within a row count, so a
+/// shared offset (the cone) is neither copied nor protected: another term may remove it.
+///
+/// # Shapes
+/// `student`, `teacher`: [n, d] unit rows with n >= 2 -> scalar; no gradient reaches `teacher`.
+pub fn distill(student: &Tensor, teacher: &Tensor, tau: f64) -> Result<Tensor> {
+    let n = student.dim(0)?;
+    if n < 2 {
+        candle_core::bail!("distillation needs at least 2 embeddings, got {n}")
+    }
+    // A finite large negative keeps the diagonal out of the softmax in any dtype (no -inf).
+    let self_mask = (Tensor::eye(n, student.dtype(), student.device())? * -1e4)?;
+    let log_probs = |z: &Tensor| -> Result<Tensor> {
+        let logits = ((z.matmul(&z.t()?)? / tau)? + &self_mask)?;
+        candle_nn::ops::log_softmax(&logits, D::Minus1)
+    };
+    let (ls, lt) = (log_probs(student)?, log_probs(&teacher.detach())?);
+    (lt.exp()? * (lt - ls)?)?.sum_all()? / n as f64
+}
+
 /// The loss and its named parts as scalars (the log and the step stats follow this list).
 pub struct LossParts {
     pub total: Tensor,
@@ -95,7 +117,7 @@ pub struct Views<'a> {
     /// The anchors again under independent dropout masks [n, d] (with `loss.w_dropout > 0`).
     pub x_drop: Option<&'a Tensor>,
     /// The mean-pooled vectors of the anchors then the adjacent sentences [2n, d], detached:
-    /// a fixed target for the pooled vectors (with `loss.w_mean > 0`).
+    /// a fixed target for the pooled vectors (with `loss.w_mean > 0` or `loss.w_distill > 0`).
     pub mean_xy: Option<&'a Tensor>,
 }
 
@@ -104,7 +126,8 @@ pub struct Views<'a> {
 /// Each positive source has its own weight: `w_align` for adjacent sentences, `w_dropout` for
 /// dropout views (the anchor encoded twice, SimCSE's positives), `w_mean` for the sentence's own
 /// mean-pooled vector (a second view of the same sentence from the same pass: it teaches a
-/// [CLS] vector what the mean of the token states knows). The extra views are scored with
+/// [CLS] vector what the mean of the token states knows). `w_distill` copies the mean-pooled
+/// vectors' similarity structure over the whole batch ([`distill`]). The extra views are scored with
 /// alignment in `align_uniform` and with InfoNCE in `infonce` and `mix`; in `infonce` the
 /// adjacent pairs' InfoNCE is weighted by `w_align` too. Uniformity is
 /// `(L_uniform(x) + L_uniform(y)) / 2`, as in the paper's code.
@@ -143,6 +166,11 @@ pub fn objective(v: &Views, cfg: &LossConfig) -> Result<LossParts> {
         let d = view(&Tensor::cat(&[x, y], 0)?, m)?;
         parts.push(("mean", scalar(&d)?));
         total = (total + (d * cfg.w_mean)?)?;
+    }
+    if let (Some(m), true) = (v.mean_xy, cfg.w_distill > 0.0) {
+        let d = distill(&Tensor::cat(&[x, y], 0)?, m, cfg.tau)?;
+        parts.push(("distill", scalar(&d)?));
+        total = (total + (d * cfg.w_distill)?)?;
     }
     Ok(LossParts { total, parts })
 }
@@ -204,6 +232,22 @@ mod tests {
         (dir(x, y) + dir(y, x)) / 2.0
     }
 
+    fn ref_distill(s: &[Vec<f64>], t: &[Vec<f64>], tau: f64) -> f64 {
+        let n = s.len();
+        let row = |z: &[Vec<f64>], i: usize| -> Vec<f64> {
+            let e: Vec<f64> = (0..n).map(|j| if j == i { 0.0 } else { (dot(&z[i], &z[j]) / tau).exp() }).collect();
+            let sum: f64 = e.iter().sum();
+            e.iter().map(|v| v / sum).collect()
+        };
+        (0..n)
+            .map(|i| {
+                let (p, q) = (row(t, i), row(s, i));
+                (0..n).filter(|&j| j != i).map(|j| p[j] * (p[j] / q[j]).ln()).sum::<f64>()
+            })
+            .sum::<f64>()
+            / n as f64
+    }
+
     #[test]
     fn losses_match_pairwise_loops() {
         let mut rng = StdRng::seed_from_u64(7);
@@ -219,6 +263,42 @@ mod tests {
         }
         let got = infonce(&tx, &ty, 0.05).unwrap().to_scalar::<f64>().unwrap();
         assert!((got - ref_infonce(&x, &y, 0.05)).abs() < 1e-9);
+        for tau in [0.05, 0.5] {
+            let got = distill(&tx, &ty, tau).unwrap().to_scalar::<f64>().unwrap();
+            assert!((got - ref_distill(&x, &y, tau)).abs() < 1e-9, "tau {tau}");
+        }
+    }
+
+    /// Distillation is zero when the student's rows are the teacher's, and blind to a shared
+    /// similarity offset: only how a row ranks the others matters.
+    #[test]
+    fn distill_known_answers() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let x = tensor(&unit_rows(&mut rng, 7, 4));
+        assert!(distill(&x, &x, 0.1).unwrap().to_scalar::<f64>().unwrap().abs() < 1e-12);
+        // An orthonormal teacher makes every row's target uniform over the others; a student
+        // whose rows all have cosine c with each other matches it for any c.
+        let eye = Tensor::eye(4, DType::F64, &Device::Cpu).unwrap();
+        let c: f64 = 0.6;
+        let (a, b) = ((c).sqrt(), (1.0 - c).sqrt());
+        let cone: Vec<Vec<f64>> = (0..4)
+            .map(|i| {
+                (0..5)
+                    .map(|j| {
+                        if j == 0 {
+                            a
+                        } else if j == i + 1 {
+                            b
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let got = distill(&tensor(&cone), &eye, 0.05).unwrap().to_scalar::<f64>().unwrap();
+        assert!(got.abs() < 1e-9, "cone student vs orthonormal teacher: {got}");
+        assert!(distill(&tensor(&[vec![1.0, 0.0]]), &tensor(&[vec![1.0, 0.0]]), 0.1).is_err());
     }
 
     /// Each positive source enters with its own weight; dropout views use the same distance
@@ -260,6 +340,13 @@ mod tests {
         let want =
             0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + ref_infonce(&x, &y, 0.1) + 2.0 * ref_infonce(&xy, &mrows, 0.1);
         assert!((objective(&v, &mix).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+        // Distillation of the mean-pooled rows' similarity structure, weighted, with its own name.
+        let dis = LossConfig { w_mean: 0.0, w_distill: 3.0, ..mix };
+        let parts = objective(&v, &dis).unwrap();
+        let want =
+            0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + ref_infonce(&x, &y, 0.1) + 3.0 * ref_distill(&xy, &mrows, 0.1);
+        assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+        assert_eq!(parts.parts.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["align", "uniform", "infonce", "distill"]);
     }
 
     #[test]
@@ -288,6 +375,7 @@ mod tests {
             ("align1", Box::new(|x: &Tensor| align(&l2_normalize(x)?, &ty, 1.0))),
             ("uniform", Box::new(|x: &Tensor| uniform(&l2_normalize(x)?, 2.0))),
             ("infonce", Box::new(|x: &Tensor| infonce(&l2_normalize(x)?, &ty, 0.1))),
+            ("distill", Box::new(|x: &Tensor| distill(&l2_normalize(x)?, &ty, 0.1))),
         ];
         for (name, f) in losses {
             let var = Var::new(raw.clone(), &Device::Cpu).unwrap();

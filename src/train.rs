@@ -135,7 +135,7 @@ pub fn batch_gradients(
             Err(NonFinite(format!("loss is {loss} (parts {:?})", parts.parts)))
         })
     };
-    let with_mean = loss_cfg.w_mean > 0.0;
+    let with_mean = loss_cfg.needs_mean_view();
     if let [batch] = micro {
         let (emb, mean) = encoder.embed_views(batch, dropout_rng, with_mean)?;
         let parts = objective_of(&split_views(&emb, views)?, mean_rows(mean, views)?.as_ref(), loss_cfg)?;

@@ -77,6 +77,14 @@ CANDIDATES = {
     "au-mean-norm": ["loss.w_align=1", "loss.w_uniform=1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
     # Dropout views as positives (3 sentences per pair: 100 steps).
     "au-drop-norm": ["loss.w_align=0", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
+    # Relational distillation: [CLS] copies how its own mean-pooled vectors rank the batch
+    # (KL of each row's softmax), which leaves the shared offset to the uniformity term.
+    "infonce-distill3": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_distill=3"],
+    "mix-distill3-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_distill=3", "train.norm_lr_scale=1000"],
+    "mix-mean3-distill3-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "loss.w_distill=3", "train.norm_lr_scale=1000"],
+    # Uniformity at small t is mostly a pull of the batch mean towards 0 (log E exp(-t d^2) ~
+    # -2t (1 - |mean|^2)): the offset removed with less push between near neighbours.
+    "mix-mean3-t0.1-u5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=5", "loss.t=0.1", "loss.w_mean=3", "train.norm_lr_scale=1000"],
     "au-adj+drop-norm": ["loss.w_align=1", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
     "au-3adj+1drop-norm": ["loss.w_align=3", "loss.w_dropout=1", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.steps=100"],
     # Larger batches at the same budget, through GradCache (micro-batches of 64 pairs).

@@ -283,6 +283,7 @@ fn micro_batches_give_the_full_batch_gradient() {
         LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
         LossConfig { kind: LossKind::Mix, w_infonce: 0.5, w_dropout: 0.3, t: 5.0, ..Default::default() },
         LossConfig { kind: LossKind::Mix, w_infonce: 1.0, w_mean: 0.7, ..Default::default() },
+        LossConfig { kind: LossKind::Infonce, w_distill: 2.0, ..Default::default() },
     ];
     for cfg in &losses {
         let micro =
