@@ -304,6 +304,15 @@ fn tokenizer_and_pairs(
     };
     let counter = tokenizer.counter()?;
     let set = load_pairs(&corpus, cfg.data.max_books, &opts, cfg.data.val_fraction, cfg.seed, &counter)?;
+    if !set.skipped.is_empty() {
+        let names: Vec<String> = set.skipped.iter().take(5).map(|p| p.display().to_string()).collect();
+        eprintln!(
+            "note: {} paths in the corpus not followed (broken links, links back into a folder above them, folders reached twice): {}{}",
+            set.skipped.len(),
+            names.join(", "),
+            if set.skipped.len() > 5 { ", ..." } else { "" }
+        );
+    }
     Ok((tokenizer, set))
 }
 

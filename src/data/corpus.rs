@@ -24,32 +24,113 @@ pub struct Chapter {
     pub paragraphs: Vec<Vec<Arc<str>>>,
 }
 
+/// The books a corpus path names, each file once, and the links the walk left out.
+#[derive(Debug, Default)]
+pub struct BookFiles {
+    /// Sorted by path; a file reached by several paths (links) is listed once, by its first path.
+    pub files: Vec<PathBuf>,
+    /// Paths not followed: broken links, links to a folder that contains them (loops), and
+    /// folders already walked through another path.
+    pub skipped: Vec<PathBuf>,
+}
+
 /// A `.txt` file (any file named directly is taken), or a folder searched recursively for
-/// `.txt` files; sorted by path.
+/// `.txt` files; sorted by path. See [`walk_books`].
 pub fn list_book_files(path: &Path) -> Result<Vec<PathBuf>> {
-    if path.is_file() {
-        return Ok(vec![path.to_path_buf()]);
+    walk_books(path).map(|w| w.files)
+}
+
+/// Identity of a file or folder, whatever path reaches it (device and inode on Unix).
+fn file_id(path: &Path, meta: &std::fs::Metadata) -> Result<(u64, u64, PathBuf)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let _ = path;
+        Ok((meta.dev(), meta.ino(), PathBuf::new()))
     }
-    if !path.is_dir() {
-        return Err(Error::data(path, "no such file or folder; give a .txt book or a folder of them"));
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Ok((0, 0, std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?))
     }
-    let mut files = Vec::new();
+}
+
+/// Whether folder `link`'s target is `dir` or one of its ancestors.
+fn contains(link: &Path, dir: &Path) -> Result<bool> {
+    let target = std::fs::canonicalize(link).map_err(|e| Error::io(link, e))?;
+    let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(dir.starts_with(target))
+}
+
+/// Walk a corpus folder once: links are followed, but every folder and file is visited once
+/// (by identity, so links and hard links cannot repeat a book or loop), and a link to a folder
+/// that contains it (`ln -s .. up`) is skipped rather than walked out of the corpus. Entries
+/// are visited in name order, so which path names a repeated file does not vary.
+pub fn walk_books(path: &Path) -> Result<BookFiles> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            Error::data(path, "no such file or folder; give a .txt book or a folder of them")
+        }
+        _ => Error::io(path, e),
+    })?;
+    if meta.is_file() {
+        return Ok(BookFiles { files: vec![path.to_path_buf()], skipped: Vec::new() });
+    }
+    let mut walk = BookFiles::default();
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(file_id(path, &meta)?);
     let mut dirs = vec![path.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-            let p = entry.map_err(|e| Error::io(&dir, e))?.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt")) {
-                files.push(p);
+        let mut entries = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .map(|e| {
+                let e = e.map_err(|e| Error::io(&dir, e))?;
+                let is_link = e.file_type().map_err(|err| Error::io(e.path(), err))?.is_symlink();
+                Ok((is_link, e.file_name(), e.path()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Real entries before links, so a book and a link to it are listed under the book's name.
+        entries.sort();
+        let mut subdirs = Vec::new();
+        for (is_link, _, p) in entries {
+            let meta = match std::fs::metadata(&p) {
+                Ok(m) => m,
+                Err(_) if is_link => {
+                    walk.skipped.push(p);
+                    continue;
+                }
+                Err(e) => return Err(Error::io(&p, e)),
+            };
+            let is_txt = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt"));
+            if !(meta.is_dir() || (meta.is_file() && is_txt)) {
+                continue;
+            }
+            if is_link && meta.is_dir() && contains(&p, &dir)? {
+                walk.skipped.push(p);
+                continue;
+            }
+            if !seen.insert(file_id(&p, &meta)?) {
+                // Already listed or walked: a link (or hard link) back to it. A folder reached
+                // again through a link is a loop or a repeat; either way it is skipped.
+                if meta.is_dir() {
+                    walk.skipped.push(p);
+                }
+                continue;
+            }
+            if meta.is_dir() {
+                subdirs.push(p);
+            } else {
+                walk.files.push(p);
             }
         }
+        // Reversed onto the stack, so folders are walked in name order.
+        dirs.extend(subdirs.into_iter().rev());
     }
-    if files.is_empty() {
+    if walk.files.is_empty() {
         return Err(Error::data(path, "folder has no .txt files; add UTF-8 .txt books (one paragraph per line)"));
     }
-    files.sort();
-    Ok(files)
+    walk.files.sort();
+    Ok(walk)
 }
 
 /// Read one book (UTF-8 text; see [`parse_book`] for the layouts).
@@ -210,6 +291,38 @@ mod tests {
         let e = list_book_files(&other).unwrap_err().to_string();
         assert!(e.contains("notes") && e.contains("no .txt files"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Links are followed once: loops, links to an ancestor, repeats, hard links and broken
+    /// links neither hang the walk nor count a book twice. Run on a thread with a deadline,
+    /// since the failure this guards against is a walk that never ends.
+    #[cfg(unix)]
+    #[test]
+    fn links_never_loop_or_repeat() {
+        use std::os::unix::fs::symlink;
+        let root = temp_path("links");
+        let dir = root.join("L");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("book.txt"), "One. Two.\n").unwrap();
+        std::fs::write(root.join("outside.txt"), "Out.\n").unwrap();
+        symlink(".", dir.join("x")).unwrap();
+        symlink(".", dir.join("y")).unwrap();
+        symlink("..", dir.join("up")).unwrap();
+        symlink("..", dir.join("sub/back")).unwrap();
+        symlink("book.txt", dir.join("alias.txt")).unwrap();
+        symlink("nowhere", dir.join("broken.txt")).unwrap();
+        std::fs::hard_link(dir.join("book.txt"), dir.join("sub/hard.txt")).unwrap();
+        std::fs::write(dir.join("sub/other.txt"), "Three.\n").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.clone();
+        std::thread::spawn(move || tx.send(walk_books(&d).unwrap()).unwrap());
+        let walk = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the walk did not finish in 20 s");
+        assert_eq!(walk.files, vec![dir.join("book.txt"), dir.join("sub/other.txt")]);
+        let mut skipped = walk.skipped.clone();
+        skipped.sort();
+        let want = ["broken.txt", "sub/back", "up", "x", "y"].map(|p| dir.join(p));
+        assert_eq!(skipped, want);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use corpus::{list_book_files, read_book};
+use corpus::{read_book, walk_books};
 use pairs::{book_pairs, corpus_stats, split_books, CorpusStats, Pair, PairOptions};
 
 /// Training and validation pairs of a corpus, split by whole books.
@@ -18,6 +18,8 @@ pub struct PairSet {
     pub train: Vec<Pair>,
     pub val: Vec<Pair>,
     pub val_books: Vec<String>,
+    /// Paths the corpus walk did not follow (broken links, loops, repeats; see [`walk_books`]).
+    pub skipped: Vec<std::path::PathBuf>,
     pub stats: CorpusStats,
     /// Sentence length in word pieces -> number of sentences (all sentences counted).
     pub token_lengths: BTreeMap<usize, usize>,
@@ -35,7 +37,8 @@ pub fn load_pairs(
     count_tokens: &(dyn Fn(&str) -> usize + Sync),
 ) -> Result<PairSet> {
     use rayon::prelude::*;
-    let mut files = list_book_files(corpus)?;
+    // Each file once, by identity: held-out books can never be copies of training books by link.
+    let corpus::BookFiles { mut files, skipped } = walk_books(corpus)?;
     if max_books > 0 {
         files.truncate(max_books);
     }
@@ -81,5 +84,5 @@ pub fn load_pairs(
             ),
         ));
     }
-    Ok(PairSet { train, val, val_books, stats, token_lengths })
+    Ok(PairSet { train, val, val_books, skipped, stats, token_lengths })
 }
