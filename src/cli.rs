@@ -363,25 +363,59 @@ struct Before {
     eval: Option<Vec<Evaluated>>,
 }
 
-fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device) -> Result<bool> {
-    let (cfg, run_dir) = match resume {
-        Some(dir) => {
-            let path = dir.join("run.toml");
-            if !path.is_file() {
-                bail!("{} not found: --resume takes a run folder written by finetune", path.display());
+/// Ctrl-C and SIGTERM (what `timeout`, schedulers and `docker stop` send) during training:
+/// finish the step, write a checkpoint and stop. A second signal, or one before or after
+/// training (where there is no step to finish), exits at once.
+struct Signals {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    training: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Signals {
+    /// Install the handler; training counts as started from here.
+    fn install(run_dir: &Path) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let training = std::sync::Arc::new(AtomicBool::new(true));
+        let (flag, in_training) = (stop.clone(), training.clone());
+        let resume = format!("hypersphere finetune --resume {}", run_dir.display());
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, SeqCst) {
+                eprintln!("\nsecond interrupt: quitting now");
+                std::process::exit(130);
             }
-            (RunConfig::load(Some(&path), &args.overrides)?, dir.to_path_buf())
+            if in_training.load(SeqCst) {
+                eprintln!(
+                    "\ninterrupt: writing a checkpoint after this step, then stopping (interrupt again to quit now)"
+                );
+            } else {
+                eprintln!("\ninterrupt: training is over and checkpointed; quitting before the report and export (`{resume}` finishes them)");
+                std::process::exit(130);
+            }
+        });
+        Self { stop, training }
+    }
+}
+
+fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device) -> Result<bool> {
+    // One writer per run folder, for the whole run; a fresh start sets an old run aside first.
+    let (cfg, run_dir, _lock) = match resume {
+        Some(dir) => {
+            let lock = hypersphere::run_dir::lock(dir)?;
+            let (cfg, changes) = hypersphere::run_dir::resume_config(dir, &args.overrides)?;
+            for (k, a, b) in &changes {
+                eprintln!("resume: {k} = {b} (was {a}), recorded in {}", dir.join("run.toml").display());
+            }
+            (cfg, dir.to_path_buf(), lock)
         }
         None => {
             let cfg = args.config()?;
             let run_dir = cfg.out_dir.join(&cfg.name);
-            if run_dir.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) && !force {
-                bail!(
-                    "run folder {} is not empty: pick another name (--set name=...), --resume it, or pass --force",
-                    run_dir.display()
-                );
+            let (lock, aside) = hypersphere::run_dir::start_fresh(&run_dir, force)?;
+            if let Some(old) = aside {
+                eprintln!("--force: moved the earlier run to {} (delete it when no longer needed)", old.display());
             }
-            (cfg, run_dir)
+            (cfg, run_dir, lock)
         }
     };
     let t0 = Instant::now();
@@ -410,12 +444,7 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
     }
     eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
 
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     if resume.is_none() {
-        if force {
-            let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
-            let _ = std::fs::remove_file(run_dir.join("before.json"));
-        }
         let resolved = toml::to_string_pretty(&cfg).context("serializing the config")?;
         let header = format!(
             "# resolved config of this run; hypersphere {}; model weights {}\n",
@@ -467,15 +496,7 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
     };
     write_json(&run_dir.join("before.json"), &Before { anisotropy: before.clone(), eval: eval_before.clone() })?;
 
-    // Ctrl-C: finish the step, write a checkpoint, stop. A second Ctrl-C exits at once.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit now)");
-    });
+    let signals = Signals::install(&run_dir);
     let dev = match cfg.train.select {
         Select::Last => None,
         Select::StsbDev => {
@@ -496,8 +517,9 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
         run_dir: &run_dir,
         device,
         resume: resume.is_some(),
-        stop: &stop,
+        stop: &signals.stop,
     })?;
+    signals.training.store(false, std::sync::atomic::Ordering::SeqCst);
     if let Some(why) = &summary.stopped {
         // Interrupted, or too many non-finite steps: the checkpoints hold the last good state.
         if summary.collapsed {

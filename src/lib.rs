@@ -14,6 +14,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod report;
+pub mod run_dir;
 pub mod train;
 pub mod whiten;
 

@@ -148,6 +148,16 @@ fn non_finite_loss_stops_with_advice() {
 /// resuming then completes the run.
 #[test]
 fn interrupt_writes_a_checkpoint_then_resume_finishes() {
+    signal_writes_a_checkpoint_then_resume_finishes("-INT");
+}
+
+/// SIGTERM (`timeout`, schedulers, `docker stop`) is treated like the first Ctrl-C.
+#[test]
+fn sigterm_writes_a_checkpoint_then_resume_finishes() {
+    signal_writes_a_checkpoint_then_resume_finishes("-TERM");
+}
+
+fn signal_writes_a_checkpoint_then_resume_finishes(signal: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(&tmp.path().join("tiny"), 13, "");
     let run = tmp.path().join("runs/int");
@@ -163,7 +173,7 @@ fn interrupt_writes_a_checkpoint_then_resume_finishes() {
         assert!(start.elapsed() < Duration::from_secs(120), "training did not start");
         std::thread::sleep(Duration::from_millis(2));
     }
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -179,4 +189,82 @@ fn interrupt_writes_a_checkpoint_then_resume_finishes() {
         .unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(run.join("model/model.safetensors").is_file());
+}
+
+/// One writer per run folder: a second finetune into a folder in use, or a second resume of
+/// it, is refused naming the process; once the first ends the folder is free again.
+#[test]
+fn a_run_folder_has_one_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 13, "");
+    let run = tmp.path().join("runs/one");
+    let mut first = finetune_cmd(tmp.path(), model.config.parent().unwrap(), "one")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !run.join("run.toml").is_file() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the first run did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = first.id().to_string();
+    for second in [
+        finetune_cmd(tmp.path(), model.config.parent().unwrap(), "one").args(["--force"]).output().unwrap(),
+        Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+            .current_dir(tmp.path())
+            .args(["finetune", "--resume", "runs/one"])
+            .output()
+            .unwrap(),
+    ] {
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(!second.status.success(), "{stderr}");
+        assert!(stderr.contains("in use by process") && stderr.contains(&pid), "{stderr}");
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The killed process's lock went with it; --force moves its leftovers aside.
+    let out = finetune_cmd(tmp.path(), model.config.parent().unwrap(), "one")
+        .args(["--force", "--set", "train.steps=2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let aside: Vec<_> = std::fs::read_dir(tmp.path().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("one.old-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(run.join("model/model.safetensors").is_file());
+}
+
+/// A resume may extend the budget (recorded in run.toml, so the next resume agrees) but not
+/// change what the steps compute.
+#[test]
+fn resume_records_allowed_changes_and_refuses_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 13, "");
+    let run = tmp.path().join("runs/ext");
+    let out = finetune_cmd(tmp.path(), model.config.parent().unwrap(), "ext")
+        .args(["--set", "train.steps=3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resume = |set: &str| {
+        Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+            .current_dir(tmp.path())
+            .args(["finetune", "--resume", "runs/ext", "--set", set])
+            .output()
+            .unwrap()
+    };
+    let refused = resume("loss.t=5");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("cannot change loss.t"), "{stderr}");
+    let extended = resume("train.steps=5");
+    assert!(extended.status.success(), "{}", String::from_utf8_lossy(&extended.stderr));
+    let saved = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    assert!(saved.contains("# resumed with train.steps = 5 (was 3)") && saved.contains("steps = 5"), "{saved}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["train"]["steps"], 5);
 }
