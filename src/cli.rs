@@ -253,14 +253,23 @@ pub fn run(cli: Cli) -> Result<bool> {
                 opts.tasks.len(),
                 opts.user_sts.len()
             );
-            let results = run_eval(&encoder, &tokenizer, &files.weights, &opts, &device)?;
+            // Each finished task is saved at once ("complete": false until the last), so a later
+            // failure keeps what was done.
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let json = out.join("eval.json");
+            let save = |results: &[Evaluated], complete: bool| {
+                let pooling = encoder.pooling.as_str();
+                write_json(
+                    &json,
+                    &serde_json::json!({"model": files.spec, "pooling": pooling, "quick": quick, "complete": complete, "results": results}),
+                )
+            };
+            let results = run_eval_saving(&encoder, &tokenizer, &files.weights, &opts, &device, &mut |r| {
+                save(r, false).map_err(|e| hypersphere::Error::Invalid(format!("{e:#}")))
+            })?;
             let (text, md) = tables(&results, None);
             println!("{text}");
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            write_json(
-                &out.join("eval.json"),
-                &serde_json::json!({"model": files.spec, "pooling": encoder.pooling.as_str(), "quick": quick, "results": results}),
-            )?;
+            save(&results, true)?;
             write_atomic(&out.join("eval.md"), md.as_bytes())?;
             println!("wrote {}/eval.json and eval.md", out.display());
             Ok(true)
@@ -881,6 +890,18 @@ fn run_eval(
     opts: &EvalOptions,
     device: &Device,
 ) -> Result<Vec<Evaluated>> {
+    run_eval_saving(encoder, tokenizer, weights, opts, device, &mut |_| Ok(()))
+}
+
+/// [`run_eval`], handing the results so far to `finished` after each task.
+fn run_eval_saving(
+    encoder: &Encoder,
+    tokenizer: &TextTokenizer,
+    weights: &Path,
+    opts: &EvalOptions,
+    device: &Device,
+    finished: &mut dyn FnMut(&[Evaluated]) -> hypersphere::Result<()>,
+) -> Result<Vec<Evaluated>> {
     let sha = sha256_file(weights)?;
-    Ok(evaluate(encoder, tokenizer, &sha, opts, device, &mut |m| eprintln!("  {m}"))?)
+    Ok(evaluate(encoder, tokenizer, &sha, opts, device, &mut |m| eprintln!("  {m}"), finished)?)
 }

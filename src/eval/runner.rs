@@ -46,7 +46,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 /// Evaluate `encoder` (whose weights file hashes to `weights_sha256`) on every task, then on
-/// the user's STS sets. `progress` receives one-line status messages.
+/// the user's STS sets. Every task's files are read first, so a missing or malformed file stops
+/// the run before anything is embedded. `progress` receives one-line status messages;
+/// `finished` receives the results so far after each task, so a caller can keep them.
 pub fn evaluate(
     encoder: &Encoder,
     tokenizer: &TextTokenizer,
@@ -54,7 +56,10 @@ pub fn evaluate(
     opts: &EvalOptions,
     device: &Device,
     progress: &mut dyn FnMut(&str),
+    finished: &mut dyn FnMut(&[Evaluated]) -> Result<()>,
 ) -> Result<Vec<Evaluated>> {
+    let all_sentences =
+        opts.tasks.iter().map(|&task| task_sentences(task, &opts.root, opts.quick)).collect::<Result<Vec<_>>>()?;
     let mut out = Vec::new();
     let cache_key = |what: &str| {
         use sha2::{Digest, Sha256};
@@ -66,8 +71,7 @@ pub fn evaluate(
         );
         format!("{:x}", Sha256::digest(id.as_bytes()))
     };
-    for &task in &opts.tasks {
-        let sentences = task_sentences(task, &opts.root, opts.quick)?;
+    for (&task, sentences) in opts.tasks.iter().zip(all_sentences) {
         let key = cache_key(task.name());
         let cache_file = opts.cache_dir.as_ref().map(|d| d.join(format!("{}-{}.safetensors", task.name(), &key[..16])));
         let embedded =
@@ -75,6 +79,7 @@ pub fn evaluate(
         let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
         let result = run_task(task, &opts.root, opts.quick, &|s| lookup.get(s).copied(), opts.seed, progress)?;
         out.push(embedded.done(result, sentences.len(), progress));
+        finished(&out)?;
     }
     for set in &opts.user_sts {
         let sentences = set.sentences();
@@ -88,6 +93,7 @@ pub fn evaluate(
         let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
         let result = set.score(&|s| lookup.get(s).copied())?;
         out.push(embedded.done(result, sentences.len(), progress));
+        finished(&out)?;
     }
     Ok(out)
 }

@@ -173,3 +173,67 @@ fn user_sts_sets_match_embed_and_an_independent_spearman() {
     let out = run(&["eval", "--model", &model, "--sts", "STSB=mine.tsv"], tmp.path());
     assert!(String::from_utf8_lossy(&out.stderr).contains("built-in"));
 }
+
+/// Every selected task's files are read before anything is embedded: a task with its files
+/// missing fails the run at once, naming the file, with nothing embedded and no results file.
+#[cfg(unix)]
+#[test]
+fn a_task_with_missing_files_fails_before_any_embedding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(&tmp.path().join("tiny"), 2, "");
+    let model = files.config.parent().unwrap().to_str().unwrap().to_string();
+    let data = tmp.path().join("data/senteval");
+    std::fs::create_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(data_dir().join("senteval/MR"), data.join("MR")).unwrap();
+    let root = tmp.path().join("data");
+    let out = run(
+        &["eval", "--model", &model, "--tasks", "MR,CR", "--quick", "--data", root.to_str().unwrap(), "--out", "ev"],
+        tmp.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("custrev"), "{stderr}");
+    assert!(!stderr.contains("embedding"), "nothing is embedded before the files are checked: {stderr}");
+    assert!(!tmp.path().join("ev/eval.json").exists());
+}
+
+/// Results reach the caller after each task (the CLI saves them then), so a later failure
+/// keeps the finished tasks; an error from saving stops the run.
+#[test]
+fn each_finished_task_is_handed_over_as_it_completes() {
+    use hypersphere::eval::runner::{evaluate, EvalOptions};
+    use hypersphere::eval::Task;
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(&tmp.path().join("tiny"), 2, "");
+    let enc = hypersphere::model::Encoder::load(
+        &files,
+        hypersphere::model::pooling::Pooling::Mean,
+        false,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tok = hypersphere::data::batch::TextTokenizer::load(&files.tokenizer, 32).unwrap();
+    let opts = EvalOptions {
+        root: data_dir(),
+        tasks: vec![Task::MRPC, Task::STSB],
+        quick: true,
+        seed: 1,
+        cache_dir: None,
+        user_sts: Vec::new(),
+    };
+    let mut seen = Vec::new();
+    let all = evaluate(&enc, &tok, "x", &opts, &candle_core::Device::Cpu, &mut |_| {}, &mut |r| {
+        seen.push(r.iter().map(|e| e.result.task.clone()).collect::<Vec<_>>());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        seen,
+        vec![vec![all[0].result.task.clone()], vec![all[0].result.task.clone(), all[1].result.task.clone()]]
+    );
+    let mut calls = 0;
+    let e = evaluate(&enc, &tok, "x", &opts, &candle_core::Device::Cpu, &mut |_| {}, &mut |_| {
+        calls += 1;
+        Err(hypersphere::Error::Invalid("disk full".into()))
+    });
+    assert!(e.is_err() && calls == 1, "a failed save stops the run after the first task");
+}
