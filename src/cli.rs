@@ -695,6 +695,8 @@ fn embed(
     device: &Device,
 ) -> Result<bool> {
     use hypersphere::export::{load_whitening, EmbeddingWriter};
+    // Before any work: a folder in the way would otherwise fail only at the final rename.
+    hypersphere::export::check_output_file(out)?;
     let whitening = whiten.map(load_whitening).transpose()?;
     let (files, encoder, tokenizer) = load_model(&m.model, m.pooling, m.max_len, device)?;
     let (rows, empty): (Vec<(usize, String)>, usize) = if sentences {

