@@ -17,7 +17,7 @@ use crate::model::save_safetensors;
 use crate::optim::AdamW;
 
 /// Where a run is; saved as `state.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
     /// Steps done.
     pub step: usize,
@@ -28,6 +28,15 @@ pub struct TrainState {
     pub bad_steps: usize,
     /// The model spec trained, to refuse a checkpoint of another model.
     pub model: String,
+    /// Seconds spent training so far, over every process that worked on the run.
+    #[serde(default)]
+    pub seconds: f64,
+    /// Loss sums since the last log line and how many steps they hold, so the first line after
+    /// a resume averages the same steps an uninterrupted run's would.
+    #[serde(default)]
+    pub log_sums: Vec<(String, f32)>,
+    #[serde(default)]
+    pub log_since: usize,
 }
 
 fn folder(run_dir: &Path) -> PathBuf {

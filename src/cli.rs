@@ -548,11 +548,12 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device)
         return Ok(false);
     }
     eprintln!(
-        "trained {} of {} steps in {:.1}s ({:.1} pairs/s); keeping the weights of step {} ({})",
+        "trained {} of {} steps in {:.1}s ({:.1} pairs/s{}); keeping the weights of step {} ({})",
         summary.steps,
         summary.planned_steps,
         summary.seconds,
         summary.pairs_per_s,
+        summary.resumed_at.map_or(String::new(), |s| format!(", whole run; resumed at step {s}")),
         summary.selected.step,
         match summary.selected.sts_dev {
             Some(s) => format!("best STS-B dev Spearman, {s:.2}"),

@@ -439,8 +439,11 @@ pub struct Selected {
 pub struct TrainSummary {
     pub steps: usize,
     pub planned_steps: usize,
+    /// The step this process resumed from (`--resume`), if it did.
+    pub resumed_at: Option<usize>,
+    /// Seconds spent training, over the whole run (every process, resumes included).
     pub seconds: f64,
-    /// Pairs per second of this process (a resumed run counts from its resume point).
+    /// Pairs per second over the whole run.
     pub pairs_per_s: f64,
     /// Steps skipped for a non-finite loss or gradient.
     pub bad_steps: usize,
@@ -703,8 +706,7 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
     let lens: Vec<usize> = inp.train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
     let mut opt = AdamW::new(encoder.vars(), tc)?;
     opt.set_lr_scales(&lr_scales(encoder, tc))?;
-    let mut state =
-        TrainState { step: 0, epoch: 0, batch_in_epoch: 0, bad_steps: 0, model: encoder.files.spec.clone() };
+    let mut state = TrainState { model: encoder.files.spec.clone(), ..TrainState::default() };
     if inp.resume {
         let mut warn = |m: String| eprintln!("warning: {m}");
         match checkpoint::restore_latest(run_dir, &encoder.files.spec, &encoder.params, &mut opt, &mut warn)? {
@@ -730,18 +732,21 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
             .progress_chars("=> "),
     );
     pb.set_position(state.step as u64);
+    // Time and speed are whole-run figures: earlier processes' seconds come from the checkpoint.
     let clock = Instant::now();
-    let first_step = state.step;
-    let mut sums: Vec<(String, f32)> = Vec::new();
-    let mut since = 0usize;
+    let (first_step, prior_s) = (state.step, state.seconds);
+    let run_seconds = || prior_s + clock.elapsed().as_secs_f64();
+    let mut sums = std::mem::take(&mut state.log_sums);
+    let mut since = state.log_since;
     let mut stopped = None;
     let mut collapsed = false;
-    let checkpoint = |state: &TrainState, opt: &AdamW| -> Result<()> {
+    let checkpoint = |state: &mut TrainState, opt: &AdamW, sums: &[(String, f32)], since: usize| -> Result<()> {
+        (state.seconds, state.log_sums, state.log_since) = (run_seconds(), sums.to_vec(), since);
         checkpoint::save(run_dir, state, &encoder.params, opt, tc.keep_checkpoints).map(|_| ())
     };
     while state.step < total {
         if inp.stop.load(Ordering::SeqCst) {
-            checkpoint(&state, &opt)?;
+            checkpoint(&mut state, &opt, &sums, since)?;
             stopped = Some(format!(
                 "interrupted at step {}; a checkpoint was written: continue with --resume {}",
                 state.step,
@@ -791,7 +796,7 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         let step = state.step;
         accumulate(&mut sums, &stats);
         since += 1;
-        let pairs_per_s = ((step - first_step) * tc.batch_pairs) as f64 / clock.elapsed().as_secs_f64();
+        let pairs_per_s = (step * tc.batch_pairs) as f64 / run_seconds();
         let brief = format!(
             "loss {:.4} align {:.4} uniform {:.4} | {pairs_per_s:.1} pairs/s",
             stats.loss,
@@ -805,9 +810,6 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
             let eta = clock.elapsed().as_secs_f64() / (step - first_step) as f64 * (total - step) as f64;
             eprintln!("step {step}/{total}: {brief} | ETA {eta:.0}s");
         }
-        if step == total || (tc.checkpoint_every_steps > 0 && step.is_multiple_of(tc.checkpoint_every_steps)) {
-            checkpoint(&state, &opt)?;
-        }
         let eval_now = step == total || (tc.eval_every_steps > 0 && step.is_multiple_of(tc.eval_every_steps));
         if eval_now && !inp.val_pairs.is_empty() {
             let k = since.max(1) as f32;
@@ -817,7 +819,7 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
                 lr,
                 train: sums.iter().map(|(n, v)| (n.clone(), v / k)).collect(),
                 pairs_per_s,
-                elapsed_s: clock.elapsed().as_secs_f64(),
+                elapsed_s: run_seconds(),
                 ..LogLine::default()
             };
             let (val, verdict) = monitor.after_step(line)?;
@@ -835,16 +837,21 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
                 break;
             }
         }
+        // After the log line, so the sums it saves are those the next line will average.
+        if step == total || (tc.checkpoint_every_steps > 0 && step.is_multiple_of(tc.checkpoint_every_steps)) {
+            checkpoint(&mut state, &opt, &sums, since)?;
+        }
     }
     pb.finish_and_clear();
-    let seconds = clock.elapsed().as_secs_f64();
+    let seconds = run_seconds();
     let warnings = monitor.warnings.clone();
     let selected = monitor.select(state.step, stopped.is_some())?;
     Ok(TrainSummary {
         steps: state.step,
         planned_steps: total,
+        resumed_at: inp.resume.then_some(first_step),
         seconds,
-        pairs_per_s: ((state.step - first_step) * tc.batch_pairs) as f64 / seconds.max(1e-9),
+        pairs_per_s: (state.step * tc.batch_pairs) as f64 / seconds.max(1e-9),
         bad_steps: state.bad_steps,
         stopped,
         collapsed,

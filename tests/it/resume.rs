@@ -120,12 +120,38 @@ fn kill_corrupt_resume(extra: &[&str]) -> tempfile::TempDir {
         assert_eq!(na, nb);
         assert!(va == vb, "{na} differs after resume");
     }
-    // The log has each validation step once: step 0 (before training), then 1..=300.
-    let log = std::fs::read_to_string(tmp.path().join("runs/killed/log.jsonl")).unwrap();
-    let steps: Vec<u64> =
-        log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, (0..=300).collect::<Vec<u64>>());
+    // The log has each validation step once, with the same training means as the uninterrupted
+    // run's: a line after the resume averages the steps since the previous line, not since the
+    // resume.
+    let log = |name: &str| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(tmp.path().join(format!("runs/{name}/log.jsonl"))).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (full_log, killed_log) = (log("full"), log("killed"));
+    let steps = |l: &[serde_json::Value]| l.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(steps(&killed_log), steps(&full_log));
+    assert_eq!(steps(&full_log).last(), Some(&300));
+    for (a, b) in full_log.iter().zip(&killed_log) {
+        assert_eq!(a["train"], b["train"], "step {}", a["step"]);
+    }
+    // The report covers the whole run and says it was resumed.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("runs/killed/report.json")).unwrap()).unwrap();
+    let resumed_at = report["train"]["resumed_at"].as_u64().unwrap();
+    assert!(resumed_at > 0 && resumed_at < 300, "{resumed_at}");
+    let (secs, speed) =
+        (report["train"]["seconds"].as_f64().unwrap(), report["train"]["pairs_per_s"].as_f64().unwrap());
+    assert!((speed - 300.0 * 8.0 / secs).abs() < 1e-6 * speed, "whole-run speed: {speed} vs 2400 pairs / {secs} s");
+    let last_elapsed = killed_log.last().unwrap()["elapsed_s"].as_f64().unwrap();
+    assert!(secs >= last_elapsed, "seconds {secs} cover the whole run, the last line at {last_elapsed}");
     tmp
+}
+
+/// Validations less often than checkpoints: the first log line after the resume still averages
+/// the steps since the previous line (the sums travel in the checkpoint).
+#[test]
+fn killed_run_resumes_with_the_same_log() {
+    kill_corrupt_resume(&["--set", "train.eval_every_steps=7"]);
 }
 
 /// An absurd learning rate blows the weights up after the first update, so the loss turns
