@@ -10,20 +10,20 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use hypersphere::app::finetune::{Finetune, Interrupt, Outcome};
+use hypersphere::app::{eval_options, load_model, run_eval_saving, tokenizer_and_pairs};
 use hypersphere::bench::BenchOptions;
-use hypersphere::config::{EvalConfig, RunConfig, Select};
+use hypersphere::config::{EvalConfig, RunConfig};
 use hypersphere::data::batch::TextTokenizer;
 use hypersphere::data::pairs::PairOptions;
-use hypersphere::data::{load_pairs, PairSet};
-use hypersphere::eval::runner::{evaluate, sha256_file, tables, EvalOptions, Evaluated};
-use hypersphere::eval::{Task, UserSts};
-use hypersphere::export::{write_atomic, write_json, write_model};
+use hypersphere::eval::runner::{sha256_file, tables, Evaluated};
+use hypersphere::eval::UserSts;
+use hypersphere::export::{write_atomic, write_json};
 use hypersphere::model::pooling::Pooling;
-use hypersphere::model::source::{declared_max_len, saved_pooling, ModelFiles};
+use hypersphere::model::source::saved_pooling;
 use hypersphere::model::source::{resolve, SourceOptions};
 use hypersphere::model::{embed_texts, Encoder};
-use hypersphere::report::{measure, table, Report, Sample, SampleInfo};
-use hypersphere::train::{train, DevSet, TrainInputs};
+use hypersphere::report::Sample;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -300,36 +300,6 @@ pub fn run(cli: Cli) -> Result<bool> {
     }
 }
 
-fn tokenizer_and_pairs(
-    cfg: &RunConfig,
-    files: &ModelFiles,
-    data: Option<&Path>,
-    corpus: Option<PathBuf>,
-) -> Result<(TextTokenizer, PairSet)> {
-    let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
-    let corpus = match corpus {
-        Some(c) => c,
-        None => cfg.corpus_path(data)?,
-    };
-    let opts = PairOptions {
-        cross_paragraph: cfg.data.cross_paragraph,
-        min_tokens: cfg.data.min_tokens,
-        max_tokens: cfg.data.max_tokens,
-    };
-    let counter = tokenizer.counter()?;
-    let set = load_pairs(&corpus, cfg.data.max_books, &opts, cfg.data.val_fraction, cfg.seed, &counter)?;
-    if !set.skipped.is_empty() {
-        let names: Vec<String> = set.skipped.iter().take(5).map(|p| p.display().to_string()).collect();
-        eprintln!(
-            "note: {} paths in the corpus not followed (broken links, links back into a folder above them, folders reached twice): {}{}",
-            set.skipped.len(),
-            names.join(", "),
-            if set.skipped.len() > 5 { ", ..." } else { "" }
-        );
-    }
-    Ok((tokenizer, set))
-}
-
 fn pairs(args: &RunArgs, corpus: Option<PathBuf>, stats: bool, sample: Option<usize>) -> Result<bool> {
     let cfg = args.config()?;
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
@@ -367,236 +337,6 @@ fn pairs(args: &RunArgs, corpus: Option<PathBuf>, stats: bool, sample: Option<us
             println!("\nA: {}\nB: {}", p.anchor, p.positive);
         }
     }
-    Ok(true)
-}
-
-/// Measurements taken before training, kept so a resumed run reports against them.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Before {
-    anisotropy: hypersphere::metrics::Anisotropy,
-    eval: Option<Vec<Evaluated>>,
-}
-
-/// Ctrl-C and SIGTERM (what `timeout`, schedulers and `docker stop` send) during training:
-/// finish the step, write a checkpoint and stop. A second signal, or one before or after
-/// training (where there is no step to finish), exits at once.
-struct Signals {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    training: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Signals {
-    /// Install the handler; training counts as started from here.
-    fn install(run_dir: &Path) -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let training = std::sync::Arc::new(AtomicBool::new(true));
-        let (flag, in_training) = (stop.clone(), training.clone());
-        let resume = format!("hypersphere finetune --resume {}", run_dir.display());
-        let _ = ctrlc::set_handler(move || {
-            if flag.swap(true, SeqCst) {
-                eprintln!("\nsecond interrupt: quitting now");
-                std::process::exit(130);
-            }
-            if in_training.load(SeqCst) {
-                eprintln!(
-                    "\ninterrupt: writing a checkpoint after this step, then stopping (interrupt again to quit now)"
-                );
-            } else {
-                eprintln!("\ninterrupt: training is over and checkpointed; quitting before the report and export (`{resume}` finishes them)");
-                std::process::exit(130);
-            }
-        });
-        Self { stop, training }
-    }
-}
-
-fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device) -> Result<bool> {
-    // One writer per run folder, for the whole run; a fresh start sets an old run aside first.
-    let (cfg, run_dir, _lock) = match resume {
-        Some(dir) => {
-            let lock = hypersphere::run_dir::lock(dir)?;
-            let (cfg, changes) = hypersphere::run_dir::resume_config(dir, &args.overrides)?;
-            for (k, a, b) in &changes {
-                eprintln!("resume: {k} = {b} (was {a}), recorded in {}", dir.join("run.toml").display());
-            }
-            (cfg, dir.to_path_buf(), lock)
-        }
-        None => {
-            let cfg = args.config()?;
-            let run_dir = cfg.out_dir.join(&cfg.name);
-            let (lock, aside) = hypersphere::run_dir::start_fresh(&run_dir, force)?;
-            if let Some(old) = aside {
-                eprintln!("--force: moved the earlier run to {} (delete it when no longer needed)", old.display());
-            }
-            (cfg, run_dir, lock)
-        }
-    };
-    let t0 = Instant::now();
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let (tokenizer, set) = tokenizer_and_pairs(&cfg, &files, args.data.as_deref(), None)?;
-    eprintln!(
-        "corpus: {} books, {} sentences -> {} train pairs, {} validation pairs ({} held-out books) in {:.1}s",
-        set.stats.books,
-        set.stats.sentences,
-        set.train.len(),
-        set.val.len(),
-        set.val_books.len(),
-        t0.elapsed().as_secs_f64()
-    );
-    if set.val.is_empty() {
-        bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 for the before/after report");
-    }
-    let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
-    if cfg.model.max_len > encoder.config.max_position_embeddings {
-        bail!(
-            "model.max_len {} is longer than the model's max_position_embeddings {} ({})",
-            cfg.model.max_len,
-            encoder.config.max_position_embeddings,
-            files.config.display()
-        );
-    }
-    eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
-
-    if resume.is_none() {
-        let resolved = toml::to_string_pretty(&cfg).context("serializing the config")?;
-        let header = format!(
-            "# resolved config of this run; hypersphere {}; model weights {}\n",
-            env!("CARGO_PKG_VERSION"),
-            files.weights.display()
-        );
-        write_atomic(&run_dir.join("run.toml"), (header + &resolved).as_bytes())?;
-    }
-
-    let val_pairs: Vec<_> = {
-        let mut v = set.val.clone();
-        v.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5eed));
-        v.truncate(cfg.train.val_pairs);
-        v
-    };
-    let sample = Sample::draw(&set.val, cfg.report.sentences, cfg.report.pairs, cfg.seed);
-    eprintln!(
-        "measuring the model before training on {} held-out sentences, {} pairs...",
-        sample.sentences.len(),
-        sample.pairs.len()
-    );
-    let saved: Option<Before> = resume
-        .and_then(|_| std::fs::read_to_string(run_dir.join("before.json")).ok())
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let before = match &saved {
-        Some(b) => b.anisotropy.clone(),
-        None => measure(&encoder, &tokenizer, &sample, device)
-            .with_context(|| format!("measuring {} before training", files.weights.display()))?,
-    };
-    let eval_tasks = EvalConfig::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
-    let eval_opts = match eval_tasks.is_empty() {
-        true => None,
-        false => {
-            let root =
-                args.data.clone().context("eval needs the data folder: set HYPERSPHERE_DATA or pass --data DIR")?;
-            Some(eval_options(root, eval_tasks, cfg.eval.quick, cfg.seed, true))
-        }
-    };
-    let positions = encoder.config.max_position_embeddings;
-    let eval_len = if cfg.eval.max_len == 0 { declared_max_len(&files, positions) } else { cfg.eval.max_len };
-    let eval_tokenizer = TextTokenizer::load(&files.tokenizer, eval_len.min(positions))?;
-    let eval_before = match (&eval_opts, saved.and_then(|b| b.eval)) {
-        (Some(_), Some(saved)) => Some(saved),
-        (Some(o), None) => {
-            eprintln!("evaluating the model before training on {} tasks", o.tasks.len());
-            Some(run_eval(&encoder, &eval_tokenizer, &files.weights, o, device)?)
-        }
-        (None, _) => None,
-    };
-    write_json(&run_dir.join("before.json"), &Before { anisotropy: before.clone(), eval: eval_before.clone() })?;
-
-    let signals = Signals::install(&run_dir);
-    let dev = match cfg.train.select {
-        Select::Last => None,
-        Select::StsbDev => {
-            let root = args
-                .data
-                .clone()
-                .context("train.select = \"stsb-dev\" needs the data folder (sts/STSBenchmark/sts-dev.csv): set HYPERSPHERE_DATA or pass --data DIR, or set train.select = \"last\"")?;
-            Some(DevSet::stsb(&root, eval_tokenizer.clone())?)
-        }
-    };
-    let summary = train(&TrainInputs {
-        encoder: &encoder,
-        tokenizer: &tokenizer,
-        cfg: &cfg,
-        train_pairs: &set.train,
-        val_pairs: &val_pairs,
-        dev: dev.as_ref(),
-        run_dir: &run_dir,
-        device,
-        resume: resume.is_some(),
-        stop: &signals.stop,
-    })?;
-    signals.training.store(false, std::sync::atomic::Ordering::SeqCst);
-    if let Some(why) = &summary.stopped {
-        // Interrupted, or too many non-finite steps: the checkpoints hold the last good state.
-        if summary.collapsed {
-            eprintln!("error: training stopped: {why}");
-            return Ok(false);
-        }
-        let last = hypersphere::checkpoint::list(&run_dir).pop();
-        let kept = last
-            .map(|p| format!("last good checkpoint: {}", p.display()))
-            .unwrap_or_else(|| "no checkpoint yet: the last good model is the original".into());
-        eprintln!("error: training stopped early: {why} ({kept})");
-        return Ok(false);
-    }
-    eprintln!(
-        "trained {} of {} steps in {:.1}s ({:.1} pairs/s{}); keeping the weights of step {} ({})",
-        summary.steps,
-        summary.planned_steps,
-        summary.seconds,
-        summary.pairs_per_s,
-        summary.resumed_at.map_or(String::new(), |s| format!(", whole run; resumed at step {s}")),
-        summary.selected.step,
-        match summary.selected.sts_dev {
-            Some(s) => format!("best STS-B dev Spearman, {s:.2}"),
-            None => "the last step".into(),
-        }
-    );
-    let after = measure(&encoder, &tokenizer, &sample, device)?;
-    println!("\nheld-out books: {}", set.val_books.join(", "));
-    println!("{}", table(&before, &after));
-    let report = Report {
-        model: &files.spec,
-        pooling: cfg.model.pooling.as_str(),
-        sample: SampleInfo {
-            val_books: set.val_books.clone(),
-            sentences: sample.sentences.len(),
-            pairs: sample.pairs.len(),
-        },
-        before: &before,
-        after: &after,
-        train: &summary,
-    };
-    // The base model's length, not the training truncation: Python gets the same vectors.
-    write_model(
-        &encoder,
-        &run_dir.join("model"),
-        declared_max_len(&files, encoder.config.max_position_embeddings),
-        device,
-    )?;
-    let eval_after = match &eval_opts {
-        Some(o) => {
-            eprintln!("evaluating the trained model on {} tasks", o.tasks.len());
-            let after = run_eval(&encoder, &eval_tokenizer, &run_dir.join("model/model.safetensors"), o, device)?;
-            let (text, md) = tables(&after, eval_before.as_deref());
-            println!("{text}");
-            write_atomic(&run_dir.join("eval.md"), md.as_bytes())?;
-            Some(after)
-        }
-        None => None,
-    };
-    let mut report = serde_json::to_value(&report)?;
-    report["eval"] = serde_json::json!({"before": eval_before, "after": eval_after});
-    write_json(&run_dir.join("report.json"), &report)?;
-    println!("wrote {}/{{model/, report.json, log.jsonl, run.toml, checkpoints/}}", run_dir.display());
     Ok(true)
 }
 
@@ -639,30 +379,6 @@ fn bench(
         write_atomic(path, text.as_bytes())?;
     }
     Ok(true)
-}
-
-/// A model spec with an optional `@pooling` suffix, resolved and loaded for inference.
-fn load_model(
-    spec: &str,
-    pooling: Option<Pooling>,
-    max_len: Option<usize>,
-    device: &Device,
-) -> Result<(ModelFiles, Encoder, TextTokenizer)> {
-    use clap::ValueEnum;
-    let (spec, pooling) = match spec.rsplit_once('@') {
-        Some((s, p)) => match Pooling::from_str(p, true) {
-            Ok(p) => (s, Some(p)),
-            Err(_) => bail!("{spec}: unknown pooling `{p}` after @ (use mean, cls or first-last-avg)"),
-        },
-        None => (spec, pooling),
-    };
-    let files = resolve(spec, &SourceOptions::from_env())?;
-    let pooling = pooling.or_else(|| saved_pooling(&files)).unwrap_or(Pooling::Mean);
-    let encoder = Encoder::load(&files, pooling, false, device)?;
-    let positions = encoder.config.max_position_embeddings;
-    let max_len = max_len.unwrap_or_else(|| declared_max_len(&files, positions)).min(positions);
-    let tokenizer = TextTokenizer::load(&files.tokenizer, max_len)?;
-    Ok((files, encoder, tokenizer))
 }
 
 /// Non-empty lines of a text file as (0-based line number, text), checked for UTF-8; the
@@ -774,7 +490,7 @@ fn compare_text(t: &TextArgs, first_model: Option<&TextTokenizer>) -> Result<Tex
             let tok =
                 first_model.context("--corpus needs at least one model input (its tokenizer filters sentences)")?;
             let opts = PairOptions { cross_paragraph: true, min_tokens: 4, max_tokens: 64 };
-            let set = load_pairs(corpus, 0, &opts, 0.0, t.seed, &tok.counter()?)?;
+            let set = hypersphere::data::load_pairs(corpus, 0, &opts, 0.0, t.seed, &tok.counter()?)?;
             let sample = Sample::draw(&set.train, t.sentences, t.num_pairs, t.seed);
             let pairs = sample.pairs.iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect();
             (sample.sentences.iter().map(|s| s.to_string()).collect(), pairs)
@@ -882,30 +598,57 @@ fn compare(
     Ok(true)
 }
 
-fn eval_options(root: PathBuf, tasks: Vec<Task>, quick: bool, seed: u64, cache: bool) -> EvalOptions {
-    let cache_dir = cache.then(|| SourceOptions::from_env().cache_dir.join("embeddings"));
-    EvalOptions { root, tasks, quick, seed, cache_dir, user_sts: Vec::new() }
+/// Ctrl-C and SIGTERM (what `timeout`, schedulers and `docker stop` send) during training:
+/// finish the step, write a checkpoint and stop. A second signal, or one before or after
+/// training (where there is no step to finish), exits at once, saying what is left.
+fn install_signals(resume_hint: String) -> Interrupt {
+    use std::sync::atomic::Ordering::SeqCst;
+    let interrupt = Interrupt::default();
+    let (stop, phase) = (interrupt.stop.clone(), interrupt.phase.clone());
+    let _ = ctrlc::set_handler(move || {
+        if stop.swap(true, SeqCst) {
+            eprintln!("\nsecond interrupt: quitting now");
+            std::process::exit(130);
+        }
+        match phase.load(SeqCst) {
+            Interrupt::TRAINING => {
+                eprintln!(
+                    "\ninterrupt: writing a checkpoint after this step, then stopping (interrupt again to quit now)"
+                )
+            }
+            Interrupt::BEFORE => {
+                eprintln!("\ninterrupt: quitting before training (nothing trained yet)");
+                std::process::exit(130);
+            }
+            _ => {
+                eprintln!("\ninterrupt: training is over and checkpointed; quitting before the report and export (`{resume_hint}` finishes them)");
+                std::process::exit(130);
+            }
+        }
+    });
+    interrupt
 }
 
-fn run_eval(
-    encoder: &Encoder,
-    tokenizer: &TextTokenizer,
-    weights: &Path,
-    opts: &EvalOptions,
-    device: &Device,
-) -> Result<Vec<Evaluated>> {
-    run_eval_saving(encoder, tokenizer, weights, opts, device, &mut |_| Ok(()))
-}
-
-/// [`run_eval`], handing the results so far to `finished` after each task.
-fn run_eval_saving(
-    encoder: &Encoder,
-    tokenizer: &TextTokenizer,
-    weights: &Path,
-    opts: &EvalOptions,
-    device: &Device,
-    finished: &mut dyn FnMut(&[Evaluated]) -> hypersphere::Result<()>,
-) -> Result<Vec<Evaluated>> {
-    let sha = sha256_file(weights)?;
-    Ok(evaluate(encoder, tokenizer, &sha, opts, device, &mut |m| eprintln!("  {m}"), finished)?)
+fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device) -> Result<bool> {
+    let hint = match resume {
+        Some(dir) => format!("hypersphere finetune --resume {}", dir.display()),
+        None => "hypersphere finetune --resume runs/NAME".into(),
+    };
+    let interrupt = install_signals(hint);
+    let req = Finetune {
+        config: args.config.as_deref(),
+        overrides: &args.overrides,
+        data: args.data.as_deref(),
+        force,
+        resume,
+        device,
+        interrupt: &interrupt,
+    };
+    match hypersphere::app::finetune::finetune(&req)? {
+        Outcome::Done(_) => Ok(true),
+        Outcome::Stopped(why) => {
+            eprintln!("error: {why}");
+            Ok(false)
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! hypersphere: fine-tune BERT sentence embeddings for alignment and uniformity on the hypersphere.
 
+pub mod app;
 pub mod atomic;
 pub mod bench;
 pub mod checkpoint;

@@ -79,6 +79,14 @@ pub struct Report<'a> {
     pub before: &'a Anisotropy,
     pub after: &'a Anisotropy,
     pub train: &'a crate::train::TrainSummary,
+    pub eval: EvalReport<'a>,
+}
+
+/// `[eval]` results before and after training (null without tasks).
+#[derive(Debug, Serialize)]
+pub struct EvalReport<'a> {
+    pub before: Option<&'a [crate::eval::runner::Evaluated]>,
+    pub after: Option<&'a [crate::eval::runner::Evaluated]>,
 }
 
 #[derive(Debug, Serialize)]

@@ -1,0 +1,327 @@
+//! The finetune pipeline, one phase per function: open the run folder (lock, config), load the
+//! model and the corpus, measure before, train, then measure after, export, evaluate and report.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::{eval_options, run_eval, tokenizer_and_pairs};
+use crate::config::{EvalConfig, RunConfig, Select};
+use crate::data::batch::TextTokenizer;
+use crate::data::pairs::Pair;
+use crate::data::PairSet;
+use crate::eval::runner::{tables, EvalOptions, Evaluated};
+use crate::export::{write_atomic, write_json, write_model};
+use crate::metrics::Anisotropy;
+use crate::model::source::{declared_max_len, resolve, ModelFiles, SourceOptions};
+use crate::model::Encoder;
+use crate::report::{measure, table, Report, Sample, SampleInfo};
+use crate::run_dir::RunLock;
+use crate::train::{train, DevSet, TrainInputs, TrainSummary};
+
+/// What to run: a new run from a config (with overrides), or `resume` of a run folder.
+pub struct Finetune<'a> {
+    pub config: Option<&'a Path>,
+    pub overrides: &'a [String],
+    /// The folder `$HYPERSPHERE_DATA` stands for.
+    pub data: Option<&'a Path>,
+    /// Move an earlier run in the folder aside.
+    pub force: bool,
+    pub resume: Option<&'a Path>,
+    pub device: &'a Device,
+    pub interrupt: &'a Interrupt,
+}
+
+/// Shared with a signal handler: `stop` asks training to checkpoint and return; `phase` says
+/// where the run is ([`Interrupt::BEFORE`], [`Interrupt::TRAINING`], [`Interrupt::AFTER`]):
+/// outside training there is no step to finish.
+#[derive(Default, Clone)]
+pub struct Interrupt {
+    pub stop: Arc<AtomicBool>,
+    pub phase: Arc<AtomicU8>,
+}
+
+impl Interrupt {
+    pub const BEFORE: u8 = 0;
+    pub const TRAINING: u8 = 1;
+    pub const AFTER: u8 = 2;
+}
+
+/// How a run ended.
+pub enum Outcome {
+    /// Trained, measured and exported into this run folder.
+    Done(PathBuf),
+    /// Stopped early (interrupt, non-finite steps, collapse); the message says why and what now.
+    Stopped(String),
+}
+
+/// Measurements taken before training, kept so a resumed run reports against them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Before {
+    anisotropy: Anisotropy,
+    eval: Option<Vec<Evaluated>>,
+}
+
+/// Everything loaded once for a run.
+struct Loaded {
+    cfg: RunConfig,
+    run_dir: PathBuf,
+    files: ModelFiles,
+    tokenizer: TextTokenizer,
+    set: PairSet,
+    encoder: Encoder,
+}
+
+/// Downstream evaluation and STS-B dev scoring: options and the tokenizer at the eval length.
+struct EvalSetup {
+    opts: Option<EvalOptions>,
+    tokenizer: TextTokenizer,
+}
+
+/// Run the whole pipeline.
+pub fn finetune(req: &Finetune) -> Result<Outcome> {
+    let (cfg, run_dir, _lock) = open_run(req)?;
+    let run = load(cfg, run_dir, req.data, req.device)?;
+    if req.resume.is_none() {
+        write_run_toml(&run)?;
+    }
+    let sample = Sample::draw(&run.set.val, run.cfg.report.sentences, run.cfg.report.pairs, run.cfg.seed);
+    let eval = eval_setup(&run, req.data)?;
+    let before = before(&run, &sample, &eval, req.resume.is_some(), req.device)?;
+    let summary = train_run(&run, &eval, req)?;
+    if let Some(why) = &summary.stopped {
+        return Ok(Outcome::Stopped(stopped_message(&run.run_dir, &summary, why)));
+    }
+    finish(&run, &sample, &eval, &before, &summary, req.device)?;
+    Ok(Outcome::Done(run.run_dir))
+}
+
+/// Lock the run folder and read the config: the saved one (with allowed changes) on resume; on
+/// a fresh start the given one, with an earlier run refused or (`force`) moved aside.
+fn open_run(req: &Finetune) -> Result<(RunConfig, PathBuf, RunLock)> {
+    match req.resume {
+        Some(dir) => {
+            let lock = crate::run_dir::lock(dir)?;
+            let (cfg, changes) = crate::run_dir::resume_config(dir, req.overrides)?;
+            for (k, a, b) in &changes {
+                eprintln!("resume: {k} = {b} (was {a}), recorded in {}", dir.join("run.toml").display());
+            }
+            Ok((cfg, dir.to_path_buf(), lock))
+        }
+        None => {
+            let cfg = RunConfig::load(req.config, req.overrides)?;
+            let run_dir = cfg.out_dir.join(&cfg.name);
+            let (lock, aside) = crate::run_dir::start_fresh(&run_dir, req.force)?;
+            if let Some(old) = aside {
+                eprintln!("--force: moved the earlier run to {} (delete it when no longer needed)", old.display());
+            }
+            Ok((cfg, run_dir, lock))
+        }
+    }
+}
+
+/// The model files, the corpus's pairs and the trainable encoder.
+fn load(cfg: RunConfig, run_dir: PathBuf, data: Option<&Path>, device: &Device) -> Result<Loaded> {
+    let t0 = Instant::now();
+    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+    let (tokenizer, set) = tokenizer_and_pairs(&cfg, &files, data, None)?;
+    eprintln!(
+        "corpus: {} books, {} sentences -> {} train pairs, {} validation pairs ({} held-out books) in {:.1}s",
+        set.stats.books,
+        set.stats.sentences,
+        set.train.len(),
+        set.val.len(),
+        set.val_books.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    if set.val.is_empty() {
+        bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 for the before/after report");
+    }
+    let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
+    if cfg.model.max_len > encoder.config.max_position_embeddings {
+        bail!(
+            "model.max_len {} is longer than the model's max_position_embeddings {} ({})",
+            cfg.model.max_len,
+            encoder.config.max_position_embeddings,
+            files.config.display()
+        );
+    }
+    eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
+    Ok(Loaded { cfg, run_dir, files, tokenizer, set, encoder })
+}
+
+fn write_run_toml(run: &Loaded) -> Result<()> {
+    let resolved = toml::to_string_pretty(&run.cfg).context("serializing the config")?;
+    let header = format!(
+        "# resolved config of this run; hypersphere {}; model weights {}\n",
+        env!("CARGO_PKG_VERSION"),
+        run.files.weights.display()
+    );
+    Ok(write_atomic(&run.run_dir.join("run.toml"), (header + &resolved).as_bytes())?)
+}
+
+/// `[eval]` options (None without tasks) and the tokenizer at the evaluation length (the
+/// model's declared length unless `eval.max_len` is set).
+fn eval_setup(run: &Loaded, data: Option<&Path>) -> Result<EvalSetup> {
+    let cfg = &run.cfg;
+    let tasks = EvalConfig::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
+    let opts = match tasks.is_empty() {
+        true => None,
+        false => {
+            let root = data.context("eval needs the data folder: set HYPERSPHERE_DATA or pass --data DIR")?;
+            Some(eval_options(root.to_path_buf(), tasks, cfg.eval.quick, cfg.seed, true))
+        }
+    };
+    let positions = run.encoder.config.max_position_embeddings;
+    let len = if cfg.eval.max_len == 0 { declared_max_len(&run.files, positions) } else { cfg.eval.max_len };
+    Ok(EvalSetup { opts, tokenizer: TextTokenizer::load(&run.files.tokenizer, len.min(positions))? })
+}
+
+/// The model before training: read from `before.json` on resume, else measured (and `[eval]`
+/// run) and saved there.
+fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool, device: &Device) -> Result<Before> {
+    eprintln!(
+        "measuring the model before training on {} held-out sentences, {} pairs...",
+        sample.sentences.len(),
+        sample.pairs.len()
+    );
+    let saved: Option<Before> = resume
+        .then(|| std::fs::read_to_string(run.run_dir.join("before.json")).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let (anisotropy, saved_eval) = match saved {
+        Some(b) => (b.anisotropy, b.eval),
+        None => {
+            let a = measure(&run.encoder, &run.tokenizer, sample, device)
+                .with_context(|| format!("measuring {} before training", run.files.weights.display()))?;
+            (a, None)
+        }
+    };
+    let eval_before = match (&eval.opts, saved_eval) {
+        (Some(_), Some(saved)) => Some(saved),
+        (Some(o), None) => {
+            eprintln!("evaluating the model before training on {} tasks", o.tasks.len());
+            Some(run_eval(&run.encoder, &eval.tokenizer, &run.files.weights, o, device)?)
+        }
+        (None, _) => None,
+    };
+    let before = Before { anisotropy, eval: eval_before };
+    write_json(&run.run_dir.join("before.json"), &before)?;
+    Ok(before)
+}
+
+/// Held-out pairs for validation during training: a fixed shuffle of the validation books' pairs.
+fn val_pairs(run: &Loaded) -> Vec<Pair> {
+    let mut v = run.set.val.clone();
+    v.shuffle(&mut StdRng::seed_from_u64(run.cfg.seed ^ 0x5eed));
+    v.truncate(run.cfg.train.val_pairs);
+    v
+}
+
+/// Train, with STS-B dev loaded when selecting on it; `interrupt.phase` says so meanwhile.
+fn train_run(run: &Loaded, eval: &EvalSetup, req: &Finetune) -> Result<TrainSummary> {
+    let dev = match run.cfg.train.select {
+        Select::Last => None,
+        Select::StsbDev => {
+            let root = req.data.context("train.select = \"stsb-dev\" needs the data folder (sts/STSBenchmark/sts-dev.csv): set HYPERSPHERE_DATA or pass --data DIR, or set train.select = \"last\"")?;
+            Some(DevSet::stsb(root, eval.tokenizer.clone())?)
+        }
+    };
+    let val = val_pairs(run);
+    req.interrupt.phase.store(Interrupt::TRAINING, SeqCst);
+    let summary = train(&TrainInputs {
+        encoder: &run.encoder,
+        tokenizer: &run.tokenizer,
+        cfg: &run.cfg,
+        train_pairs: &run.set.train,
+        val_pairs: &val,
+        dev: dev.as_ref(),
+        run_dir: &run.run_dir,
+        device: req.device,
+        resume: req.resume.is_some(),
+        stop: &req.interrupt.stop,
+    });
+    req.interrupt.phase.store(Interrupt::AFTER, SeqCst);
+    Ok(summary?)
+}
+
+/// Why the run stopped, and what is left: nothing after a collapse, else the last checkpoint.
+fn stopped_message(run_dir: &Path, summary: &TrainSummary, why: &str) -> String {
+    if summary.collapsed {
+        return format!("training stopped: {why}");
+    }
+    let kept = crate::checkpoint::list(run_dir)
+        .pop()
+        .map(|p| format!("last good checkpoint: {}", p.display()))
+        .unwrap_or_else(|| "no checkpoint yet: the last good model is the original".into());
+    format!("training stopped early: {why} ({kept})")
+}
+
+/// After training: measure, export the model (at the base model's declared length, so Python
+/// gets the same vectors), run `[eval]` on the exported weights, write the report.
+fn finish(
+    run: &Loaded,
+    sample: &Sample,
+    eval: &EvalSetup,
+    before: &Before,
+    summary: &TrainSummary,
+    device: &Device,
+) -> Result<()> {
+    eprintln!(
+        "trained {} of {} steps in {:.1}s ({:.1} pairs/s{}); keeping the weights of step {} ({})",
+        summary.steps,
+        summary.planned_steps,
+        summary.seconds,
+        summary.pairs_per_s,
+        summary.resumed_at.map_or(String::new(), |s| format!(", whole run; resumed at step {s}")),
+        summary.selected.step,
+        match summary.selected.sts_dev {
+            Some(s) => format!("best STS-B dev Spearman, {s:.2}"),
+            None => "the last step".into(),
+        }
+    );
+    let after = measure(&run.encoder, &run.tokenizer, sample, device)?;
+    println!("\nheld-out books: {}", run.set.val_books.join(", "));
+    println!("{}", table(&before.anisotropy, &after));
+    let model_dir = run.run_dir.join("model");
+    write_model(
+        &run.encoder,
+        &model_dir,
+        declared_max_len(&run.files, run.encoder.config.max_position_embeddings),
+        device,
+    )?;
+    let eval_after = match &eval.opts {
+        Some(o) => {
+            eprintln!("evaluating the trained model on {} tasks", o.tasks.len());
+            let after = run_eval(&run.encoder, &eval.tokenizer, &model_dir.join("model.safetensors"), o, device)?;
+            let (text, md) = tables(&after, before.eval.as_deref());
+            println!("{text}");
+            write_atomic(&run.run_dir.join("eval.md"), md.as_bytes())?;
+            Some(after)
+        }
+        None => None,
+    };
+    let report = Report {
+        model: &run.files.spec,
+        pooling: run.cfg.model.pooling.as_str(),
+        sample: SampleInfo {
+            val_books: run.set.val_books.clone(),
+            sentences: sample.sentences.len(),
+            pairs: sample.pairs.len(),
+        },
+        before: &before.anisotropy,
+        after: &after,
+        train: summary,
+        eval: crate::report::EvalReport { before: before.eval.as_deref(), after: eval_after.as_deref() },
+    };
+    write_json(&run.run_dir.join("report.json"), &report)?;
+    println!("wrote {}/{{model/, report.json, log.jsonl, run.toml, checkpoints/}}", run.run_dir.display());
+    Ok(())
+}
