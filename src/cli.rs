@@ -1,29 +1,20 @@
 //! Command line: clap definitions and the glue from arguments to the library.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 
+use hypersphere::app;
+use hypersphere::app::compare::TextArgs;
+use hypersphere::app::embed::{ModelArgs, OutDtype};
 use hypersphere::app::finetune::{Finetune, Interrupt, Outcome};
-use hypersphere::app::{eval_options, load_model, run_eval_saving, tokenizer_and_pairs};
 use hypersphere::bench::BenchOptions;
 use hypersphere::config::{EvalConfig, RunConfig};
-use hypersphere::data::batch::TextTokenizer;
-use hypersphere::data::pairs::PairOptions;
-use hypersphere::eval::runner::{sha256_file, tables, Evaluated};
 use hypersphere::eval::UserSts;
-use hypersphere::export::{write_atomic, write_json};
 use hypersphere::model::pooling::Pooling;
-use hypersphere::model::source::saved_pooling;
 use hypersphere::model::source::{resolve, SourceOptions};
-use hypersphere::model::{embed_texts, Encoder};
-use hypersphere::report::Sample;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -166,52 +157,6 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct ModelArgs {
-    /// A model folder, a Hub repo id, or pip:PACKAGE==VERSION.
-    #[arg(long)]
-    model: String,
-    /// Pooling (default: what the model folder declares, else mean).
-    #[arg(long, value_enum)]
-    pooling: Option<Pooling>,
-    /// Tokens per sentence, [CLS] and [SEP] included (default: the model folder's declared
-    /// max_seq_length, as sentence-transformers uses, else its position table).
-    #[arg(long)]
-    max_len: Option<usize>,
-    #[arg(long, default_value_t = hypersphere::model::EMBED_BATCH)]
-    batch_size: usize,
-}
-
-/// Where `compare` takes its sentences from.
-#[derive(Args, Debug)]
-pub struct TextArgs {
-    /// Books: sentences and adjacent pairs are sampled from them.
-    #[arg(long, conflicts_with = "input")]
-    corpus: Option<PathBuf>,
-    /// One sentence per line.
-    #[arg(long)]
-    input: Option<PathBuf>,
-    /// Positive pairs, one `sentence<TAB>sentence` per line.
-    #[arg(long)]
-    pairs: Option<PathBuf>,
-    /// Sentences sampled for the metrics.
-    #[arg(long, default_value_t = 2000)]
-    sentences: usize,
-    /// Positive pairs sampled from the corpus.
-    #[arg(long, default_value_t = 1000)]
-    num_pairs: usize,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutDtype {
-    /// 32-bit floats.
-    F32,
-    /// 16-bit floats: half the size, about 3 significant digits.
-    F16,
-}
-
-#[derive(Args, Debug)]
 pub struct RunArgs {
     /// TOML config; the built-in configs/default.toml when absent.
     #[arg(long, short)]
@@ -235,12 +180,12 @@ pub fn run(cli: Cli) -> Result<bool> {
     let device = Device::Cpu;
     match cli.command {
         Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), &device),
-        Command::Pairs { run, corpus, stats, sample } => pairs(&run, corpus, stats, sample),
+        Command::Pairs { run, corpus, stats, sample } => {
+            app::pairs(&run.config()?, run.data.as_deref(), corpus, stats, sample).map(|_| true)
+        }
         Command::Eval { model, tasks, sts, data, quick, out, seed, no_cache } => {
             let default = if sts.is_empty() { "all" } else { "" };
             let tasks = EvalConfig::parse_tasks(&[tasks.unwrap_or(default.into())]).map_err(anyhow::Error::msg)?;
-            // Every user file is read before anything is embedded.
-            let user_sts = sts.iter().map(|s| UserSts::parse(s)).collect::<hypersphere::Result<Vec<_>>>()?;
             let root = match (data, tasks.is_empty()) {
                 (Some(d), _) => d,
                 (None, true) => PathBuf::new(),
@@ -248,42 +193,16 @@ pub fn run(cli: Cli) -> Result<bool> {
                     bail!("set HYPERSPHERE_DATA or pass --data DIR (the folder holding senteval/ and sts/)")
                 }
             };
-            let (files, encoder, tokenizer) = load_model(&model.model, model.pooling, model.max_len, &device)?;
-            let mut opts = eval_options(root, tasks, quick, seed, !no_cache);
-            opts.user_sts = user_sts;
-            eprintln!(
-                "evaluating {} ({} pooling) on {} tasks and {} STS sets",
-                files.spec,
-                encoder.pooling.as_str(),
-                opts.tasks.len(),
-                opts.user_sts.len()
-            );
-            // Each finished task is saved at once ("complete": false until the last), so a later
-            // failure keeps what was done.
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let json = out.join("eval.json");
-            let save = |results: &[Evaluated], complete: bool| {
-                let pooling = encoder.pooling.as_str();
-                write_json(
-                    &json,
-                    &serde_json::json!({"model": files.spec, "pooling": pooling, "quick": quick, "complete": complete, "results": results}),
-                )
-            };
-            let results = run_eval_saving(&encoder, &tokenizer, &files.weights, &opts, &device, &mut |r| {
-                save(r, false).map_err(|e| hypersphere::Error::Invalid(format!("{e:#}")))
-            })?;
-            let (text, md) = tables(&results, None);
-            println!("{text}");
-            save(&results, true)?;
-            write_atomic(&out.join("eval.md"), md.as_bytes())?;
-            println!("wrote {}/eval.json and eval.md", out.display());
-            Ok(true)
+            let mut opts = app::eval_options(root, tasks, quick, seed, !no_cache);
+            // Every user file is read before anything is embedded.
+            opts.user_sts = sts.iter().map(|s| UserSts::parse(s)).collect::<hypersphere::Result<Vec<_>>>()?;
+            app::evaluate(&model, &opts, &out, &device).map(|_| true)
         }
         Command::Embed { model, input, sentences, out, dtype, whiten } => {
-            embed(&model, &input, sentences, &out, dtype, whiten.as_deref(), &device)
+            app::embed::embed(&model, &input, sentences, &out, dtype, whiten.as_deref(), &device).map(|_| true)
         }
         Command::Compare { inputs, text, out, whiten, pooling, max_len } => {
-            compare(&inputs, &text, &out, whiten, pooling, max_len, &device)
+            app::compare::compare(&inputs, &text, &out, whiten, pooling, max_len, &device).map(|_| true)
         }
         Command::Fetch { models, force } => {
             let opts = SourceOptions { verify_hashes: true, refetch: force, ..SourceOptions::from_env() };
@@ -295,307 +214,10 @@ pub fn run(cli: Cli) -> Result<bool> {
         }
         Command::Bench { run, steps, mix_batches, embed_sentences, out, export_inputs } => {
             let opts = BenchOptions { steps, mix_batches, embed_sentences, embed_batch: 64, embed_max_len: 128 };
-            bench(&run, &opts, out.as_deref(), export_inputs.as_deref(), &device)
+            app::bench(&run.config()?, run.data.as_deref(), &opts, out.as_deref(), export_inputs.as_deref(), &device)
+                .map(|_| true)
         }
     }
-}
-
-fn pairs(args: &RunArgs, corpus: Option<PathBuf>, stats: bool, sample: Option<usize>) -> Result<bool> {
-    let cfg = args.config()?;
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let (_, set) = tokenizer_and_pairs(&cfg, &files, args.data.as_deref(), corpus)?;
-    if stats || sample.is_none() {
-        let s = &set.stats;
-        println!("books       {}", s.books);
-        println!("chapters    {}", s.chapters);
-        println!("paragraphs  {}", s.paragraphs);
-        println!("sentences   {}", s.sentences);
-        println!(
-            "pairs       {} ({} train, {} validation from {} held-out books)",
-            set.train.len() + set.val.len(),
-            set.train.len(),
-            set.val.len(),
-            set.val_books.len()
-        );
-        println!(
-            "\nsentence length in word pieces (all sentences; pairs keep {}..={}):",
-            cfg.data.min_tokens, cfg.data.max_tokens
-        );
-        let mut bins = std::collections::BTreeMap::<usize, usize>::new();
-        for (&len, &n) in &set.token_lengths {
-            *bins.entry((len / 8).min(16)).or_default() += n;
-        }
-        let peak = bins.values().copied().max().unwrap_or(1).max(1);
-        for (bin, n) in bins {
-            let label = if bin == 16 { ">=128".to_string() } else { format!("{:>3}-{:<3}", bin * 8, bin * 8 + 7) };
-            println!("{label:>8} {n:>8} {}", "#".repeat((n * 50).div_ceil(peak)));
-        }
-    }
-    if let Some(n) = sample {
-        let mut rng = StdRng::seed_from_u64(cfg.seed);
-        for p in set.train.choose_multiple(&mut rng, n) {
-            println!("\nA: {}\nB: {}", p.anchor, p.positive);
-        }
-    }
-    Ok(true)
-}
-
-fn bench(
-    args: &RunArgs,
-    opts: &BenchOptions,
-    out: Option<&Path>,
-    export: Option<&Path>,
-    device: &Device,
-) -> Result<bool> {
-    let cfg = args.config()?;
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
-    // Embedding as `embed` does it: the model's own pooling (mean for sentence-transformers).
-    let pooling = saved_pooling(&files).unwrap_or(Pooling::Mean);
-    let inference = Encoder::load(&files, pooling, false, device)?;
-    let embed_tokenizer = TextTokenizer::load(&files.tokenizer, opts.embed_max_len)?;
-    eprintln!("reading the corpus for the length mix and the embedding sentences");
-    let (tokenizer, set) = tokenizer_and_pairs(&cfg, &files, args.data.as_deref(), None)?;
-    let mut sentences = Vec::new();
-    for file in hypersphere::data::corpus::list_book_files(&cfg.corpus_path(args.data.as_deref())?)? {
-        let book = hypersphere::data::corpus::read_book(&file)?;
-        sentences.extend(book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten()).map(|s| s.to_string()));
-    }
-    let report = hypersphere::bench::run(
-        &cfg,
-        &encoder,
-        &inference,
-        &tokenizer,
-        &embed_tokenizer,
-        &set.train,
-        &sentences,
-        opts,
-        export,
-        device,
-    )?;
-    let text = serde_json::to_string_pretty(&report)?;
-    println!("{text}");
-    if let Some(path) = out {
-        write_atomic(path, text.as_bytes())?;
-    }
-    Ok(true)
-}
-
-/// Non-empty lines of a text file as (0-based line number, text), checked for UTF-8; the
-/// number of empty lines is returned too.
-fn read_lines(path: &Path) -> Result<(Vec<(usize, String)>, usize)> {
-    if path.is_dir() {
-        bail!("{} is a folder: give a file with one sentence per line (or --sentences for books)", path.display());
-    }
-    let text = hypersphere::data::read_text(path)?;
-    let mut empty = 0;
-    let mut lines = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            empty += 1;
-        } else {
-            lines.push((i, line.to_string()));
-        }
-    }
-    if lines.is_empty() {
-        bail!("{}: no non-empty lines to embed", path.display());
-    }
-    Ok((lines, empty))
-}
-
-fn embed(
-    m: &ModelArgs,
-    input: &Path,
-    sentences: bool,
-    out: &Path,
-    dtype: OutDtype,
-    whiten: Option<&Path>,
-    device: &Device,
-) -> Result<bool> {
-    use hypersphere::export::{load_whitening, EmbeddingWriter};
-    // Before any work: a folder in the way would otherwise fail only at the final rename.
-    hypersphere::export::check_output_file(out)?;
-    let whitening = whiten.map(load_whitening).transpose()?;
-    let (files, encoder, tokenizer) = load_model(&m.model, m.pooling, m.max_len, device)?;
-    let (rows, empty): (Vec<(usize, String)>, usize) = if sentences {
-        let mut rows = Vec::new();
-        for file in hypersphere::data::corpus::list_book_files(input)? {
-            let book = hypersphere::data::corpus::read_book(&file)?;
-            let sents = book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten());
-            rows.extend(sents.map(|s| (rows.len(), s.to_string())).collect::<Vec<_>>());
-        }
-        (rows.into_iter().enumerate().map(|(i, (_, s))| (i, s)).collect(), 0)
-    } else {
-        read_lines(input)?
-    };
-    if empty > 0 {
-        eprintln!(
-            "warning: {} has {empty} empty lines; they get no row (the `line` tensor maps rows to input lines)",
-            input.display()
-        );
-    }
-    let hidden = encoder.config.hidden_size;
-    let dim = whitening.as_ref().map(|w| w.k).unwrap_or(hidden);
-    if let Some(w) = &whitening {
-        if w.dim != hidden {
-            bail!("whitening parameters are for dim {}, the model gives {hidden}", w.dim);
-        }
-    }
-    let mut meta = std::collections::BTreeMap::new();
-    meta.insert("model".to_string(), files.spec.clone());
-    meta.insert("weights_sha256".to_string(), sha256_file(&files.weights)?);
-    meta.insert("pooling".to_string(), encoder.pooling.as_str().to_string());
-    meta.insert("normalized".to_string(), "true".to_string());
-    meta.insert("whitening".to_string(), whiten.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
-    meta.insert("count".to_string(), rows.len().to_string());
-    meta.insert("empty_lines".to_string(), empty.to_string());
-    meta.insert("max_len".to_string(), tokenizer.max_len.to_string());
-    meta.insert("input_sha256".to_string(), if input.is_file() { sha256_file(input)? } else { "folder".into() });
-    meta.insert("hypersphere_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
-    let mut writer = EmbeddingWriter::create(out, rows.len(), dim, dtype == OutDtype::F16, &meta)?;
-    let pb = indicatif::ProgressBar::new(rows.len() as u64);
-    let start = Instant::now();
-    // Chunks bound memory; inside a chunk, batches are sorted by length.
-    for chunk in rows.chunks(4096) {
-        let texts: Vec<&str> = chunk.iter().map(|(_, s)| s.as_str()).collect();
-        let mut flat = embed_texts(&encoder, &tokenizer, &texts, m.batch_size, device)?;
-        if let Some(w) = &whitening {
-            flat = w.apply(&flat, texts.len(), true).map_err(anyhow::Error::msg)?;
-        }
-        for ((line, _), row) in chunk.iter().zip(flat.chunks_exact(dim)) {
-            writer.push(row, *line)?;
-        }
-        pb.inc(chunk.len() as u64);
-    }
-    writer.finish()?;
-    pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
-    eprintln!(
-        "embedded {} sentences in {secs:.1}s ({:.0}/s) -> {}",
-        rows.len(),
-        rows.len() as f64 / secs,
-        out.display()
-    );
-    Ok(true)
-}
-
-/// The sentences and pairs `compare` measures every model on.
-/// Sentences to measure, and positive pairs.
-type Texts = (Vec<String>, Vec<(String, String)>);
-
-fn compare_text(t: &TextArgs, first_model: Option<&TextTokenizer>) -> Result<Texts> {
-    let mut rng = StdRng::seed_from_u64(t.seed);
-    let (mut sentences, mut pairs): (Vec<String>, Vec<(String, String)>) = match (&t.corpus, &t.input) {
-        (Some(corpus), _) => {
-            let tok =
-                first_model.context("--corpus needs at least one model input (its tokenizer filters sentences)")?;
-            let opts = PairOptions { cross_paragraph: true, min_tokens: 4, max_tokens: 64 };
-            let set = hypersphere::data::load_pairs(corpus, 0, &opts, 0.0, t.seed, &tok.counter()?)?;
-            let sample = Sample::draw(&set.train, t.sentences, t.num_pairs, t.seed);
-            let pairs = sample.pairs.iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect();
-            (sample.sentences.iter().map(|s| s.to_string()).collect(), pairs)
-        }
-        (None, Some(input)) => {
-            let (mut lines, _) = read_lines(input)?;
-            lines.shuffle(&mut rng);
-            lines.truncate(t.sentences);
-            (lines.into_iter().map(|(_, s)| s).collect(), Vec::new())
-        }
-        (None, None) => (Vec::new(), Vec::new()),
-    };
-    if let Some(path) = &t.pairs {
-        let (lines, _) = read_lines(path)?;
-        pairs = lines
-            .into_iter()
-            .map(|(i, l)| match l.split_once('\t') {
-                Some((a, b)) if !a.trim().is_empty() && !b.trim().is_empty() => Ok((a.to_string(), b.to_string())),
-                _ => bail!("{} line {}: expected `sentence<TAB>sentence`", path.display(), i + 1),
-            })
-            .collect::<Result<_>>()?;
-    }
-    sentences.dedup();
-    Ok((sentences, pairs))
-}
-
-fn compare(
-    inputs: &[String],
-    text: &TextArgs,
-    out: &Path,
-    whiten: Option<usize>,
-    pooling: Option<Pooling>,
-    max_len: Option<usize>,
-    device: &Device,
-) -> Result<bool> {
-    use hypersphere::compare::{compare as measure_all, table as compare_table, Column};
-    use hypersphere::export::{read_embeddings, save_whitening};
-    use hypersphere::whiten::Whitening;
-    enum Input {
-        File(hypersphere::export::EmbeddingFile),
-        Model(String, Box<(Encoder, TextTokenizer)>),
-    }
-    let mut loaded = Vec::new();
-    for spec in inputs {
-        if spec.ends_with(".safetensors") {
-            loaded.push(Input::File(read_embeddings(Path::new(spec))?));
-        } else {
-            let (_, enc, tok) = load_model(spec, pooling, max_len, device)?;
-            let label = if spec.contains('@') { spec.clone() } else { format!("{spec}@{}", enc.pooling.as_str()) };
-            loaded.push(Input::Model(label, Box::new((enc, tok))));
-        }
-    }
-    let first_tok = loaded.iter().find_map(|i| match i {
-        Input::Model(_, m) => Some(&m.1),
-        Input::File(_) => None,
-    });
-    let (sentences, pairs) = compare_text(text, first_tok)?;
-    let has_model = first_tok.is_some();
-    if has_model && sentences.len() < 2 {
-        bail!("model inputs need sentences: pass --corpus DIR or --input FILE");
-    }
-    let mut columns = Vec::new();
-    for (input, spec) in loaded.iter().zip(inputs) {
-        columns.push(match input {
-            Input::File(f) => Column { name: spec.clone(), dim: f.dim, sentences: f.data.clone(), pairs: None },
-            Input::Model(label, m) => {
-                let (enc, tok) = (&m.0, &m.1);
-                eprintln!("embedding {} sentences and {} pairs with {label}", sentences.len(), pairs.len());
-                let embed = |texts: Vec<&str>| embed_texts(enc, tok, &texts, hypersphere::model::EMBED_BATCH, device);
-                let s = embed(sentences.iter().map(String::as_str).collect())?;
-                let p = if pairs.is_empty() {
-                    None
-                } else {
-                    Some((
-                        embed(pairs.iter().map(|(a, _)| a.as_str()).collect())?,
-                        embed(pairs.iter().map(|(_, b)| b.as_str()).collect())?,
-                    ))
-                };
-                Column { name: label.clone(), dim: enc.config.hidden_size, sentences: s, pairs: p }
-            }
-        });
-    }
-    if let Some(k) = whiten {
-        let base = &columns[0];
-        let n = base.n();
-        let w = Whitening::fit(&base.sentences, n, base.dim, (k > 0).then_some(k)).map_err(anyhow::Error::msg)?;
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        save_whitening(&w, &out.join("whitening.safetensors"))?;
-        let apply = |d: &[f32]| w.apply(d, d.len() / base.dim, true).map_err(anyhow::Error::msg);
-        let pairs = match &base.pairs {
-            Some((a, b)) => Some((apply(a)?, apply(b)?)),
-            None => None,
-        };
-        let column = Column {
-            name: format!("{} + whitening({})", base.name, w.k),
-            dim: w.k,
-            sentences: apply(&base.sentences)?,
-            pairs,
-        };
-        columns.push(column);
-    }
-    let (results, files) = measure_all(&columns, out, text.seed)?;
-    println!("{}", compare_table(&results));
-    println!("wrote {}/compare.json, compare.md and {} plot files", out.display(), files.len());
-    Ok(true)
 }
 
 /// Ctrl-C and SIGTERM (what `timeout`, schedulers and `docker stop` send) during training:

@@ -1,22 +1,28 @@
 //! The pipelines behind each command, callable from tests and other front ends: the CLI parses
 //! arguments into these calls and prints what they return.
 
+pub mod compare;
+pub mod embed;
 pub mod finetune;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 use crate::config::RunConfig;
 use crate::data::batch::TextTokenizer;
+use crate::data::corpus::{list_book_files, read_book};
 use crate::data::pairs::PairOptions;
 use crate::data::{load_pairs, PairSet};
-use crate::eval::runner::{evaluate, sha256_file, EvalOptions, Evaluated};
+use crate::eval::runner::{sha256_file, EvalOptions, Evaluated};
 use crate::eval::Task;
 use crate::model::pooling::Pooling;
 use crate::model::source::{declared_max_len, resolve, saved_pooling, ModelFiles, SourceOptions};
 use crate::model::Encoder;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 
 /// The training tokenizer (at `model.max_len`) and the corpus's pairs (`corpus`, else the
 /// config's `data.corpus`); skipped links are noted on stderr.
@@ -102,5 +108,123 @@ pub fn run_eval_saving(
     finished: &mut dyn FnMut(&[Evaluated]) -> crate::Result<()>,
 ) -> Result<Vec<Evaluated>> {
     let sha = sha256_file(weights)?;
-    Ok(evaluate(encoder, tokenizer, &sha, opts, device, &mut |m| eprintln!("  {m}"), finished)?)
+    Ok(crate::eval::runner::evaluate(encoder, tokenizer, &sha, opts, device, &mut |m| eprintln!("  {m}"), finished)?)
+}
+
+/// `pairs`: the corpus statistics and a length histogram, and/or `sample` random training pairs.
+pub fn pairs(
+    cfg: &RunConfig,
+    data: Option<&Path>,
+    corpus: Option<PathBuf>,
+    stats: bool,
+    sample: Option<usize>,
+) -> Result<()> {
+    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+    let (_, set) = tokenizer_and_pairs(cfg, &files, data, corpus)?;
+    if stats || sample.is_none() {
+        let s = &set.stats;
+        println!("books       {}", s.books);
+        println!("chapters    {}", s.chapters);
+        println!("paragraphs  {}", s.paragraphs);
+        println!("sentences   {}", s.sentences);
+        println!(
+            "pairs       {} ({} train, {} validation from {} held-out books)",
+            set.train.len() + set.val.len(),
+            set.train.len(),
+            set.val.len(),
+            set.val_books.len()
+        );
+        println!(
+            "\nsentence length in word pieces (all sentences; pairs keep {}..={}):",
+            cfg.data.min_tokens, cfg.data.max_tokens
+        );
+        let mut bins = std::collections::BTreeMap::<usize, usize>::new();
+        for (&len, &n) in &set.token_lengths {
+            *bins.entry((len / 8).min(16)).or_default() += n;
+        }
+        let peak = bins.values().copied().max().unwrap_or(1).max(1);
+        for (bin, n) in bins {
+            let label = if bin == 16 { ">=128".to_string() } else { format!("{:>3}-{:<3}", bin * 8, bin * 8 + 7) };
+            println!("{label:>8} {n:>8} {}", "#".repeat((n * 50).div_ceil(peak)));
+        }
+    }
+    if let Some(n) = sample {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        for p in set.train.choose_multiple(&mut rng, n) {
+            println!("\nA: {}\nB: {}", p.anchor, p.positive);
+        }
+    }
+    Ok(())
+}
+
+/// `bench`: time the config's training steps and embedding; the JSON report is printed and
+/// written to `out`.
+pub fn bench(
+    cfg: &RunConfig,
+    data: Option<&Path>,
+    opts: &crate::bench::BenchOptions,
+    out: Option<&Path>,
+    export: Option<&Path>,
+    device: &Device,
+) -> Result<()> {
+    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+    let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
+    // Embedding as `embed` does it: the model's own pooling (mean for sentence-transformers).
+    let pooling = saved_pooling(&files).unwrap_or(Pooling::Mean);
+    let inference = Encoder::load(&files, pooling, false, device)?;
+    let embed_tokenizer = TextTokenizer::load(&files.tokenizer, opts.embed_max_len)?;
+    eprintln!("reading the corpus for the length mix and the embedding sentences");
+    let (tokenizer, set) = tokenizer_and_pairs(cfg, &files, data, None)?;
+    let mut sentences = Vec::new();
+    for file in list_book_files(&cfg.corpus_path(data)?)? {
+        let book = read_book(&file)?;
+        sentences.extend(book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten()).map(|s| s.to_string()));
+    }
+    let report = crate::bench::run(
+        cfg,
+        &encoder,
+        &inference,
+        &tokenizer,
+        &embed_tokenizer,
+        &set.train,
+        &sentences,
+        opts,
+        export,
+        device,
+    )?;
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(path) = out {
+        crate::atomic::write_atomic(path, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `eval`: the model on the tasks and user STS sets of `opts`; tables on stdout, `eval.json`
+/// (saved after each task, `"complete": false` until the last) and `eval.md` in `out`.
+pub fn evaluate(model: &embed::ModelArgs, opts: &EvalOptions, out: &Path, device: &Device) -> Result<Vec<Evaluated>> {
+    let (files, encoder, tokenizer) = load_model(&model.model, model.pooling, model.max_len, device)?;
+    eprintln!(
+        "evaluating {} ({} pooling) on {} tasks and {} STS sets",
+        files.spec,
+        encoder.pooling.as_str(),
+        opts.tasks.len(),
+        opts.user_sts.len()
+    );
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join("eval.json");
+    let save = |results: &[Evaluated], complete: bool| {
+        let pooling = encoder.pooling.as_str();
+        crate::export::write_json(
+            &json,
+            &serde_json::json!({"model": files.spec, "pooling": pooling, "quick": opts.quick, "complete": complete, "results": results}),
+        )
+    };
+    let results = run_eval_saving(&encoder, &tokenizer, &files.weights, opts, device, &mut |r| save(r, false))?;
+    let (text, md) = crate::eval::runner::tables(&results, None);
+    println!("{text}");
+    save(&results, true)?;
+    crate::atomic::write_atomic(&out.join("eval.md"), md.as_bytes())?;
+    println!("wrote {}/eval.json and eval.md", out.display());
+    Ok(results)
 }

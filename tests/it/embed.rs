@@ -165,3 +165,16 @@ fn compare_models_files_and_whitening() {
     failed(&run(&["compare", "bad.safetensors", "b.safetensors"], tmp.path()), "bad.safetensors");
     failed(&run(&["compare", &a], tmp.path()), "--corpus");
 }
+
+/// A relative model folder is stored in the embeddings file as its absolute path, so the file
+/// still names its model once moved.
+#[test]
+fn embeddings_name_their_model_by_absolute_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_model(&tmp.path().join("tiny"), 3, "");
+    std::fs::write(tmp.path().join("in.txt"), LINES).unwrap();
+    ok(&run(&["embed", "--model", "tiny@cls", "--input", "in.txt", "--out", "e.safetensors"], tmp.path()));
+    let e = hypersphere::export::read_embeddings(&tmp.path().join("e.safetensors")).unwrap();
+    let want = std::fs::canonicalize(tmp.path().join("tiny")).unwrap().display().to_string();
+    assert_eq!((e.metadata["model"].as_str(), e.metadata["pooling"].as_str()), (want.as_str(), "cls"));
+}

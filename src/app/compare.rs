@@ -1,0 +1,160 @@
+//! `compare`: several models or embedding files measured side by side on the same sentences.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::embed::read_lines;
+use super::load_model;
+use crate::data::batch::TextTokenizer;
+use crate::data::pairs::PairOptions;
+use crate::model::pooling::Pooling;
+use crate::model::{embed_texts, Encoder};
+use crate::report::Sample;
+use std::path::PathBuf;
+
+/// Where `compare` takes its sentences from.
+#[derive(clap::Args, Debug)]
+pub struct TextArgs {
+    /// Books: sentences and adjacent pairs are sampled from them.
+    #[arg(long, conflicts_with = "input")]
+    pub corpus: Option<PathBuf>,
+    /// One sentence per line.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Positive pairs, one `sentence<TAB>sentence` per line.
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
+    /// Sentences sampled for the metrics.
+    #[arg(long, default_value_t = 2000)]
+    pub sentences: usize,
+    /// Positive pairs sampled from the corpus.
+    #[arg(long, default_value_t = 1000)]
+    pub num_pairs: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// The sentences and pairs `compare` measures every model on.
+/// Sentences to measure, and positive pairs.
+type Texts = (Vec<String>, Vec<(String, String)>);
+
+pub fn compare_text(t: &TextArgs, first_model: Option<&TextTokenizer>) -> Result<Texts> {
+    let mut rng = StdRng::seed_from_u64(t.seed);
+    let (mut sentences, mut pairs): (Vec<String>, Vec<(String, String)>) = match (&t.corpus, &t.input) {
+        (Some(corpus), _) => {
+            let tok =
+                first_model.context("--corpus needs at least one model input (its tokenizer filters sentences)")?;
+            let opts = PairOptions { cross_paragraph: true, min_tokens: 4, max_tokens: 64 };
+            let set = crate::data::load_pairs(corpus, 0, &opts, 0.0, t.seed, &tok.counter()?)?;
+            let sample = Sample::draw(&set.train, t.sentences, t.num_pairs, t.seed);
+            let pairs = sample.pairs.iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect();
+            (sample.sentences.iter().map(|s| s.to_string()).collect(), pairs)
+        }
+        (None, Some(input)) => {
+            let (mut lines, _) = read_lines(input)?;
+            lines.shuffle(&mut rng);
+            lines.truncate(t.sentences);
+            (lines.into_iter().map(|(_, s)| s).collect(), Vec::new())
+        }
+        (None, None) => (Vec::new(), Vec::new()),
+    };
+    if let Some(path) = &t.pairs {
+        let (lines, _) = read_lines(path)?;
+        pairs = lines
+            .into_iter()
+            .map(|(i, l)| match l.split_once('\t') {
+                Some((a, b)) if !a.trim().is_empty() && !b.trim().is_empty() => Ok((a.to_string(), b.to_string())),
+                _ => bail!("{} line {}: expected `sentence<TAB>sentence`", path.display(), i + 1),
+            })
+            .collect::<Result<_>>()?;
+    }
+    sentences.dedup();
+    Ok((sentences, pairs))
+}
+
+/// Measure every input (models, embedding files) on the same sentences; tables, JSON and plots in `out`.
+pub fn compare(
+    inputs: &[String],
+    text: &TextArgs,
+    out: &Path,
+    whiten: Option<usize>,
+    pooling: Option<Pooling>,
+    max_len: Option<usize>,
+    device: &Device,
+) -> Result<()> {
+    use crate::compare::{compare as measure_all, table as compare_table, Column};
+    use crate::export::{read_embeddings, save_whitening};
+    use crate::whiten::Whitening;
+    enum Input {
+        File(crate::export::EmbeddingFile),
+        Model(String, Box<(Encoder, TextTokenizer)>),
+    }
+    let mut loaded = Vec::new();
+    for spec in inputs {
+        if spec.ends_with(".safetensors") {
+            loaded.push(Input::File(read_embeddings(Path::new(spec))?));
+        } else {
+            let (_, enc, tok) = load_model(spec, pooling, max_len, device)?;
+            let label = if spec.contains('@') { spec.clone() } else { format!("{spec}@{}", enc.pooling.as_str()) };
+            loaded.push(Input::Model(label, Box::new((enc, tok))));
+        }
+    }
+    let first_tok = loaded.iter().find_map(|i| match i {
+        Input::Model(_, m) => Some(&m.1),
+        Input::File(_) => None,
+    });
+    let (sentences, pairs) = compare_text(text, first_tok)?;
+    let has_model = first_tok.is_some();
+    if has_model && sentences.len() < 2 {
+        bail!("model inputs need sentences: pass --corpus DIR or --input FILE");
+    }
+    let mut columns = Vec::new();
+    for (input, spec) in loaded.iter().zip(inputs) {
+        columns.push(match input {
+            Input::File(f) => Column { name: spec.clone(), dim: f.dim, sentences: f.data.clone(), pairs: None },
+            Input::Model(label, m) => {
+                let (enc, tok) = (&m.0, &m.1);
+                eprintln!("embedding {} sentences and {} pairs with {label}", sentences.len(), pairs.len());
+                let embed = |texts: Vec<&str>| embed_texts(enc, tok, &texts, crate::model::EMBED_BATCH, device);
+                let s = embed(sentences.iter().map(String::as_str).collect())?;
+                let p = if pairs.is_empty() {
+                    None
+                } else {
+                    Some((
+                        embed(pairs.iter().map(|(a, _)| a.as_str()).collect())?,
+                        embed(pairs.iter().map(|(_, b)| b.as_str()).collect())?,
+                    ))
+                };
+                Column { name: label.clone(), dim: enc.config.hidden_size, sentences: s, pairs: p }
+            }
+        });
+    }
+    if let Some(k) = whiten {
+        let base = &columns[0];
+        let n = base.n();
+        let w = Whitening::fit(&base.sentences, n, base.dim, (k > 0).then_some(k)).map_err(anyhow::Error::msg)?;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        save_whitening(&w, &out.join("whitening.safetensors"))?;
+        let apply = |d: &[f32]| w.apply(d, d.len() / base.dim, true).map_err(anyhow::Error::msg);
+        let pairs = match &base.pairs {
+            Some((a, b)) => Some((apply(a)?, apply(b)?)),
+            None => None,
+        };
+        let column = Column {
+            name: format!("{} + whitening({})", base.name, w.k),
+            dim: w.k,
+            sentences: apply(&base.sentences)?,
+            pairs,
+        };
+        columns.push(column);
+    }
+    let (results, files) = measure_all(&columns, out, text.seed)?;
+    println!("{}", compare_table(&results));
+    println!("wrote {}/compare.json, compare.md and {} plot files", out.display(), files.len());
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! `embed`: sentences in, L2-normalised vectors out, streamed into a safetensors file.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+use super::load_model;
+use crate::eval::runner::sha256_file;
+use crate::model::embed_texts;
+use crate::model::pooling::Pooling;
+
+/// Which model to embed with, and how.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// A model folder, a Hub repo id, or pip:PACKAGE==VERSION.
+    #[arg(long)]
+    pub model: String,
+    /// Pooling (default: what the model folder declares, else mean).
+    #[arg(long, value_enum)]
+    pub pooling: Option<Pooling>,
+    /// Tokens per sentence, [CLS] and [SEP] included (default: the model folder's declared
+    /// max_seq_length, as sentence-transformers uses, else its position table).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    #[arg(long, default_value_t = crate::model::EMBED_BATCH)]
+    pub batch_size: usize,
+}
+
+/// Number format of the written embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutDtype {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats: half the size, about 3 significant digits.
+    F16,
+}
+
+/// A model spec as stored with embeddings: a folder as its absolute path (the file stays
+/// meaningful once moved), a Hub id or pip spec as given.
+pub fn resolved_spec(spec: &str) -> String {
+    let (path, pooling) = match spec.rsplit_once('@') {
+        Some((p, pool)) => (p, Some(pool)),
+        None => (spec, None),
+    };
+    match std::fs::canonicalize(path) {
+        Ok(abs) => abs.display().to_string() + &pooling.map(|p| format!("@{p}")).unwrap_or_default(),
+        Err(_) => spec.to_string(),
+    }
+}
+
+/// Non-empty lines of a text file as (0-based line number, text), checked for UTF-8; the
+/// number of empty lines is returned too.
+pub fn read_lines(path: &Path) -> Result<(Vec<(usize, String)>, usize)> {
+    if path.is_dir() {
+        bail!("{} is a folder: give a file with one sentence per line (or --sentences for books)", path.display());
+    }
+    let text = crate::data::read_text(path)?;
+    let mut empty = 0;
+    let mut lines = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            empty += 1;
+        } else {
+            lines.push((i, line.to_string()));
+        }
+    }
+    if lines.is_empty() {
+        bail!("{}: no non-empty lines to embed", path.display());
+    }
+    Ok((lines, empty))
+}
+
+/// Embed `input` (lines, or with `sentences` the sentences of the books in it) into `out`.
+pub fn embed(
+    m: &ModelArgs,
+    input: &Path,
+    sentences: bool,
+    out: &Path,
+    dtype: OutDtype,
+    whiten: Option<&Path>,
+    device: &Device,
+) -> Result<()> {
+    use crate::export::{load_whitening, EmbeddingWriter};
+    // Before any work: a folder in the way would otherwise fail only at the final rename.
+    crate::export::check_output_file(out)?;
+    let whitening = whiten.map(load_whitening).transpose()?;
+    let (files, encoder, tokenizer) = load_model(&m.model, m.pooling, m.max_len, device)?;
+    let (rows, empty): (Vec<(usize, String)>, usize) = if sentences {
+        let mut rows = Vec::new();
+        for file in crate::data::corpus::list_book_files(input)? {
+            let book = crate::data::corpus::read_book(&file)?;
+            let sents = book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten());
+            rows.extend(sents.map(|s| (rows.len(), s.to_string())).collect::<Vec<_>>());
+        }
+        (rows.into_iter().enumerate().map(|(i, (_, s))| (i, s)).collect(), 0)
+    } else {
+        read_lines(input)?
+    };
+    if empty > 0 {
+        eprintln!(
+            "warning: {} has {empty} empty lines; they get no row (the `line` tensor maps rows to input lines)",
+            input.display()
+        );
+    }
+    let hidden = encoder.config.hidden_size;
+    let dim = whitening.as_ref().map(|w| w.k).unwrap_or(hidden);
+    if let Some(w) = &whitening {
+        if w.dim != hidden {
+            bail!("whitening parameters are for dim {}, the model gives {hidden}", w.dim);
+        }
+    }
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("model".to_string(), resolved_spec(&files.spec));
+    meta.insert("weights_sha256".to_string(), sha256_file(&files.weights)?);
+    meta.insert("pooling".to_string(), encoder.pooling.as_str().to_string());
+    meta.insert("normalized".to_string(), "true".to_string());
+    meta.insert("whitening".to_string(), whiten.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
+    meta.insert("count".to_string(), rows.len().to_string());
+    meta.insert("empty_lines".to_string(), empty.to_string());
+    meta.insert("max_len".to_string(), tokenizer.max_len.to_string());
+    meta.insert("input_sha256".to_string(), if input.is_file() { sha256_file(input)? } else { "folder".into() });
+    meta.insert("hypersphere_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    let mut writer = EmbeddingWriter::create(out, rows.len(), dim, dtype == OutDtype::F16, &meta)?;
+    let pb = indicatif::ProgressBar::new(rows.len() as u64);
+    let start = Instant::now();
+    // Chunks bound memory; inside a chunk, batches are sorted by length.
+    for chunk in rows.chunks(4096) {
+        let texts: Vec<&str> = chunk.iter().map(|(_, s)| s.as_str()).collect();
+        let mut flat = embed_texts(&encoder, &tokenizer, &texts, m.batch_size, device)?;
+        if let Some(w) = &whitening {
+            flat = w.apply(&flat, texts.len(), true).map_err(anyhow::Error::msg)?;
+        }
+        for ((line, _), row) in chunk.iter().zip(flat.chunks_exact(dim)) {
+            writer.push(row, *line)?;
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    writer.finish()?;
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "embedded {} sentences in {secs:.1}s ({:.0}/s) -> {}",
+        rows.len(),
+        rows.len() as f64 / secs,
+        out.display()
+    );
+    Ok(())
+}
