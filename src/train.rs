@@ -693,8 +693,7 @@ fn lr_scales(encoder: &Encoder, tc: &crate::config::TrainConfig) -> Vec<f64> {
 /// checkpoints to `<run_dir>/checkpoints/`. With `resume`, continue from the newest usable
 /// checkpoint. On return the encoder holds the selected step's weights.
 pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
-    let (encoder, cfg, run_dir, device) = (inp.encoder, inp.cfg, inp.run_dir, inp.device);
-    let tc = &cfg.train;
+    let tc = &inp.cfg.train;
     if inp.train_pairs.len() < tc.batch_pairs {
         return Err(Error::Invalid(format!(
             "only {} training pairs, fewer than one batch of {}: use a larger corpus or lower train.batch_pairs",
@@ -702,154 +701,27 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
             tc.batch_pairs
         )));
     }
-    let total = planned_steps(cfg, inp.train_pairs.len());
-    let lens: Vec<usize> = inp.train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
-    let mut opt = AdamW::new(encoder.vars(), tc)?;
-    opt.set_lr_scales(&lr_scales(encoder, tc))?;
-    let mut state = TrainState { model: encoder.files.spec.clone(), ..TrainState::default() };
-    if inp.resume {
-        let mut warn = |m: String| eprintln!("warning: {m}");
-        match checkpoint::restore_latest(run_dir, &encoder.files.spec, &encoder.params, &mut opt, &mut warn)? {
-            Some((s, dir)) => {
-                eprintln!("resuming from {} (step {} of {total})", dir.display(), s.step);
-                state = s;
-            }
-            None => eprintln!("warning: no usable checkpoint in {}: starting from step 0", run_dir.display()),
-        }
-    }
+    let total = planned_steps(inp.cfg, inp.train_pairs.len());
+    let (mut opt, mut state) = optimizer_and_state(inp, total)?;
     let mut monitor = Monitor::open(inp, state.step)?;
-
-    let shuffle = |epoch: usize| {
-        epoch_batches(&lens, tc.batch_pairs, &mut StdRng::seed_from_u64(derived_seed(cfg.seed, 1, epoch)))
-    };
-    let mut batches =
-        if state.epoch > 0 { shuffle(state.epoch) } else { Vec::new() }.into_iter().skip(state.batch_in_epoch);
-
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
-            .map_err(|e| Error::Invalid(e.to_string()))?
-            .progress_chars("=> "),
-    );
-    pb.set_position(state.step as u64);
-    // Time and speed are whole-run figures: earlier processes' seconds come from the checkpoint.
-    let clock = Instant::now();
-    let (first_step, prior_s) = (state.step, state.seconds);
-    let run_seconds = || prior_s + clock.elapsed().as_secs_f64();
-    let mut sums = std::mem::take(&mut state.log_sums);
-    let mut since = state.log_since;
-    let mut stopped = None;
-    let mut collapsed = false;
-    let checkpoint = |state: &mut TrainState, opt: &AdamW, sums: &[(String, f32)], since: usize| -> Result<()> {
-        (state.seconds, state.log_sums, state.log_since) = (run_seconds(), sums.to_vec(), since);
-        checkpoint::save(run_dir, state, &encoder.params, opt, tc.keep_checkpoints).map(|_| ())
-    };
-    while state.step < total {
-        if inp.stop.load(Ordering::SeqCst) {
-            checkpoint(&mut state, &opt, &sums, since)?;
-            stopped = Some(format!(
-                "interrupted at step {}; a checkpoint was written: continue with --resume {}",
-                state.step,
-                run_dir.display()
-            ));
-            break;
-        }
-        let Some(batch) = batches.next() else {
-            state.epoch += 1;
-            state.batch_in_epoch = 0;
-            batches = shuffle(state.epoch).into_iter().skip(state.batch_in_epoch);
-            continue;
-        };
-        state.batch_in_epoch += 1;
-        let lr = lr_at(state.step + 1, total, tc);
-        opt.set_lr(lr);
-        let pairs: Vec<&Pair> = batch.iter().map(|&i| &inp.train_pairs[i]).collect();
-        let micro_pairs = if tc.micro_batch_pairs == 0 { pairs.len() } else { tc.micro_batch_pairs };
-        let micro = pairs
-            .chunks(micro_pairs)
-            .map(|c| inp.tokenizer.batch(&step_texts(c, &cfg.loss), device))
-            .collect::<Result<Vec<_>>>()?;
-        let mut dropout_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, 2, state.step + 1));
-        let rng = tc.dropout.then_some(&mut dropout_rng);
-        let stats = match train_step(encoder, &mut opt, &micro, &cfg.loss, tc.max_grad_norm, rng)? {
-            StepOutcome::Updated(s) => s,
-            StepOutcome::Skipped(NonFinite(msg)) => {
-                state.bad_steps += 1;
-                let what = format!("step {}: {msg}", state.step + 1);
-                if state.bad_steps > tc.max_bad_steps {
-                    stopped = Some(format!(
-                        "{what}; {} bad steps, more than train.max_bad_steps = {}. Stopped with the weights of step {} (the last checkpoint is kept). Try a lower train.lr or train.max_grad_norm",
-                        state.bad_steps, tc.max_bad_steps, state.step
-                    ));
-                    break;
-                }
-                pb.suspend(|| {
-                    eprintln!(
-                        "warning: {what}; skipped without an update ({} of at most {} bad steps)",
-                        state.bad_steps, tc.max_bad_steps
-                    )
-                });
-                continue;
-            }
-        };
-        state.step += 1;
-        let step = state.step;
-        accumulate(&mut sums, &stats);
-        since += 1;
-        let pairs_per_s = (step * tc.batch_pairs) as f64 / run_seconds();
-        let brief = format!(
-            "loss {:.4} align {:.4} uniform {:.4} | {pairs_per_s:.1} pairs/s",
-            stats.loss,
-            stats.part("align"),
-            stats.part("uniform")
-        );
-        pb.set_position(step as u64);
-        pb.set_message(brief.clone());
-        if pb.is_hidden() && step.is_multiple_of(10) {
-            // No terminal (a log file, CI): a plain line now and then instead of the bar.
-            let eta = clock.elapsed().as_secs_f64() / (step - first_step) as f64 * (total - step) as f64;
-            eprintln!("step {step}/{total}: {brief} | ETA {eta:.0}s");
-        }
-        let eval_now = step == total || (tc.eval_every_steps > 0 && step.is_multiple_of(tc.eval_every_steps));
-        if eval_now && !inp.val_pairs.is_empty() {
-            let k = since.max(1) as f32;
-            let line = LogLine {
-                step,
-                epoch: state.epoch,
-                lr,
-                train: sums.iter().map(|(n, v)| (n.clone(), v / k)).collect(),
-                pairs_per_s,
-                elapsed_s: run_seconds(),
-                ..LogLine::default()
-            };
-            let (val, verdict) = monitor.after_step(line)?;
-            pb.suspend(|| {
-                let loss = sums.first().map_or(f32::NAN, |(_, v)| v / k);
-                eprintln!("step {step}/{total}: train loss {loss:.4} | {val} | {pairs_per_s:.1} pairs/s");
-                if let Health::Drift(m) | Health::Collapse(m) = &verdict {
-                    eprintln!("warning: step {step}: {m}");
-                }
-            });
-            (sums, since) = (Vec::new(), 0);
-            if let Health::Collapse(m) = verdict {
-                stopped = Some(format!("step {step}: {m}"));
-                collapsed = true;
-                break;
-            }
-        }
-        // After the log line, so the sums it saves are those the next line will average.
-        if step == total || (tc.checkpoint_every_steps > 0 && step.is_multiple_of(tc.checkpoint_every_steps)) {
-            checkpoint(&mut state, &opt, &sums, since)?;
-        }
+    let mut run = Run::new(inp, &mut state, total)?;
+    let mut end = None;
+    while state.step < total && end.is_none() {
+        end = run.advance(&mut state, &mut opt, &mut monitor)?;
     }
-    pb.finish_and_clear();
-    let seconds = run_seconds();
+    run.pb.finish_and_clear();
+    let (stopped, collapsed) = match end {
+        Some(End::Stopped(why)) => (Some(why), false),
+        Some(End::Collapsed(why)) => (Some(why), true),
+        None => (None, false),
+    };
+    let seconds = run.seconds();
     let warnings = monitor.warnings.clone();
     let selected = monitor.select(state.step, stopped.is_some())?;
     Ok(TrainSummary {
         steps: state.step,
         planned_steps: total,
-        resumed_at: inp.resume.then_some(first_step),
+        resumed_at: inp.resume.then_some(run.first_step),
         seconds,
         pairs_per_s: (state.step * tc.batch_pairs) as f64 / seconds.max(1e-9),
         bad_steps: state.bad_steps,
@@ -858,6 +730,231 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         warnings,
         selected,
     })
+}
+
+/// AdamW with the configured learning-rate multipliers, and the state to start from: the newest
+/// usable checkpoint's on resume (weights and moments restored), else step 0.
+fn optimizer_and_state(inp: &TrainInputs, total: usize) -> Result<(AdamW, TrainState)> {
+    let (encoder, tc) = (inp.encoder, &inp.cfg.train);
+    let mut opt = AdamW::new(encoder.vars(), tc)?;
+    opt.set_lr_scales(&lr_scales(encoder, tc))?;
+    let mut state = TrainState { model: encoder.files.spec.clone(), ..TrainState::default() };
+    if inp.resume {
+        let mut warn = |m: String| eprintln!("warning: {m}");
+        match checkpoint::restore_latest(inp.run_dir, &encoder.files.spec, &encoder.params, &mut opt, &mut warn)? {
+            Some((s, dir)) => {
+                eprintln!("resuming from {} (step {} of {total})", dir.display(), s.step);
+                state = s;
+            }
+            None => eprintln!("warning: no usable checkpoint in {}: starting from step 0", inp.run_dir.display()),
+        }
+    }
+    Ok((opt, state))
+}
+
+/// Why the loop ended before its budget.
+enum End {
+    /// Interrupted, or too many non-finite steps: the message says what to do.
+    Stopped(String),
+    /// The collapse guard: the weights are collapsed.
+    Collapsed(String),
+}
+
+/// The training loop's moving parts: data order, progress, time and the loss sums since the
+/// last log line (the sums and time travel in checkpoints, so a resume continues them).
+struct Run<'a> {
+    inp: &'a TrainInputs<'a>,
+    total: usize,
+    lens: Vec<usize>,
+    batches: std::vec::IntoIter<Vec<usize>>,
+    pb: ProgressBar,
+    clock: Instant,
+    first_step: usize,
+    prior_s: f64,
+    sums: Vec<(String, f32)>,
+    since: usize,
+}
+
+impl<'a> Run<'a> {
+    fn new(inp: &'a TrainInputs<'a>, state: &mut TrainState, total: usize) -> Result<Self> {
+        let lens: Vec<usize> = inp.train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
+        let pb = ProgressBar::new(total as u64);
+        pb.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
+                .map_err(|e| Error::Invalid(e.to_string()))?
+                .progress_chars("=> "),
+        );
+        pb.set_position(state.step as u64);
+        let mut run = Self {
+            inp,
+            total,
+            lens,
+            batches: Vec::new().into_iter(),
+            pb,
+            clock: Instant::now(),
+            first_step: state.step,
+            prior_s: state.seconds,
+            sums: std::mem::take(&mut state.log_sums),
+            since: state.log_since,
+        };
+        if state.epoch > 0 {
+            let mut order = run.shuffle(state.epoch);
+            order.drain(..state.batch_in_epoch.min(order.len()));
+            run.batches = order.into_iter();
+        }
+        Ok(run)
+    }
+
+    /// Epoch `epoch`'s batches: a shuffle seeded by (seed, epoch), so a resume redraws it.
+    fn shuffle(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let seed = derived_seed(self.inp.cfg.seed, 1, epoch);
+        epoch_batches(&self.lens, self.inp.cfg.train.batch_pairs, &mut StdRng::seed_from_u64(seed))
+    }
+
+    /// Seconds spent training over the whole run (earlier processes' from the checkpoint).
+    fn seconds(&self) -> f64 {
+        self.prior_s + self.clock.elapsed().as_secs_f64()
+    }
+
+    fn checkpoint(&self, state: &mut TrainState, opt: &AdamW) -> Result<()> {
+        (state.seconds, state.log_sums, state.log_since) = (self.seconds(), self.sums.clone(), self.since);
+        checkpoint::save(self.inp.run_dir, state, &self.inp.encoder.params, opt, self.inp.cfg.train.keep_checkpoints)
+            .map(|_| ())
+    }
+
+    /// The next batch's pair indices, starting a new epoch when one runs out.
+    fn next_batch(&mut self, state: &mut TrainState) -> Vec<usize> {
+        loop {
+            if let Some(b) = self.batches.next() {
+                state.batch_in_epoch += 1;
+                return b;
+            }
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            self.batches = self.shuffle(state.epoch).into_iter();
+        }
+    }
+
+    /// One step: stop on an interrupt, skip a non-finite step (stop after too many), else update,
+    /// report progress, validate and checkpoint when due.
+    fn advance(&mut self, state: &mut TrainState, opt: &mut AdamW, monitor: &mut Monitor) -> Result<Option<End>> {
+        let (inp, tc) = (self.inp, &self.inp.cfg.train);
+        if inp.stop.load(Ordering::SeqCst) {
+            self.checkpoint(state, opt)?;
+            let run_dir = inp.run_dir.display();
+            let why = format!(
+                "interrupted at step {}; a checkpoint was written: continue with --resume {run_dir}",
+                state.step
+            );
+            return Ok(Some(End::Stopped(why)));
+        }
+        let batch = self.next_batch(state);
+        let lr = lr_at(state.step + 1, self.total, tc);
+        opt.set_lr(lr);
+        let stats = match self.step(state, opt, &batch)? {
+            StepOutcome::Updated(s) => s,
+            StepOutcome::Skipped(NonFinite(msg)) => return Ok(self.bad_step(state, msg)),
+        };
+        state.step += 1;
+        accumulate(&mut self.sums, &stats);
+        self.since += 1;
+        self.progress(state.step, &stats);
+        let step = state.step;
+        let eval_now = step == self.total || (tc.eval_every_steps > 0 && step.is_multiple_of(tc.eval_every_steps));
+        if eval_now && !inp.val_pairs.is_empty() {
+            if let Some(end) = self.validate(state, lr, monitor)? {
+                return Ok(Some(end));
+            }
+        }
+        // After the log line, so the sums it saves are those the next line will average.
+        if step == self.total || (tc.checkpoint_every_steps > 0 && step.is_multiple_of(tc.checkpoint_every_steps)) {
+            self.checkpoint(state, opt)?;
+        }
+        Ok(None)
+    }
+
+    /// Forward, backward and update on one batch (in micro-batches when configured), with
+    /// dropout masks seeded by (seed, step).
+    fn step(&self, state: &TrainState, opt: &mut AdamW, batch: &[usize]) -> Result<StepOutcome> {
+        let (inp, cfg) = (self.inp, self.inp.cfg);
+        let pairs: Vec<&Pair> = batch.iter().map(|&i| &inp.train_pairs[i]).collect();
+        let micro_pairs = if cfg.train.micro_batch_pairs == 0 { pairs.len() } else { cfg.train.micro_batch_pairs };
+        let micro = pairs
+            .chunks(micro_pairs)
+            .map(|c| inp.tokenizer.batch(&step_texts(c, &cfg.loss), inp.device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut dropout_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, 2, state.step + 1));
+        let rng = cfg.train.dropout.then_some(&mut dropout_rng);
+        train_step(inp.encoder, opt, &micro, &cfg.loss, cfg.train.max_grad_norm, rng)
+    }
+
+    /// Count a skipped step; past `train.max_bad_steps` the run stops.
+    fn bad_step(&self, state: &mut TrainState, msg: String) -> Option<End> {
+        let max = self.inp.cfg.train.max_bad_steps;
+        state.bad_steps += 1;
+        let what = format!("step {}: {msg}", state.step + 1);
+        if state.bad_steps > max {
+            return Some(End::Stopped(format!(
+                "{what}; {} bad steps, more than train.max_bad_steps = {max}. Stopped with the weights of step {} (the last checkpoint is kept). Try a lower train.lr or train.max_grad_norm",
+                state.bad_steps, state.step
+            )));
+        }
+        self.pb.suspend(|| {
+            eprintln!("warning: {what}; skipped without an update ({} of at most {max} bad steps)", state.bad_steps)
+        });
+        None
+    }
+
+    fn pairs_per_s(&self, step: usize) -> f64 {
+        (step * self.inp.cfg.train.batch_pairs) as f64 / self.seconds()
+    }
+
+    /// The progress bar, or without a terminal (a log file, CI) a plain line every 10 steps.
+    fn progress(&self, step: usize, stats: &StepStats) {
+        let brief = format!(
+            "loss {:.4} align {:.4} uniform {:.4} | {:.1} pairs/s",
+            stats.loss,
+            stats.part("align"),
+            stats.part("uniform"),
+            self.pairs_per_s(step)
+        );
+        self.pb.set_position(step as u64);
+        self.pb.set_message(brief.clone());
+        if self.pb.is_hidden() && step.is_multiple_of(10) {
+            let done = (step - self.first_step) as f64;
+            let eta = self.clock.elapsed().as_secs_f64() / done * (self.total - step) as f64;
+            eprintln!("step {step}/{}: {brief} | ETA {eta:.0}s", self.total);
+        }
+    }
+
+    /// Log a validation line with the training means since the last one; a collapse ends the run.
+    fn validate(&mut self, state: &TrainState, lr: f64, monitor: &mut Monitor) -> Result<Option<End>> {
+        let step = state.step;
+        let k = self.since.max(1) as f32;
+        let line = LogLine {
+            step,
+            epoch: state.epoch,
+            lr,
+            train: self.sums.iter().map(|(n, v)| (n.clone(), v / k)).collect(),
+            pairs_per_s: self.pairs_per_s(step),
+            elapsed_s: self.seconds(),
+            ..LogLine::default()
+        };
+        let (val, verdict) = monitor.after_step(line)?;
+        let loss = self.sums.first().map_or(f32::NAN, |(_, v)| v / k);
+        let speed = self.pairs_per_s(step);
+        self.pb.suspend(|| {
+            eprintln!("step {step}/{}: train loss {loss:.4} | {val} | {speed:.1} pairs/s", self.total);
+            if let Health::Drift(m) | Health::Collapse(m) = &verdict {
+                eprintln!("warning: step {step}: {m}");
+            }
+        });
+        (self.sums, self.since) = (Vec::new(), 0);
+        Ok(match verdict {
+            Health::Collapse(m) => Some(End::Collapsed(format!("step {step}: {m}"))),
+            _ => None,
+        })
+    }
 }
 
 /// Add a step's loss and parts to the running sums (the total first).
