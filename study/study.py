@@ -82,6 +82,14 @@ CANDIDATES = {
     "infonce-distill3": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_distill=3"],
     "mix-distill3-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_distill=3", "train.norm_lr_scale=1000"],
     "mix-mean3-distill3-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "loss.w_distill=3", "train.norm_lr_scale=1000"],
+    "distill3-t0.1-u5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=0", "loss.w_align=0", "loss.w_uniform=5", "loss.t=0.1", "loss.w_distill=3", "train.norm_lr_scale=1000"],
+    "mix-distill3-t0.1-u5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=5", "loss.t=0.1", "loss.w_distill=3", "train.norm_lr_scale=1000"],
+    # [CLS] taught by its own mean-pooled vector alone (no adjacent pairs): how far the mean view goes.
+    "infonce-meanonly": ["loss.kind=\"infonce\"", "loss.tau=0.05", "loss.w_align=0", "loss.w_mean=1"],
+    "meanonly-t0.1-u5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=0", "loss.w_align=0", "loss.w_uniform=5", "loss.t=0.1", "loss.w_mean=1", "train.norm_lr_scale=1000"],
+    # A lower InfoNCE temperature spreads the space by itself (Wang & Liu 2021: small tau -> more uniform).
+    "infonce-mean-tau0.02": ["loss.kind=\"infonce\"", "loss.tau=0.02", "loss.w_mean=1"],
+    "infonce-mean-tau0.03-norm": ["loss.kind=\"infonce\"", "loss.tau=0.03", "loss.w_mean=1", "train.norm_lr_scale=1000"],
     # Uniformity at small t is mostly a pull of the batch mean towards 0 (log E exp(-t d^2) ~
     # -2t (1 - |mean|^2)): the offset removed with less push between near neighbours.
     "mix-mean3-t0.1-u5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=5", "loss.t=0.1", "loss.w_mean=3", "train.norm_lr_scale=1000"],
