@@ -25,6 +25,10 @@ use hypersphere::model::source::{resolve, SourceOptions};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Where the model runs: cpu, cuda, cuda:N or metal (the latter two need a build with the
+    /// `cuda` or `metal` feature). Not part of a run's config: a checkpoint resumes anywhere.
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -177,7 +181,7 @@ impl RunArgs {
 
 /// Run a command; `Ok(false)` means it ran but a check failed (exit code 1).
 pub fn run(cli: Cli) -> Result<bool> {
-    let device = Device::Cpu;
+    let device = app::device(&cli.device)?;
     match cli.command {
         Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), &device),
         Command::Pairs { run, corpus, stats, sample } => {

@@ -24,6 +24,26 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+/// The device a spec names: `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `metal`. Devices this
+/// build does not support are an error that says how to get them.
+pub fn device(spec: &str) -> Result<Device> {
+    let (kind, index) = match spec.split_once(':') {
+        Some((k, n)) => {
+            (k, n.parse::<usize>().with_context(|| format!("--device {spec}: expected cuda:N with N a number"))?)
+        }
+        None => (spec, 0),
+    };
+    let device = match kind {
+        "cpu" if spec == "cpu" => return Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(index),
+        "metal" => Device::new_metal(index),
+        _ => bail!("--device {spec}: expected cpu, cuda, cuda:N or metal"),
+    };
+    device.with_context(|| {
+        format!("--device {spec}: not available (this build has the CPU only unless built with `--features {kind}`; see README)")
+    })
+}
+
 /// The training tokenizer (at `model.max_len`) and the corpus's pairs (`corpus`, else the
 /// config's `data.corpus`); skipped links are noted on stderr.
 pub fn tokenizer_and_pairs(

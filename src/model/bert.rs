@@ -10,6 +10,8 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+use super::ops::Kernels;
+
 /// Hugging Face `config.json` for BERT: tolerant of extra keys.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BertConfig {
@@ -29,6 +31,10 @@ pub struct BertConfig {
     pub type_vocab_size: usize,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// Not in config.json: the ops implementation, chosen when the model is loaded
+    /// ([`Kernels::for_device`]).
+    #[serde(skip)]
+    pub kernels: Kernels,
 }
 
 fn default_act() -> Activation {
@@ -56,9 +62,9 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn forward(self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(self, k: Kernels, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::Gelu => super::ops::gelu_erf(xs),
+            Activation::Gelu => super::ops::gelu_erf(k, xs),
             Activation::GeluNew => xs.gelu(),
             Activation::Relu => xs.relu(),
         }
@@ -69,12 +75,13 @@ impl Activation {
 #[derive(Debug, Clone, Copy)]
 struct Dropout {
     p: f32,
+    k: Kernels,
 }
 
 impl Dropout {
     fn forward(&self, xs: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
         match rng {
-            Some(rng) if self.p > 0.0 => super::ops::dropout(xs, self.p, rng),
+            Some(rng) if self.p > 0.0 => super::ops::dropout(self.k, xs, self.p, rng),
             _ => Ok(xs.clone()),
         }
     }
@@ -85,17 +92,18 @@ impl Dropout {
 struct Linear {
     weight: Tensor,
     bias: Tensor,
+    k: Kernels,
 }
 
 impl Linear {
-    fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, bias: vb.get(out_dim, "bias")? })
+    fn load(in_dim: usize, out_dim: usize, vb: VarBuilder, k: Kernels) -> Result<Self> {
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, bias: vb.get(out_dim, "bias")?, k })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        super::ops::linear(xs, &self.weight, &self.bias)
+        super::ops::linear(self.k, xs, &self.weight, &self.bias)
     }
 }
 
@@ -105,17 +113,18 @@ struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    k: Kernels,
 }
 
 impl LayerNorm {
-    fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    fn load(dim: usize, eps: f64, vb: VarBuilder, k: Kernels) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps, k })
     }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        super::ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
+        super::ops::layer_norm(self.k, xs, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -135,8 +144,8 @@ impl Embeddings {
             word_embeddings: vb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
             position_embeddings: vb.get((cfg.max_position_embeddings, h), "position_embeddings.weight")?,
             token_type_embeddings: vb.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?,
-            layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
-            dropout: Dropout { p: cfg.hidden_dropout_prob as f32 },
+            layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"), cfg.kernels)?,
+            dropout: Dropout { p: cfg.hidden_dropout_prob as f32, k: cfg.kernels },
         })
     }
 
@@ -164,6 +173,7 @@ struct Layer {
     output: Linear,
     output_norm: LayerNorm,
     act: Activation,
+    k: Kernels,
     heads: usize,
     hidden_dropout: Dropout,
     attention_dropout: Dropout,
@@ -171,21 +181,22 @@ struct Layer {
 
 impl Layer {
     fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
-        let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let (h, i, eps, k) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps, cfg.kernels);
         let att = vb.pp("attention");
         Ok(Self {
-            query: Linear::load(h, h, att.pp("self.query"))?,
-            key: Linear::load(h, h, att.pp("self.key"))?,
-            value: Linear::load(h, h, att.pp("self.value"))?,
-            attention_output: Linear::load(h, h, att.pp("output.dense"))?,
-            attention_norm: LayerNorm::load(h, eps, att.pp("output.LayerNorm"))?,
-            intermediate: Linear::load(h, i, vb.pp("intermediate.dense"))?,
-            output: Linear::load(i, h, vb.pp("output.dense"))?,
-            output_norm: LayerNorm::load(h, eps, vb.pp("output.LayerNorm"))?,
+            query: Linear::load(h, h, att.pp("self.query"), k)?,
+            key: Linear::load(h, h, att.pp("self.key"), k)?,
+            value: Linear::load(h, h, att.pp("self.value"), k)?,
+            attention_output: Linear::load(h, h, att.pp("output.dense"), k)?,
+            attention_norm: LayerNorm::load(h, eps, att.pp("output.LayerNorm"), k)?,
+            intermediate: Linear::load(h, i, vb.pp("intermediate.dense"), k)?,
+            output: Linear::load(i, h, vb.pp("output.dense"), k)?,
+            output_norm: LayerNorm::load(h, eps, vb.pp("output.LayerNorm"), k)?,
             act: cfg.hidden_act,
+            k,
             heads: cfg.num_attention_heads,
-            hidden_dropout: Dropout { p: cfg.hidden_dropout_prob as f32 },
-            attention_dropout: Dropout { p: cfg.attention_probs_dropout_prob as f32 },
+            hidden_dropout: Dropout { p: cfg.hidden_dropout_prob as f32, k },
+            attention_dropout: Dropout { p: cfg.attention_probs_dropout_prob as f32, k },
         })
     }
 
@@ -199,13 +210,13 @@ impl Layer {
         // Keys and values in one GEMM: [b, s, 2h].
         let kv_weight = Tensor::cat(&[&self.key.weight, &self.value.weight], 0)?;
         let kv_bias = Tensor::cat(&[&self.key.bias, &self.value.bias], 0)?;
-        let kv = super::ops::linear(xs, &kv_weight, &kv_bias)?;
+        let kv = super::ops::linear(self.k, xs, &kv_weight, &kv_bias)?;
         let p = self.attention_dropout.p;
         let dropout = rng.as_deref_mut().filter(|_| p > 0.0).map(|r| (p, r));
-        let context = super::ops::attention(&q, &kv, mask_bias, self.heads, dropout)?;
+        let context = super::ops::attention(self.k, &q, &kv, mask_bias, self.heads, dropout)?;
         let attended = self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng.as_deref_mut())?;
         let xs = self.attention_norm.forward(&(attended + xq)?)?;
-        let inner = self.act.forward(&self.intermediate.forward(&xs)?)?;
+        let inner = self.act.forward(self.k, &self.intermediate.forward(&xs)?)?;
         let out = self.hidden_dropout.forward(&self.output.forward(&inner)?, rng)?;
         self.output_norm.forward(&(out + xs)?)
     }

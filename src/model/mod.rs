@@ -34,11 +34,25 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// Load from checkpoint files. With `trainable`, every used weight becomes a `Var`.
+    /// Load from checkpoint files. With `trainable`, every used weight becomes a `Var`. The ops
+    /// are the device's ([`ops::Kernels::for_device`]).
     pub fn load(files: &ModelFiles, pooling: Pooling, trainable: bool, device: &Device) -> Result<Self> {
+        Self::load_with(files, pooling, trainable, device, ops::Kernels::for_device(device))
+    }
+
+    /// [`Encoder::load`] with the ops implementation given: the reference ops on the CPU are the
+    /// path every other device takes, so tests can compare the two on one machine.
+    pub fn load_with(
+        files: &ModelFiles,
+        pooling: Pooling,
+        trainable: bool,
+        device: &Device,
+        kernels: ops::Kernels,
+    ) -> Result<Self> {
         let text = std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
-        let config: BertConfig = serde_json::from_str(&text)
+        let mut config: BertConfig = serde_json::from_str(&text)
             .map_err(|e| Error::data(&files.config, format!("not a BERT config.json: {e}")))?;
+        config.kernels = kernels;
         let tensors = candle_core::safetensors::load(&files.weights, device)
             .map_err(|e| Error::data(&files.weights, format!("cannot read safetensors: {e}")))?;
         Self::from_tensors(tensors, config, files.clone(), pooling, trainable, device)

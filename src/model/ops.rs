@@ -13,8 +13,32 @@ use rayon::prelude::*;
 /// Elements per parallel work item for elementwise kernels: big enough to amortise rayon.
 const CHUNK: usize = 1 << 14;
 
-fn fused(xs: &Tensor) -> bool {
-    xs.device().is_cpu() && xs.dtype() == DType::F32
+/// Which implementation of the ops a model uses, chosen once when it is loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fused kernels of this module where they apply (CPU, f32), else the reference ops.
+    #[default]
+    Fused,
+    /// Primitive candle ops only ([`reference`]): what any device runs, and what the fused
+    /// kernels are tested against.
+    Reference,
+}
+
+impl Kernels {
+    /// The fused kernels on the CPU; the reference ops on other devices (the fused kernels are
+    /// CPU code).
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Kernels::Fused
+        } else {
+            Kernels::Reference
+        }
+    }
+
+    /// Whether `xs` goes through a fused kernel (f32 on the CPU, with fused kernels chosen).
+    fn fused(self, xs: &Tensor) -> bool {
+        self == Kernels::Fused && xs.device().is_cpu() && xs.dtype() == DType::F32
+    }
 }
 
 /// The f32 data of a contiguous CPU tensor's storage.
@@ -282,7 +306,7 @@ pub(crate) fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
 
 /// Column sums of `g` viewed as [rows, cols], as a [cols] tensor.
 fn sum_rows(g: &Tensor, cols: usize) -> Result<Tensor> {
-    if !fused(g) {
+    if !Kernels::Fused.fused(g) {
         return g.reshape(((), cols))?.sum(0);
     }
     let g = g.contiguous()?;
@@ -296,8 +320,8 @@ fn sum_rows(g: &Tensor, cols: usize) -> Result<Tensor> {
 /// One GEMM whose output buffer starts out holding the bias, where candle would zero the output,
 /// multiply, then add the bias in a second pass (and backward would add reshape, transpose and
 /// broadcast nodes, each with a zero-filled gradient).
-pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !fused(xs) {
+pub fn linear(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !k.fused(xs) {
         return reference::linear(xs, weight, bias);
     }
     xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
@@ -388,9 +412,9 @@ impl CustomOp3 for Linear {
 ///
 /// A fused op because candle's multiply would also compute, zero-fill and accumulate a
 /// gradient for the mask, which nothing reads.
-pub fn dropout(xs: &Tensor, p: f32, rng: &mut rand::rngs::StdRng) -> Result<Tensor> {
+pub fn dropout(k: Kernels, xs: &Tensor, p: f32, rng: &mut rand::rngs::StdRng) -> Result<Tensor> {
     let mask = dropout_mask(xs.shape(), p, rng, xs.device())?.to_dtype(xs.dtype())?;
-    if !fused(xs) {
+    if !k.fused(xs) {
         return xs * mask;
     }
     xs.contiguous()?.apply_op1(Dropout { mask })
@@ -431,6 +455,7 @@ fn dropout_mask(shape: &Shape, p: f32, rng: &mut rand::rngs::StdRng, device: &ca
 /// `q`: [b, nq, h] projected queries (nq may be 1: [CLS] only); `kv`: [b, s, 2h] projected keys
 /// then values; `mask_bias`: [b, s] -> [b, nq, h].
 pub fn attention(
+    k: Kernels,
     q: &Tensor,
     kv: &Tensor,
     mask_bias: &Tensor,
@@ -452,7 +477,7 @@ pub fn attention(
         Some((p, rng)) if p > 0.0 => Some(dropout_mask(&Shape::from((b, heads, nq, s)), p, rng, q.device())?),
         _ => None,
     };
-    if !fused(q) {
+    if !k.fused(q) {
         return reference::attention(q, kv, mask_bias, heads, scale, drop.as_ref());
     }
     let op = Attention { heads, scale: scale as f32, mask: mask_bias.contiguous()?, drop };
@@ -683,8 +708,8 @@ impl CustomOp1 for Dropout {
 }
 
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
-pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if !fused(xs) {
+pub fn layer_norm(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !k.fused(xs) {
         return reference::layer_norm(xs, weight, bias, eps);
     }
     xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps: eps as f32 })
@@ -795,8 +820,8 @@ impl CustomOp3 for LayerNormBwd {
 }
 
 /// Exact GELU, `x * Phi(x)` with the normal CDF `Phi(x) = (1 + erf(x / sqrt 2)) / 2`.
-pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    if !fused(xs) {
+pub fn gelu_erf(k: Kernels, xs: &Tensor) -> Result<Tensor> {
+    if !k.fused(xs) {
         return xs.gelu_erf();
     }
     xs.contiguous()?.apply_op1(Gelu)
@@ -989,10 +1014,10 @@ mod tests {
     fn layer_norm_matches_reference_and_finite_differences() {
         let mut rng = StdRng::seed_from_u64(1);
         let (x, w, b) = (var(&mut rng, &[2, 3, 8], 2.0), var(&mut rng, &[8], 1.5), var(&mut rng, &[8], 1.0));
-        let fused = |t: &[Tensor]| layer_norm(&t[0], &t[1], &t[2], 1e-5);
+        let fused = |t: &[Tensor]| layer_norm(Kernels::Fused, &t[0], &t[1], &t[2], 1e-5);
         check_grads(&[x.clone(), w.clone(), b.clone()], &fused, 2e-2);
         let (xs, ws, bs) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-        let ours = layer_norm(xs, ws, bs, 1e-5).unwrap();
+        let ours = layer_norm(Kernels::Fused, xs, ws, bs, 1e-5).unwrap();
         let want = reference::layer_norm(xs, ws, bs, 1e-5).unwrap();
         close(&ours, &want, 1e-5);
         let r = Tensor::from_vec(random(&mut rng, &[2, 3, 8], 1.0), (2, 3, 8), &Device::Cpu).unwrap();
@@ -1007,8 +1032,8 @@ mod tests {
     fn gelu_matches_candle_and_finite_differences() {
         let mut rng = StdRng::seed_from_u64(3);
         let x = var(&mut rng, &[3, 7], 4.0);
-        check_grads(std::slice::from_ref(&x), &|t: &[Tensor]| gelu_erf(&t[0]), 2e-2);
-        let ours = gelu_erf(x.as_tensor()).unwrap();
+        check_grads(std::slice::from_ref(&x), &|t: &[Tensor]| gelu_erf(Kernels::Fused, &t[0]), 2e-2);
+        let ours = gelu_erf(Kernels::Fused, x.as_tensor()).unwrap();
         let want = x.as_tensor().gelu_erf().unwrap();
         close(&ours, &want, 1e-6);
         let g1 = ours.sum_all().unwrap().backward().unwrap();
@@ -1020,9 +1045,13 @@ mod tests {
     fn linear_matches_reference_and_finite_differences() {
         let mut rng = StdRng::seed_from_u64(5);
         let (x, w, b) = (var(&mut rng, &[2, 3, 4], 1.0), var(&mut rng, &[5, 4], 1.0), var(&mut rng, &[5], 1.0));
-        check_grads(&[x.clone(), w.clone(), b.clone()], &|t: &[Tensor]| linear(&t[0], &t[1], &t[2]), 1e-2);
+        check_grads(
+            &[x.clone(), w.clone(), b.clone()],
+            &|t: &[Tensor]| linear(Kernels::Fused, &t[0], &t[1], &t[2]),
+            1e-2,
+        );
         let (xs, ws, bs) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-        let ours = linear(xs, ws, bs).unwrap();
+        let ours = linear(Kernels::Fused, xs, ws, bs).unwrap();
         assert_eq!(ours.dims(), [2, 3, 5]);
         let want = reference::linear(xs, ws, bs).unwrap();
         close(&ours, &want, 1e-6);
@@ -1037,7 +1066,7 @@ mod tests {
     fn dropout_keeps_about_1_minus_p_scales_and_masks_the_gradient() {
         let mut rng = StdRng::seed_from_u64(6);
         let x = Var::from_vec(vec![1f32; 20_000], (100, 200), &Device::Cpu).unwrap();
-        let y = dropout(x.as_tensor(), 0.25, &mut rng).unwrap();
+        let y = dropout(Kernels::Fused, x.as_tensor(), 0.25, &mut rng).unwrap();
         let vals = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let kept = vals.iter().filter(|&&v| v != 0.0).count() as f64 / vals.len() as f64;
         assert!((kept - 0.75).abs() < 0.02, "kept {kept}");
@@ -1047,9 +1076,9 @@ mod tests {
         let grad = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(grad, vals);
         // Same seed, same mask; another seed, another mask.
-        let again = dropout(x.as_tensor(), 0.25, &mut StdRng::seed_from_u64(6)).unwrap();
+        let again = dropout(Kernels::Fused, x.as_tensor(), 0.25, &mut StdRng::seed_from_u64(6)).unwrap();
         assert_eq!(again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vals);
-        let other = dropout(x.as_tensor(), 0.25, &mut StdRng::seed_from_u64(7)).unwrap();
+        let other = dropout(Kernels::Fused, x.as_tensor(), 0.25, &mut StdRng::seed_from_u64(7)).unwrap();
         assert_ne!(other.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vals);
     }
 
@@ -1067,12 +1096,13 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(8);
         for nq in [5, 1] {
             let (q, kv, mask) = attention_inputs(&mut rng, nq);
-            let fused = |t: &[Tensor]| attention(&t[0], &t[1], &mask, 2, None);
+            let fused = |t: &[Tensor]| attention(Kernels::Fused, &t[0], &t[1], &mask, 2, None);
             check_grads(&[q.clone(), kv.clone()], &fused, 2e-2);
             // With dropout: the same seed gives the fused op and the reference the same mask.
             for p in [0.0f32, 0.3] {
                 let mut r1 = StdRng::seed_from_u64(11);
-                let ours = attention(q.as_tensor(), kv.as_tensor(), &mask, 2, Some((p, &mut r1))).unwrap();
+                let ours =
+                    attention(Kernels::Fused, q.as_tensor(), kv.as_tensor(), &mask, 2, Some((p, &mut r1))).unwrap();
                 let drop = (p > 0.0).then(|| {
                     dropout_mask(&Shape::from((2, 2, nq, 5)), p, &mut StdRng::seed_from_u64(11), &Device::Cpu).unwrap()
                 });
@@ -1093,14 +1123,14 @@ mod tests {
     fn attention_ignores_padded_keys() {
         let mut rng = StdRng::seed_from_u64(12);
         let (q, kv, mask) = attention_inputs(&mut rng, 5);
-        let base = attention(q.as_tensor(), kv.as_tensor(), &mask, 2, None).unwrap();
+        let base = attention(Kernels::Fused, q.as_tensor(), kv.as_tensor(), &mask, 2, None).unwrap();
         // Change the keys and values of the second sequence's padding: nothing moves.
         let mut vals = kv.as_tensor().to_vec3::<f32>().unwrap();
         for row in &mut vals[1][3..] {
             row.iter_mut().for_each(|v| *v += 5.0);
         }
         let kv2 = Tensor::new(vals, &Device::Cpu).unwrap();
-        let moved = attention(q.as_tensor(), &kv2, &mask, 2, None).unwrap();
+        let moved = attention(Kernels::Fused, q.as_tensor(), &kv2, &mask, 2, None).unwrap();
         close(&moved, &base, 1e-6);
     }
 
@@ -1109,7 +1139,7 @@ mod tests {
         // More rows than one work item holds, so the chunked reductions are exercised.
         let mut rng = StdRng::seed_from_u64(4);
         let (x, w, b) = (var(&mut rng, &[300, 96], 3.0), var(&mut rng, &[96], 1.0), var(&mut rng, &[96], 1.0));
-        let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+        let ours = layer_norm(Kernels::Fused, x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
         let want = reference::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
         close(&ours, &want, 1e-5);
         let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -1123,7 +1153,7 @@ mod tests {
         let mask_rows: Vec<f32> =
             (0..3 * 37).map(|i| if i % 37 > 30 - (i / 37) * 5 { -10_000.0 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask_rows, (3, 37), &Device::Cpu).unwrap();
-        let ours = attention(q.as_tensor(), kv.as_tensor(), &mask, 2, None).unwrap();
+        let ours = attention(Kernels::Fused, q.as_tensor(), kv.as_tensor(), &mask, 2, None).unwrap();
         let want = reference::attention(q.as_tensor(), kv.as_tensor(), &mask, 2, 1.0 / 32f64.sqrt(), None).unwrap();
         close(&ours, &want, 1e-5);
         let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -1132,7 +1162,7 @@ mod tests {
             close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-4);
         }
         let x = var(&mut rng, &[70, 1000], 6.0);
-        let ours = gelu_erf(x.as_tensor()).unwrap();
+        let ours = gelu_erf(Kernels::Fused, x.as_tensor()).unwrap();
         close(&ours, &x.as_tensor().gelu_erf().unwrap(), 1e-6);
     }
 }

@@ -492,3 +492,21 @@ fn messages_name_key_line_and_cause_once() {
     let e = one_line_error(&hypersphere(&["pairs", "--corpus", "latin.txt"], d), "latin.txt");
     assert!(e.contains("iconv"), "{e}");
 }
+
+/// `--device` takes cpu, cuda[:N] or metal; a device this build lacks is a clear error naming
+/// the feature to build with, before any work.
+#[test]
+fn device_flag_names_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = one_line_error(&hypersphere(&["pairs", "--device", "gpu"], tmp.path()), "--device gpu");
+    assert!(e.contains("cpu, cuda, cuda:N or metal"), "{e}");
+    let e = one_line_error(&hypersphere(&["pairs", "--device", "cuda:x"], tmp.path()), "cuda:x");
+    assert!(e.contains("N a number"), "{e}");
+    {
+        let e = one_line_error(
+            &hypersphere(&["embed", "--device", "cuda:1", "--model", "x", "--input", "y", "--out", "z"], tmp.path()),
+            "--features cuda",
+        );
+        assert!(e.contains("cuda:1"), "{e}");
+    }
+}

@@ -307,3 +307,53 @@ fn micro_batches_give_the_full_batch_gradient() {
         }
     }
 }
+
+/// The whole encoder through the reference ops (primitive candle ops: the path every non-CPU
+/// device takes) and through the fused CPU kernels, on a real model with dropout on: the same
+/// loss, and every parameter's gradient, within float tolerance.
+#[test]
+fn reference_and_fused_encoders_agree_on_values_and_gradients() {
+    use hypersphere::config::LossKind;
+    use hypersphere::data::pairs::Pair;
+    use hypersphere::model::ops::Kernels;
+    use hypersphere::train::{batch_gradients, step_texts};
+    use rand::SeedableRng;
+    let files = real_model();
+    let dev = Device::Cpu;
+    let tok = TextTokenizer::load(&files.tokenizer, 24).unwrap();
+    let pairs: Vec<Pair> = SENTENCES
+        .iter()
+        .zip(SENTENCES.iter().rev())
+        .map(|(a, b)| Pair { anchor: (*a).into(), positive: (*b).into() })
+        .collect();
+    let refs: Vec<&Pair> = pairs.iter().collect();
+    for pooling in [Pooling::Cls, Pooling::Mean] {
+        let cfg = LossConfig { kind: LossKind::Mix, w_infonce: 1.0, w_mean: 0.5, ..Default::default() };
+        let cfg = if pooling == Pooling::Mean { LossConfig { w_mean: 0.0, ..cfg } } else { cfg };
+        let batch = tok.batch(&step_texts(&refs, &cfg), &dev).unwrap();
+        let run = |k: Kernels| {
+            let enc = Encoder::load_with(&files, pooling, true, &dev, k).unwrap();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let g = batch_gradients(&enc, std::slice::from_ref(&batch), &cfg, Some(&mut rng)).unwrap().unwrap();
+            let grads: Vec<(String, candle_core::Tensor)> =
+                enc.params.iter().map(|(n, v)| (n.clone(), g.grads.get(v.as_tensor()).unwrap().clone())).collect();
+            (g.loss, grads)
+        };
+        let (fused_loss, fused) = run(Kernels::Fused);
+        let (ref_loss, reference) = run(Kernels::Reference);
+        assert!(
+            (fused_loss - ref_loss).abs() < 1e-4 * ref_loss.abs().max(1.0),
+            "{pooling:?}: {fused_loss} vs {ref_loss}"
+        );
+        assert_eq!(fused.len(), reference.len());
+        // Two different code paths: their rounding differs somewhere.
+        assert!(fused.iter().zip(&reference).any(|((_, a), (_, b))| max_abs_diff(a, b) > 0.0), "the same path twice");
+        for ((name, a), (_, b)) in fused.iter().zip(&reference) {
+            // Some gradients are zero in exact arithmetic (the key bias: softmax ignores a shift):
+            // compared against a floor, not their rounding noise.
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-4);
+            let diff = max_abs_diff(a, b);
+            assert!(diff <= 2e-3 * scale, "{pooling:?} {name}: max diff {diff} vs scale {scale}");
+        }
+    }
+}
