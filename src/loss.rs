@@ -349,6 +349,23 @@ mod tests {
         assert_eq!(parts.parts.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["align", "uniform", "infonce", "distill"]);
     }
 
+    /// The training loss and the report's metric are two implementations of one definition:
+    /// they agree on the same rows (and so the log's `val_uniform` and the report can be compared).
+    #[test]
+    fn loss_uniform_and_alignment_equal_the_report_metrics() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let (x, y) = (unit_rows(&mut rng, 40, 7), unit_rows(&mut rng, 40, 7));
+        let flat = |r: &[Vec<f64>]| r.concat();
+        for t in [0.5, 2.0, 5.0] {
+            let ours = uniform(&tensor(&x), t).unwrap().to_scalar::<f64>().unwrap();
+            let metric = crate::metrics::uniformity(&flat(&x), 40, 7, t);
+            assert!((ours - metric).abs() < 1e-9, "t {t}: loss {ours} vs metric {metric}");
+        }
+        let ours = align(&tensor(&x), &tensor(&y), 2.0).unwrap().to_scalar::<f64>().unwrap();
+        let metric = crate::metrics::alignment(&flat(&x), &flat(&y), 7, 2.0);
+        assert!((ours - metric).abs() < 1e-9, "alignment: loss {ours} vs metric {metric}");
+    }
+
     #[test]
     fn limits_are_right() {
         // Identical embeddings: alignment 0, uniformity 0 (collapse).

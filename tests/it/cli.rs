@@ -73,9 +73,19 @@ fn tiny_finetune_writes_a_complete_run_folder() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["train"]["steps"], 4);
-    for key in ["uniformity", "mean_cosine", "isotropy", "effective_rank", "top_pc_variance", "alignment"] {
-        assert!(report["before"][key].is_number() && report["after"][key].is_number(), "{key}");
+    // Relations every honest measurement of unit vectors satisfies (each can fail on a bug):
+    // uniformity (t=2) lies between -4 (1 - mean cosine), by Jensen, and 0; isotropy and the top
+    // PC's share in (0, 1]; the effective rank at most the dimension (tiny model: 32).
+    for side in ["before", "after"] {
+        let m = |k: &str| report[side][k].as_f64().unwrap_or_else(|| panic!("{side}.{k}"));
+        let (u, c) = (m("uniformity"), m("mean_cosine"));
+        assert!(u <= 0.0 && u >= -4.0 * (1.0 - c) - 1e-9, "{side}: uniformity {u}, mean cosine {c}");
+        assert!(m("isotropy") > 0.0 && m("isotropy") <= 1.0 + 1e-9, "{side}");
+        assert!(m("top_pc_variance") > 0.0 && m("top_pc_variance") <= 1.0 + 1e-9, "{side}");
+        assert!(m("effective_rank") >= 1.0 && m("effective_rank") <= 32.0 + 1e-9, "{side}");
+        assert!((0.0..=4.0).contains(&m("alignment")), "{side}: squared distances of unit vectors");
     }
+    assert_ne!(report["before"]["uniformity"], report["after"]["uniformity"], "training moved nothing");
     let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
     let steps: Vec<u64> =
         log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();

@@ -131,9 +131,22 @@ fn compare_models_files_and_whitening() {
     ));
     assert!(stdout.contains("uniformity (t=2)") && stdout.contains("whitening(8)"), "{stdout}");
     let cmp = tmp.path().join("cmp");
+    // Each plot, both formats: a PNG image, and an SVG whose legend names every column.
     for f in ["cosine", "alignment", "circle", "spectrum"] {
-        for ext in ["svg", "png"] {
-            assert!(std::fs::metadata(cmp.join(format!("{f}.{ext}"))).unwrap().len() > 1000, "{f}.{ext}");
+        let png = std::fs::read(cmp.join(format!("{f}.png"))).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{f}.png");
+        let svg = std::fs::read_to_string(cmp.join(format!("{f}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg"), "{f}.svg");
+        // An embeddings file has no pairs, so no alignment curve.
+        let names: &[&str] = match f {
+            "circle" => &[],
+            "alignment" => &[a_cls.as_str()],
+            _ => &[a_cls.as_str(), "b.safetensors"],
+        };
+        {
+            for &name in names {
+                assert!(svg.contains(name), "{f}.svg has no legend entry {name}");
+            }
         }
     }
     let json: serde_json::Value =
