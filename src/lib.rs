@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod export;

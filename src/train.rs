@@ -91,13 +91,17 @@ pub struct Gradients {
 }
 
 /// The view blocks of a batch's embeddings: anchors, positives (and dropout views).
-fn split_views(emb: &Tensor, views: usize) -> candle_core::Result<Vec<Tensor>> {
+pub(crate) fn split_views(emb: &Tensor, views: usize) -> candle_core::Result<Vec<Tensor>> {
     let n = emb.dim(0)? / views;
     (0..views).map(|k| emb.narrow(0, k * n, n)).collect()
 }
 
 /// The objective on view blocks; `mean` holds the mean-pooled rows of the first two blocks.
-fn objective_of(blocks: &[Tensor], mean: Option<&Tensor>, cfg: &LossConfig) -> candle_core::Result<loss::LossParts> {
+pub(crate) fn objective_of(
+    blocks: &[Tensor],
+    mean: Option<&Tensor>,
+    cfg: &LossConfig,
+) -> candle_core::Result<loss::LossParts> {
     let v = loss::Views { x: &blocks[0], y: &blocks[1], x_drop: blocks.get(2), mean_xy: mean };
     loss::objective(&v, cfg)
 }

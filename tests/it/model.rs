@@ -357,3 +357,69 @@ fn reference_and_fused_encoders_agree_on_values_and_gradients() {
         }
     }
 }
+
+/// Two data-parallel ranks simulated in one process: each embeds its shard, the embeddings are
+/// all-gathered, each back-propagates the global loss through its own rows, and the sum of the
+/// two ranks' gradients equals one process's gradient of the same global loss with the graph
+/// through every row (dropout on, each shard with its own mask stream), for align + uniform,
+/// InfoNCE, and their mix with dropout views.
+#[test]
+fn two_ranks_sum_to_the_full_batch_gradient() {
+    use hypersphere::config::LossKind;
+    use hypersphere::data::pairs::Pair;
+    use hypersphere::distributed::{gather_rows, rank_gradients};
+    use hypersphere::train::step_texts;
+    use rand::SeedableRng;
+    let (_d, enc, tok) = tiny(8, Pooling::Cls, true);
+    let dev = Device::Cpu;
+    let pairs: Vec<Pair> = SENTENCES
+        .iter()
+        .zip(SENTENCES.iter().rev())
+        .map(|(a, b)| Pair { anchor: (*a).into(), positive: (*b).into() })
+        .collect();
+    let refs: Vec<&Pair> = pairs.iter().collect();
+    let losses = [
+        LossConfig::default(),
+        LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
+        LossConfig { kind: LossKind::Mix, w_infonce: 0.5, w_dropout: 0.3, t: 5.0, ..Default::default() },
+    ];
+    // Rank k draws its dropout masks from its own seed, in each of its passes.
+    let rng = |k: usize| rand::rngs::StdRng::seed_from_u64(100 + k as u64);
+    for cfg in &losses {
+        let views = loss::views(cfg);
+        let shards: Vec<_> = refs.chunks(3).map(|c| tok.batch(&step_texts(c, cfg), &dev).unwrap()).collect();
+        let gathered: Vec<_> =
+            shards.iter().enumerate().map(|(k, s)| gather_rows(&enc, s, Some(&mut rng(k))).unwrap()).collect();
+        let ranks: Vec<_> = shards
+            .iter()
+            .enumerate()
+            .map(|(k, s)| rank_gradients(&enc, s, k, &gathered, cfg, Some(&mut rng(k))).unwrap())
+            .collect();
+        // One process: both shards embedded with their graphs, the same global loss.
+        let emb: Vec<_> = shards.iter().enumerate().map(|(k, s)| enc.embed(s, Some(&mut rng(k))).unwrap()).collect();
+        let block = |v: usize| {
+            let parts: Vec<_> = emb.iter().map(|e| e.narrow(0, v * 3, 3).unwrap()).collect();
+            candle_core::Tensor::cat(&parts, 0).unwrap()
+        };
+        let blocks: Vec<_> = (0..views).map(block).collect();
+        let v = loss::Views { x: &blocks[0], y: &blocks[1], x_drop: blocks.get(2), mean_xy: None };
+        let parts = loss::objective(&v, cfg).unwrap();
+        let global = parts.total.to_scalar::<f32>().unwrap();
+        for (loss, _) in &ranks {
+            assert!(
+                (loss - global).abs() < 1e-5,
+                "{:?}: every rank sees the global loss ({loss} vs {global})",
+                cfg.kind
+            );
+        }
+        let one = parts.total.backward().unwrap();
+        for (name, var) in &enc.params {
+            let sum = (ranks[0].1.get(var.as_tensor()).unwrap() + ranks[1].1.get(var.as_tensor()).unwrap()).unwrap();
+            let want = one.get(var.as_tensor()).unwrap();
+            let scale =
+                want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-4);
+            let diff = max_abs_diff(&sum, want);
+            assert!(diff <= 1e-4 * scale, "{:?} {name}: {diff} vs scale {scale}", cfg.kind);
+        }
+    }
+}
