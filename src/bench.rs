@@ -61,7 +61,7 @@ pub struct TrainFixed {
     pub achieved_gflops: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct TrainMix {
     pub batches: usize,
     pub pairs: usize,
@@ -195,36 +195,63 @@ pub fn run(
     export: Option<&Path>,
     device: &Device,
 ) -> Result<BenchReport> {
-    let threads = rayon::current_num_threads();
-    let cls_only = encoder.pooling == Pooling::Cls;
     eprintln!("gemm 2048^3 ...");
     let gemm = Gemm { n: 2048, gflops: gemm_gflops(2048, device)? };
     eprintln!("  {:.1} GFLOP/s", gemm.gflops);
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let train_fixed = train_fixed(cfg, encoder, opts, &mut rng, device)?;
+    let train_mix = train_mix(cfg, encoder, tokenizer, pairs, opts, export, &mut rng, device)?;
+    let embed = embed(cfg, inference, embed_tokenizer, sentences, opts, export, device)?;
+    Ok(BenchReport {
+        implementation: "hypersphere",
+        model: encoder.files.spec.clone(),
+        threads: rayon::current_num_threads(),
+        pooling: encoder.pooling,
+        gemm,
+        train_fixed,
+        train_mix,
+        embed,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
 
-    // (a) Fixed shape: 64 pairs x 32 tokens of random word pieces.
+/// One training step, which must have updated (a bench input never gives a non-finite loss).
+fn bench_step(
+    cfg: &RunConfig,
+    encoder: &Encoder,
+    opt: &mut AdamW,
+    batch: &Batch,
+    rng: &mut StdRng,
+) -> Result<StepStats> {
+    let out = train_step(encoder, opt, std::slice::from_ref(batch), &cfg.loss, cfg.train.max_grad_norm, Some(rng))?;
+    updated(out)
+}
+
+/// (a) A fixed shape: `batch_pairs` pairs of `max_len` random word pieces, median of the steps
+/// after a warm-up step.
+fn train_fixed(
+    cfg: &RunConfig,
+    encoder: &Encoder,
+    opts: &BenchOptions,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<TrainFixed> {
+    let cls_only = encoder.pooling == Pooling::Cls;
     let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
     let (n_pairs, seq) = (cfg.train.batch_pairs, cfg.model.max_len);
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let batch =
-        synthetic_batch(crate::loss::views(&cfg.loss) * n_pairs, seq, encoder.config.vocab_size, &mut rng, device)?;
+    let rows = crate::loss::views(&cfg.loss) * n_pairs;
+    let batch = synthetic_batch(rows, seq, encoder.config.vocab_size, rng, device)?;
     let mut stats = Vec::new();
     for i in 0..=opts.steps.max(1) {
-        let s = updated(train_step(
-            encoder,
-            &mut opt,
-            std::slice::from_ref(&batch),
-            &cfg.loss,
-            cfg.train.max_grad_norm,
-            Some(&mut rng),
-        )?)?;
+        let s = bench_step(cfg, encoder, &mut opt, &batch, rng)?;
         eprintln!("train {n_pairs}x{seq} step {i}{}: {:.3}s", if i == 0 { " (warm-up)" } else { "" }, step_s(&s));
         if i > 0 {
             stats.push(s);
         }
     }
-    let (nominal, executed) = forward_flop(&encoder.config, crate::loss::views(&cfg.loss) * n_pairs, seq, cls_only);
+    let (nominal, executed) = forward_flop(&encoder.config, rows, seq, cls_only);
     let step = median(stats.iter().map(step_s).collect());
-    let train_fixed = TrainFixed {
+    Ok(TrainFixed {
         pairs: n_pairs,
         seq,
         steps: stats.len(),
@@ -236,62 +263,71 @@ pub fn run(
         gflop_per_step: 3.0 * nominal / 1e9,
         gflop_executed_per_step: 3.0 * executed / 1e9,
         achieved_gflops: 3.0 * executed / 1e9 / step,
-    };
+    })
+}
 
-    // (b) The realistic mix: the trainer's own length-bucketed batches of corpus pairs.
+/// (b) The realistic mix: the trainer's own length-bucketed batches of corpus pairs, summed.
+#[allow(clippy::too_many_arguments)]
+fn train_mix(
+    cfg: &RunConfig,
+    encoder: &Encoder,
+    tokenizer: &TextTokenizer,
+    pairs: &[Pair],
+    opts: &BenchOptions,
+    export: Option<&Path>,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<TrainMix> {
+    let n_pairs = cfg.train.batch_pairs;
     if pairs.len() < n_pairs {
         return Err(Error::Invalid(format!("only {} pairs for batches of {n_pairs}", pairs.len())));
     }
     let lens: Vec<usize> = pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
     let order = epoch_batches(&lens, n_pairs, &mut StdRng::seed_from_u64(cfg.seed));
-    let mut batches = Vec::new();
-    for idx in order.iter().take(opts.mix_batches.max(1)) {
-        let chosen: Vec<_> = idx.iter().map(|&i| &pairs[i]).collect();
-        batches.push(tokenizer.batch(&step_texts(&chosen, &cfg.loss), device)?);
-    }
+    let batches = order
+        .iter()
+        .take(opts.mix_batches.max(1))
+        .map(|idx| {
+            let chosen: Vec<_> = idx.iter().map(|&i| &pairs[i]).collect();
+            tokenizer.batch(&step_texts(&chosen, &cfg.loss), device)
+        })
+        .collect::<Result<Vec<_>>>()?;
     if let Some(dir) = export {
         export_batches(dir, &batches)?;
     }
     let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
-    train_step(encoder, &mut opt, &batches[..1], &cfg.loss, cfg.train.max_grad_norm, Some(&mut rng))?;
-    let (mut fwd, mut bwd, mut optim, mut tokens, mut padded, mut flop, mut flop_exec) =
-        (0.0, 0.0, 0.0, 0usize, 0usize, 0.0, 0.0);
+    bench_step(cfg, encoder, &mut opt, &batches[0], rng)?;
+    let mut m = TrainMix { batches: batches.len(), pairs: batches.len() * n_pairs, ..TrainMix::default() };
+    let mut padded = 0;
     for (i, b) in batches.iter().enumerate() {
-        let s = updated(train_step(
-            encoder,
-            &mut opt,
-            std::slice::from_ref(b),
-            &cfg.loss,
-            cfg.train.max_grad_norm,
-            Some(&mut rng),
-        )?)?;
+        let s = bench_step(cfg, encoder, &mut opt, b, rng)?;
         let (rows, len) = b.input_ids.dims2()?;
         eprintln!("train mix batch {i} ({rows} x {len}): {:.3}s", step_s(&s));
-        (fwd, bwd, optim) = (fwd + s.forward_s, bwd + s.backward_s, optim + s.optimizer_s);
-        tokens += b.lengths.iter().sum::<usize>();
+        (m.forward_s, m.backward_s, m.optimizer_s) =
+            (m.forward_s + s.forward_s, m.backward_s + s.backward_s, m.optimizer_s + s.optimizer_s);
+        m.tokens += b.lengths.iter().sum::<usize>();
         padded += len;
-        let (n, e) = forward_flop(&encoder.config, rows, len, cls_only);
-        (flop, flop_exec) = (flop + 3.0 * n, flop_exec + 3.0 * e);
+        let (n, e) = forward_flop(&encoder.config, rows, len, encoder.pooling == Pooling::Cls);
+        (m.gflop, m.gflop_executed) = (m.gflop + 3.0 * n / 1e9, m.gflop_executed + 3.0 * e / 1e9);
     }
-    let seconds = fwd + bwd + optim;
-    let mix_pairs = batches.len() * n_pairs;
-    let train_mix = TrainMix {
-        batches: batches.len(),
-        pairs: mix_pairs,
-        tokens,
-        mean_seq: padded as f64 / batches.len() as f64,
-        forward_s: fwd,
-        backward_s: bwd,
-        optimizer_s: optim,
-        seconds,
-        pairs_per_s: mix_pairs as f64 / seconds,
-        gflop: flop / 1e9,
-        gflop_executed: flop_exec / 1e9,
-        achieved_gflops: flop_exec / 1e9 / seconds,
-    };
-    drop(opt);
+    m.seconds = m.forward_s + m.backward_s + m.optimizer_s;
+    m.mean_seq = padded as f64 / batches.len() as f64;
+    m.pairs_per_s = m.pairs as f64 / m.seconds;
+    m.achieved_gflops = m.gflop_executed / m.seconds;
+    Ok(m)
+}
 
-    // (c) Embedding: corpus sentences, no gradients, length-sorted dynamic batches.
+/// (c) Embedding: corpus sentences, no gradients, length-sorted dynamic batches, after a
+/// warm-up on 256 of them.
+fn embed(
+    cfg: &RunConfig,
+    inference: &Encoder,
+    tokenizer: &TextTokenizer,
+    sentences: &[String],
+    opts: &BenchOptions,
+    export: Option<&Path>,
+    device: &Device,
+) -> Result<Embed> {
     let mut sample: Vec<&str> = sentences.iter().map(String::as_str).collect();
     sample.shuffle(&mut StdRng::seed_from_u64(cfg.seed));
     sample.truncate(opts.embed_sentences);
@@ -299,29 +335,18 @@ pub fn run(
         let text: String = sample.iter().map(|s| format!("{}\n", s.replace(['\n', '\r'], " "))).collect();
         write_atomic(&dir.join("sentences.txt"), text.as_bytes())?;
     }
-    embed_texts(inference, embed_tokenizer, &sample[..sample.len().min(256)], opts.embed_batch, device)?;
+    embed_texts(inference, tokenizer, &sample[..sample.len().min(256)], opts.embed_batch, device)?;
     let t = Instant::now();
-    embed_texts(inference, embed_tokenizer, &sample, opts.embed_batch, device)?;
+    embed_texts(inference, tokenizer, &sample, opts.embed_batch, device)?;
     let seconds = t.elapsed().as_secs_f64();
     eprintln!("embedded {} sentences in {seconds:.2}s", sample.len());
-    let embed = Embed {
+    Ok(Embed {
         sentences: sample.len(),
         batch_size: opts.embed_batch,
         max_len: opts.embed_max_len,
         pooling: inference.pooling,
         seconds,
         sentences_per_s: sample.len() as f64 / seconds,
-    };
-    Ok(BenchReport {
-        implementation: "hypersphere",
-        model: encoder.files.spec.clone(),
-        threads,
-        pooling: encoder.pooling,
-        gemm,
-        train_fixed,
-        train_mix,
-        embed,
-        peak_rss_mb: peak_rss_mb(),
     })
 }
 

@@ -37,101 +37,100 @@ pub struct ColumnResult {
 /// Random pairs of distinct rows whose cosine the histogram shows.
 const COSINE_PAIRS: usize = 20_000;
 
+/// What the plots show of one column.
+struct Shapes {
+    cosines: Vec<f64>,
+    distances: Option<Vec<f64>>,
+    spectrum: Vec<f64>,
+    circle: Vec<[f64; 2]>,
+}
+
 /// Measure every column, write `compare.json`, `compare.md` and the plots into `out`.
 /// Returns the results and the plot files written.
 pub fn compare(columns: &[Column], out: &Path, seed: u64) -> Result<(Vec<ColumnResult>, Vec<PathBuf>)> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut results = Vec::new();
-    let (mut cosines, mut distances, mut circles, mut spectra) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut shapes = Vec::new();
     for col in columns {
-        let (n, dim) = (col.n(), col.dim);
-        fn emb(data: &[f32], dim: usize) -> Embeddings<'_> {
-            Embeddings { data, n: data.len() / dim.max(1), dim }
-        }
-        let pairs = col.pairs.as_ref().map(|(a, b)| (emb(a, dim), emb(b, dim)));
-        let metrics =
-            anisotropy(emb(&col.sentences, dim), pairs).map_err(|e| Error::Invalid(format!("{}: {e}", col.name)))?;
-        let unit = normalize_rows(&col.sentences, dim).map_err(Error::Invalid)?;
-        let mut rng = StdRng::seed_from_u64(seed);
-        cosines.push(
-            (0..COSINE_PAIRS.min(n * (n - 1) / 2))
-                .map(|_| {
-                    let i = rng.gen_range(0..n);
-                    let j = (i + rng.gen_range(1..n)) % n;
-                    dot(&unit[i * dim..(i + 1) * dim], &unit[j * dim..(j + 1) * dim])
-                })
-                .collect::<Vec<f64>>(),
-        );
-        if let Some((a, b)) = &col.pairs {
-            let (a, b) =
-                (normalize_rows(a, dim).map_err(Error::Invalid)?, normalize_rows(b, dim).map_err(Error::Invalid)?);
-            distances.push((
-                col.name.clone(),
-                a.chunks_exact(dim)
-                    .zip(b.chunks_exact(dim))
-                    .map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum::<f64>().sqrt())
-                    .collect::<Vec<f64>>(),
-            ));
-        }
-        let (eigvals, _) = covariance_spectrum(&unit, n, dim);
-        let total: f64 = eigvals.iter().sum::<f64>().max(1e-300);
-        spectra.push(eigvals.iter().map(|v| v / total).collect::<Vec<f64>>());
-        // The circle picture: rows projected, uncentred, on the top two eigenvectors of XᵀX, so a
-        // cone (a shared mean direction) shows as a bunched arc and a uniform spread as a ring.
-        let x = nalgebra::DMatrix::from_row_slice(n, dim, &unit);
-        let eig = nalgebra::SymmetricEigen::new(x.transpose() * &x);
-        let mut order: Vec<usize> = (0..dim).collect();
-        order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
-        let top = |k: usize| eig.eigenvectors.column(order[k.min(dim - 1)]).clone_owned();
-        let proj = &x * nalgebra::DMatrix::from_columns(&[top(0), top(1)]);
-        circles.push(proj.row_iter().map(|r| [r[0], r[1]]).collect::<Vec<[f64; 2]>>());
-        results.push(ColumnResult { name: col.name.clone(), n, dim, metrics });
+        let (result, shape) = measure(col, seed)?;
+        results.push(result);
+        shapes.push(shape);
     }
-    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-    fn series<'a>(names: &[&'a str], vals: &'a [Vec<f64>]) -> Vec<Series<'a>> {
-        names.iter().zip(vals).map(|(name, values)| Series { name, values }).collect()
-    }
-    let mut files = Vec::new();
-    let plot_err = |e: String| Error::Invalid(format!("plot: {e}"));
-    files.extend(
-        histogram(
-            &out.join("cosine"),
-            "Cosine similarity of random sentence pairs",
-            "cosine similarity",
-            &series(&names, &cosines),
-            -1.0,
-            1.0,
-            80,
-        )
-        .map_err(plot_err)?,
-    );
-    if !distances.is_empty() {
-        let s: Vec<Series> = distances.iter().map(|(name, values)| Series { name, values }).collect();
-        files.extend(
-            histogram(
-                &out.join("alignment"),
-                "Distance of positive pairs (alignment)",
-                "||f(x) - f(y)||",
-                &s,
-                0.0,
-                2.0,
-                80,
-            )
-            .map_err(plot_err)?,
-        );
-    }
-    let panels: Vec<(&str, &[[f64; 2]])> = names.iter().zip(&circles).map(|(n, c)| (*n, c.as_slice())).collect();
-    files.extend(
-        circle_panels(&out.join("circle"), "Top-2 directions of XᵀX, on the circle", &panels, 10.0)
-            .map_err(plot_err)?,
-    );
-    files.extend(
-        spectrum(&out.join("spectrum"), "Covariance eigenvalue spectrum", &series(&names, &spectra))
-            .map_err(plot_err)?,
-    );
+    let files = plots(columns, &shapes, out)?;
     write_json(&out.join("compare.json"), &results)?;
     write_atomic(&out.join("compare.md"), markdown(&results).as_bytes())?;
     Ok((results, files))
+}
+
+/// One column's metrics and plot data: cosines of random pairs, distances of its positive
+/// pairs, its covariance spectrum and its rows on the top two directions of XᵀX.
+fn measure(col: &Column, seed: u64) -> Result<(ColumnResult, Shapes)> {
+    let (n, dim) = (col.n(), col.dim);
+    fn emb(data: &[f32], dim: usize) -> Embeddings<'_> {
+        Embeddings { data, n: data.len() / dim.max(1), dim }
+    }
+    let pairs = col.pairs.as_ref().map(|(a, b)| (emb(a, dim), emb(b, dim)));
+    let metrics =
+        anisotropy(emb(&col.sentences, dim), pairs).map_err(|e| Error::Invalid(format!("{}: {e}", col.name)))?;
+    let unit = normalize_rows(&col.sentences, dim).map_err(Error::Invalid)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let cosines = (0..COSINE_PAIRS.min(n * (n - 1) / 2))
+        .map(|_| {
+            let i = rng.gen_range(0..n);
+            let j = (i + rng.gen_range(1..n)) % n;
+            dot(&unit[i * dim..(i + 1) * dim], &unit[j * dim..(j + 1) * dim])
+        })
+        .collect();
+    let distances = match &col.pairs {
+        Some((a, b)) => {
+            let (a, b) =
+                (normalize_rows(a, dim).map_err(Error::Invalid)?, normalize_rows(b, dim).map_err(Error::Invalid)?);
+            let dist = |(x, y): (&[f64], &[f64])| x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum::<f64>().sqrt();
+            Some(a.chunks_exact(dim).zip(b.chunks_exact(dim)).map(dist).collect())
+        }
+        None => None,
+    };
+    let (eigvals, _) = covariance_spectrum(&unit, n, dim);
+    let total: f64 = eigvals.iter().sum::<f64>().max(1e-300);
+    let spectrum = eigvals.iter().map(|v| v / total).collect();
+    // The circle picture: rows projected, uncentred, on the top two eigenvectors of XᵀX, so a
+    // cone (a shared mean direction) shows as a bunched arc and a uniform spread as a ring.
+    let x = nalgebra::DMatrix::from_row_slice(n, dim, &unit);
+    let eig = nalgebra::SymmetricEigen::new(x.transpose() * &x);
+    let mut order: Vec<usize> = (0..dim).collect();
+    order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
+    let top = |k: usize| eig.eigenvectors.column(order[k.min(dim - 1)]).clone_owned();
+    let proj = &x * nalgebra::DMatrix::from_columns(&[top(0), top(1)]);
+    let circle = proj.row_iter().map(|r| [r[0], r[1]]).collect();
+    let result = ColumnResult { name: col.name.clone(), n, dim, metrics };
+    Ok((result, Shapes { cosines, distances, spectrum, circle }))
+}
+
+/// The four plots (SVG and PNG each): cosine and alignment histograms, circle panels, spectra.
+fn plots(columns: &[Column], shapes: &[Shapes], out: &Path) -> Result<Vec<PathBuf>> {
+    let plot_err = |e: String| Error::Invalid(format!("plot: {e}"));
+    let series = |f: &dyn Fn(&Shapes) -> Option<&Vec<f64>>| -> Vec<Series> {
+        columns.iter().zip(shapes).filter_map(|(c, s)| f(s).map(|values| Series { name: &c.name, values })).collect()
+    };
+    let mut files = Vec::new();
+    let cosines = series(&|s| Some(&s.cosines));
+    let title = "Cosine similarity of random sentence pairs";
+    files
+        .extend(histogram(&out.join("cosine"), title, "cosine similarity", &cosines, -1.0, 1.0, 80).map_err(plot_err)?);
+    let distances = series(&|s| s.distances.as_ref());
+    if !distances.is_empty() {
+        let title = "Distance of positive pairs (alignment)";
+        files.extend(
+            histogram(&out.join("alignment"), title, "||f(x) - f(y)||", &distances, 0.0, 2.0, 80).map_err(plot_err)?,
+        );
+    }
+    let panels: Vec<(&str, &[[f64; 2]])> =
+        columns.iter().zip(shapes).map(|(c, s)| (c.name.as_str(), s.circle.as_slice())).collect();
+    let title = "Top-2 directions of XᵀX, on the circle";
+    files.extend(circle_panels(&out.join("circle"), title, &panels, 10.0).map_err(plot_err)?);
+    let spectra = series(&|s| Some(&s.spectrum));
+    files.extend(spectrum(&out.join("spectrum"), "Covariance eigenvalue spectrum", &spectra).map_err(plot_err)?);
+    Ok(files)
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
