@@ -186,12 +186,29 @@ pub fn batch_gradients(
         .collect::<candle_core::Result<Vec<_>>>()?;
     let forward_s = t0.elapsed().as_secs_f64();
     // Pass 2: each micro-batch with a graph, back-propagating its rows of G.
+    let rngs: Vec<Option<StdRng>> = (0..micro.len()).map(rng_for).collect();
+    let acc = backprop_rows(encoder, micro, &g_views, rngs, with_mean)?;
+    let backward_s = t0.elapsed().as_secs_f64() - forward_s;
+    Ok(Ok(Gradients { loss, parts: parts.parts, grads: acc, forward_s, backward_s }))
+}
+
+/// GradCache's second pass: each micro-batch embedded again with its graph (and its own dropout
+/// stream), `sum(e * G)` back-propagated with its rows of `G` (one tensor per view block, rows
+/// in micro-batch order), and the parameter gradients added up.
+fn backprop_rows(
+    encoder: &Encoder,
+    micro: &[Batch],
+    g_views: &[Tensor],
+    rngs: Vec<Option<StdRng>>,
+    with_mean: bool,
+) -> Result<GradStore> {
+    let views = g_views.len();
     let mut acc =
         Var::new(0f32, encoder.params.first().map_or(&Device::Cpu, |(_, v)| v.device()))?.as_tensor().backward()?;
     let mut offset = 0;
-    for (k, b) in micro.iter().enumerate() {
+    for (b, mut rng) in micro.iter().zip(rngs) {
         let n = b.lengths.len() / views;
-        let (emb, _) = encoder.embed_views(b, rng_for(k).as_mut(), with_mean)?;
+        let (emb, _) = encoder.embed_views(b, rng.as_mut(), with_mean)?;
         let g =
             Tensor::cat(&g_views.iter().map(|g| g.narrow(0, offset, n)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
         let grads = (emb * g)?.sum_all()?.backward()?;
@@ -206,8 +223,7 @@ pub fn batch_gradients(
         }
         offset += n;
     }
-    let backward_s = t0.elapsed().as_secs_f64() - forward_s;
-    Ok(Ok(Gradients { loss, parts: parts.parts, grads: acc, forward_s, backward_s }))
+    Ok(acc)
 }
 
 /// Forward, backward and (when the numbers are finite) an optimizer update on one batch, given
