@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod distributed;
 pub mod error;

@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Resul
 use rayon::prelude::*;
 
 use crate::config::TrainConfig;
-use crate::model::ops::f32s;
+use crate::cpu::f32s;
 
 pub struct AdamW {
     params: Vec<Param>,
