@@ -215,11 +215,12 @@ impl Default for ModelConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
+        let pairs = crate::data::pairs::PairOptions::default();
         Self {
             corpus: "$HYPERSPHERE_DATA/books/eltec-eng".into(),
-            cross_paragraph: true,
-            min_tokens: 4,
-            max_tokens: 64,
+            cross_paragraph: pairs.cross_paragraph,
+            min_tokens: pairs.min_tokens,
+            max_tokens: pairs.max_tokens,
             val_fraction: 0.05,
             max_books: 0,
         }
@@ -266,6 +267,17 @@ impl Default for LossConfig {
             alpha: 2.0,
             t: 2.0,
             tau: 0.05,
+        }
+    }
+}
+
+impl DataConfig {
+    /// The pairing options these settings give.
+    pub fn pair_options(&self) -> crate::data::pairs::PairOptions {
+        crate::data::pairs::PairOptions {
+            cross_paragraph: self.cross_paragraph,
+            min_tokens: self.min_tokens,
+            max_tokens: self.max_tokens,
         }
     }
 }

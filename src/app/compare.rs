@@ -49,7 +49,7 @@ pub fn compare_text(t: &TextArgs, first_model: Option<&TextTokenizer>) -> Result
         (Some(corpus), _) => {
             let tok =
                 first_model.context("--corpus needs at least one model input (its tokenizer filters sentences)")?;
-            let opts = PairOptions { cross_paragraph: true, min_tokens: 4, max_tokens: 64 };
+            let opts = PairOptions::default();
             let set = crate::data::load_pairs(corpus, 0, &opts, 0.0, t.seed, &tok.counter()?)?;
             let sample = Sample::draw(&set.train, t.sentences, t.num_pairs, t.seed);
             let pairs = sample.pairs.iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect();

@@ -13,7 +13,6 @@ use candle_core::Device;
 use crate::config::RunConfig;
 use crate::data::batch::TextTokenizer;
 use crate::data::corpus::{list_book_files, read_book};
-use crate::data::pairs::PairOptions;
 use crate::data::{load_pairs, PairSet};
 use crate::eval::runner::{sha256_file, EvalOptions, Evaluated};
 use crate::eval::Task;
@@ -57,11 +56,7 @@ pub fn tokenizer_and_pairs(
         Some(c) => c,
         None => cfg.corpus_path(data)?,
     };
-    let opts = PairOptions {
-        cross_paragraph: cfg.data.cross_paragraph,
-        min_tokens: cfg.data.min_tokens,
-        max_tokens: cfg.data.max_tokens,
-    };
+    let opts = cfg.data.pair_options();
     let counter = tokenizer.counter()?;
     let set = load_pairs(&corpus, cfg.data.max_books, &opts, cfg.data.val_fraction, cfg.seed, &counter)?;
     if !set.skipped.is_empty() {

@@ -17,7 +17,8 @@ pub struct Pair {
     pub positive: Arc<str>,
 }
 
-/// Which neighbours make pairs. Default: across paragraphs, 3 to 128 tokens.
+/// Which neighbours make pairs. Default (the one place it is set; `data.*` in configs starts
+/// from it): across paragraphs, 4 to 64 word pieces.
 #[derive(Clone, Debug)]
 pub struct PairOptions {
     /// Also pair the last sentence of a paragraph with the first of the next.
@@ -28,7 +29,7 @@ pub struct PairOptions {
 
 impl Default for PairOptions {
     fn default() -> Self {
-        PairOptions { cross_paragraph: true, min_tokens: 3, max_tokens: 128 }
+        PairOptions { cross_paragraph: true, min_tokens: 4, max_tokens: 64 }
     }
 }
 
