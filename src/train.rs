@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -619,7 +618,7 @@ impl<'a> Monitor<'a> {
             None => {
                 let line = LogLine { val: m.validate()?, ..LogLine::default() };
                 m.write(&line)?;
-                eprintln!("step 0 (before training): {}", line.val);
+                inp.observer.line(&format!("step 0 (before training): {}", line.val));
                 previous.push(line);
                 previous.last().map_or_else(Validation::default, |l| l.val)
             }
@@ -628,7 +627,7 @@ impl<'a> Monitor<'a> {
             let w = format!(
                 "step 0: push/pull balance {r:.2} < 1 (w_uniform * t * random-pair distance over w_align * positive distance): shrinking everything lowers this loss, expect a collapse; raise loss.w_uniform or loss.t, or lower loss.w_align"
             );
-            eprintln!("warning: {w}");
+            inp.observer.line(&format!("warning: {w}"));
             m.warnings.push(w);
         }
         if m.select_dev {
@@ -681,6 +680,24 @@ impl<'a> Monitor<'a> {
     }
 }
 
+/// What the training loop reports as it goes. The library prints nothing itself: the CLI draws
+/// a progress bar (`app::finetune::Console`); tests and other front ends may keep quiet
+/// ([`Quiet`]).
+pub trait Observer: Sync {
+    /// Training starts (or resumes) at `step` of `total`.
+    fn start(&self, _step: usize, _total: usize) {}
+    /// Step `step` of `total` finished; `brief` summarises it on one line.
+    fn step(&self, _step: usize, _total: usize, _brief: &str) {}
+    /// A line worth keeping: validation results, warnings, resume notes.
+    fn line(&self, _text: &str) {}
+    /// Training is over.
+    fn finish(&self) {}
+}
+
+/// Reports nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
 /// Everything [`train`] reads.
 pub struct TrainInputs<'a> {
     pub encoder: &'a Encoder,
@@ -695,6 +712,8 @@ pub struct TrainInputs<'a> {
     pub resume: bool,
     /// Set by Ctrl-C: the loop writes a checkpoint and returns.
     pub stop: &'a AtomicBool,
+    /// Where progress, validation lines and warnings go.
+    pub observer: &'a dyn Observer,
 }
 
 /// Learning-rate multipliers per parameter: `train.norm_lr_scale` for the last layer's output
@@ -729,7 +748,7 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
     while state.step < total && end.is_none() {
         end = run.advance(&mut state, &mut opt, &mut monitor)?;
     }
-    run.pb.finish_and_clear();
+    inp.observer.finish();
     let (stopped, collapsed) = match end {
         Some(End::Stopped(why)) => (Some(why), false),
         Some(End::Collapsed(why)) => (Some(why), true),
@@ -760,13 +779,15 @@ fn optimizer_and_state(inp: &TrainInputs, total: usize) -> Result<(AdamW, TrainS
     opt.set_lr_scales(&lr_scales(encoder, tc))?;
     let mut state = TrainState { model: encoder.files.spec.clone(), ..TrainState::default() };
     if inp.resume {
-        let mut warn = |m: String| eprintln!("warning: {m}");
+        let mut warn = |m: String| inp.observer.line(&format!("warning: {m}"));
         match checkpoint::restore_latest(inp.run_dir, &encoder.files.spec, &encoder.params, &mut opt, &mut warn)? {
             Some((s, dir)) => {
-                eprintln!("resuming from {} (step {} of {total})", dir.display(), s.step);
+                inp.observer.line(&format!("resuming from {} (step {} of {total})", dir.display(), s.step));
                 state = s;
             }
-            None => eprintln!("warning: no usable checkpoint in {}: starting from step 0", inp.run_dir.display()),
+            None => inp
+                .observer
+                .line(&format!("warning: no usable checkpoint in {}: starting from step 0", inp.run_dir.display())),
         }
     }
     Ok((opt, state))
@@ -787,7 +808,6 @@ struct Run<'a> {
     total: usize,
     lens: Vec<usize>,
     batches: std::vec::IntoIter<Vec<usize>>,
-    pb: ProgressBar,
     clock: Instant,
     first_step: usize,
     prior_s: f64,
@@ -798,19 +818,12 @@ struct Run<'a> {
 impl<'a> Run<'a> {
     fn new(inp: &'a TrainInputs<'a>, state: &mut TrainState, total: usize) -> Result<Self> {
         let lens: Vec<usize> = inp.train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
-        let pb = ProgressBar::new(total as u64);
-        pb.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
-                .map_err(|e| Error::Invalid(e.to_string()))?
-                .progress_chars("=> "),
-        );
-        pb.set_position(state.step as u64);
+        inp.observer.start(state.step, total);
         let mut run = Self {
             inp,
             total,
             lens,
             batches: Vec::new().into_iter(),
-            pb,
             clock: Instant::now(),
             first_step: state.step,
             prior_s: state.seconds,
@@ -919,9 +932,8 @@ impl<'a> Run<'a> {
                 state.bad_steps, state.step
             )));
         }
-        self.pb.suspend(|| {
-            eprintln!("warning: {what}; skipped without an update ({} of at most {max} bad steps)", state.bad_steps)
-        });
+        let n = state.bad_steps;
+        self.inp.observer.line(&format!("warning: {what}; skipped without an update ({n} of at most {max} bad steps)"));
         None
     }
 
@@ -929,7 +941,7 @@ impl<'a> Run<'a> {
         (step * self.inp.cfg.train.batch_pairs) as f64 / self.seconds()
     }
 
-    /// The progress bar, or without a terminal (a log file, CI) a plain line every 10 steps.
+    /// Hand the step's one-line summary to the observer.
     fn progress(&self, step: usize, stats: &StepStats) {
         let brief = format!(
             "loss {:.4} align {:.4} uniform {:.4} | {:.1} pairs/s",
@@ -938,13 +950,7 @@ impl<'a> Run<'a> {
             stats.part("uniform"),
             self.pairs_per_s(step)
         );
-        self.pb.set_position(step as u64);
-        self.pb.set_message(brief.clone());
-        if self.pb.is_hidden() && step.is_multiple_of(10) {
-            let done = (step - self.first_step) as f64;
-            let eta = self.clock.elapsed().as_secs_f64() / done * (self.total - step) as f64;
-            eprintln!("step {step}/{}: {brief} | ETA {eta:.0}s", self.total);
-        }
+        self.inp.observer.step(step, self.total, &brief);
     }
 
     /// Log a validation line with the training means since the last one; a collapse ends the run.
@@ -963,12 +969,11 @@ impl<'a> Run<'a> {
         let (val, verdict) = monitor.after_step(line)?;
         let loss = self.sums.first().map_or(f32::NAN, |(_, v)| v / k);
         let speed = self.pairs_per_s(step);
-        self.pb.suspend(|| {
-            eprintln!("step {step}/{}: train loss {loss:.4} | {val} | {speed:.1} pairs/s", self.total);
-            if let Health::Drift(m) | Health::Collapse(m) = &verdict {
-                eprintln!("warning: step {step}: {m}");
-            }
-        });
+        let obs = self.inp.observer;
+        obs.line(&format!("step {step}/{}: train loss {loss:.4} | {val} | {speed:.1} pairs/s", self.total));
+        if let Health::Drift(m) | Health::Collapse(m) = &verdict {
+            obs.line(&format!("warning: step {step}: {m}"));
+        }
         (self.sums, self.since) = (Vec::new(), 0);
         Ok(match verdict {
             Health::Collapse(m) => Some(End::Collapsed(format!("step {step}: {m}"))),

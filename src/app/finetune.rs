@@ -247,6 +247,7 @@ fn train_run(run: &Loaded, eval: &EvalSetup, req: &Finetune) -> Result<TrainSumm
         device: req.device,
         resume: req.resume.is_some(),
         stop: &req.interrupt.stop,
+        observer: &Console::default(),
     });
     req.interrupt.phase.store(Interrupt::AFTER, SeqCst);
     Ok(summary?)
@@ -324,4 +325,50 @@ fn finish(
     write_json(&run.run_dir.join("report.json"), &report)?;
     println!("wrote {}/{{model/, report.json, log.jsonl, run.toml, checkpoints/}}", run.run_dir.display());
     Ok(())
+}
+
+/// A progress bar on stderr with lines above it; without a terminal (a log file, CI), a plain
+/// line every 10 steps with the time left instead of the bar.
+pub struct Console {
+    pb: indicatif::ProgressBar,
+    started: std::sync::Mutex<Option<(Instant, usize)>>,
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        let pb = indicatif::ProgressBar::new(0);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
+        {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        Self { pb, started: std::sync::Mutex::new(None) }
+    }
+}
+
+impl crate::train::Observer for Console {
+    fn start(&self, step: usize, total: usize) {
+        self.pb.set_length(total as u64);
+        self.pb.set_position(step as u64);
+        if let Ok(mut s) = self.started.lock() {
+            *s = Some((Instant::now(), step));
+        }
+    }
+    fn step(&self, step: usize, total: usize, brief: &str) {
+        self.pb.set_position(step as u64);
+        self.pb.set_message(brief.to_string());
+        if self.pb.is_hidden() && step.is_multiple_of(10) {
+            let started = self.started.lock().ok().and_then(|s| *s);
+            let eta = started.map_or(0.0, |(t, first)| {
+                t.elapsed().as_secs_f64() / step.saturating_sub(first).max(1) as f64 * (total - step) as f64
+            });
+            eprintln!("step {step}/{total}: {brief} | ETA {eta:.0}s");
+        }
+    }
+    fn line(&self, text: &str) {
+        self.pb.suspend(|| eprintln!("{text}"));
+    }
+    fn finish(&self) {
+        self.pb.finish_and_clear();
+    }
 }

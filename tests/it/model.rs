@@ -423,3 +423,70 @@ fn two_ranks_sum_to_the_full_batch_gradient() {
         }
     }
 }
+
+/// The training loop reports through its observer only: start, every step in order, the
+/// validation lines, finish once, in the order they happen.
+#[test]
+fn training_reports_through_its_observer() {
+    use hypersphere::config::{RunConfig, Select};
+    use hypersphere::data::pairs::Pair;
+    use hypersphere::train::{train, Observer, TrainInputs};
+    use std::sync::Mutex;
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+    impl Observer for Recorder {
+        fn start(&self, step: usize, total: usize) {
+            self.0.lock().unwrap().push(format!("start {step}/{total}"));
+        }
+        fn step(&self, step: usize, _: usize, _: &str) {
+            self.0.lock().unwrap().push(format!("step {step}"));
+        }
+        fn line(&self, text: &str) {
+            self.0.lock().unwrap().push(format!("line {}", text.split(':').next().unwrap_or("")));
+        }
+        fn finish(&self) {
+            self.0.lock().unwrap().push("finish".into());
+        }
+    }
+    let (_d, enc, tok) = tiny(4, Pooling::Mean, true);
+    let run_dir = tempfile::tempdir().unwrap();
+    let pairs: Vec<Pair> = SENTENCES
+        .iter()
+        .zip(SENTENCES.iter().rev())
+        .map(|(a, b)| Pair { anchor: (*a).into(), positive: (*b).into() })
+        .collect();
+    let mut cfg = RunConfig::default();
+    (cfg.train.steps, cfg.train.batch_pairs, cfg.train.eval_every_steps) = (3, 2, 2);
+    (cfg.train.select, cfg.train.checkpoint_every_steps) = (Select::Last, 0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let recorder = Recorder::default();
+    let summary = train(&TrainInputs {
+        encoder: &enc,
+        tokenizer: &tok,
+        cfg: &cfg,
+        train_pairs: &pairs,
+        val_pairs: &pairs[..4],
+        dev: None,
+        run_dir: run_dir.path(),
+        device: &Device::Cpu,
+        resume: false,
+        stop: &stop,
+        observer: &recorder,
+    })
+    .unwrap();
+    assert_eq!(summary.steps, 3);
+    // Drift warnings (a random tiny model's positives are far apart) may come after a
+    // validation line; everything else in this order.
+    let events: Vec<String> = recorder.0.lock().unwrap().iter().filter(|e| *e != "line warning").cloned().collect();
+    let want = [
+        "line step 0 (before training)",
+        "start 0/3",
+        "step 1",
+        "step 2",
+        "line step 2/3",
+        "step 3",
+        "line step 3/3",
+        "finish",
+    ];
+    assert_eq!(events, want);
+}
