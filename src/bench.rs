@@ -237,7 +237,7 @@ fn train_fixed(
     device: &Device,
 ) -> Result<TrainFixed> {
     let cls_only = encoder.pooling == Pooling::Cls;
-    let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
+    let mut opt = AdamW::new(encoder.vars(), cfg.train.adamw())?;
     let (n_pairs, seq) = (cfg.train.batch_pairs, cfg.model.max_len);
     let rows = crate::loss::views(&cfg.loss) * n_pairs;
     let batch = synthetic_batch(rows, seq, encoder.config.vocab_size, rng, device)?;
@@ -295,7 +295,7 @@ fn train_mix(
     if let Some(dir) = export {
         export_batches(dir, &batches)?;
     }
-    let mut opt = AdamW::new(encoder.vars(), &cfg.train)?;
+    let mut opt = AdamW::new(encoder.vars(), cfg.train.adamw())?;
     bench_step(cfg, encoder, &mut opt, &batches[0], rng)?;
     let mut m = TrainMix { batches: batches.len(), pairs: batches.len() * n_pairs, ..TrainMix::default() };
     let mut padded = 0;

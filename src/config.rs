@@ -271,6 +271,19 @@ impl Default for LossConfig {
     }
 }
 
+impl TrainConfig {
+    /// The optimizer's settings.
+    pub fn adamw(&self) -> crate::optim::AdamWParams {
+        crate::optim::AdamWParams {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
 impl DataConfig {
     /// The pairing options these settings give.
     pub fn pair_options(&self) -> crate::data::pairs::PairOptions {

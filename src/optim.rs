@@ -9,7 +9,6 @@ use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::config::TrainConfig;
 use crate::cpu::f32s;
 
 pub struct AdamW {
@@ -31,8 +30,25 @@ struct Param {
     lr_scale: f64,
 }
 
+/// AdamW's hyper-parameters (candle-nn's `ParamsAdamW` style): what the optimizer needs, and
+/// nothing else of the run's config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWParams {
+    fn default() -> Self {
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
 impl AdamW {
-    pub fn new(vars: Vec<Var>, cfg: &TrainConfig) -> Result<Self> {
+    pub fn new(vars: Vec<Var>, cfg: AdamWParams) -> Result<Self> {
         let params = vars
             .into_iter()
             .map(|var| {
@@ -224,13 +240,14 @@ impl InplaceOp3 for Update {
     }
 }
 
-/// Learning rate at `step` (1-based): linear warm-up to `lr`, then linear decay to 0 at `total`.
-pub fn lr_at(step: usize, total: usize, cfg: &TrainConfig) -> f64 {
-    let warm = cfg.warmup_steps.min(total);
+/// Learning rate at `step` (1-based): linear warm-up over `warmup` steps to `lr`, then linear
+/// decay to 0 at `total`.
+pub fn lr_at(step: usize, total: usize, lr: f64, warmup: usize) -> f64 {
+    let warm = warmup.min(total);
     if step <= warm && warm > 0 {
-        cfg.lr * step as f64 / warm as f64
+        lr * step as f64 / warm as f64
     } else {
-        cfg.lr * (total.saturating_sub(step)) as f64 / (total - warm).max(1) as f64
+        lr * (total.saturating_sub(step)) as f64 / (total - warm).max(1) as f64
     }
 }
 
@@ -241,21 +258,20 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {
-        let cfg = TrainConfig { lr: 1.0, warmup_steps: 4, ..Default::default() };
-        assert_eq!(lr_at(1, 12, &cfg), 0.25);
-        assert_eq!(lr_at(4, 12, &cfg), 1.0);
-        assert_eq!(lr_at(8, 12, &cfg), 0.5);
-        assert_eq!(lr_at(12, 12, &cfg), 0.0);
+        assert_eq!(lr_at(1, 12, 1.0, 4), 0.25);
+        assert_eq!(lr_at(4, 12, 1.0, 4), 1.0);
+        assert_eq!(lr_at(8, 12, 1.0, 4), 0.5);
+        assert_eq!(lr_at(12, 12, 1.0, 4), 0.0);
     }
 
     /// A parameter with learning-rate scale s moves s times as far: Adam's first step is
     /// lr * g / (|g| + eps) per element, whatever the gradient's size.
     #[test]
     fn lr_scales_multiply_the_step() {
-        let cfg = TrainConfig { lr: 0.01, weight_decay: 0.0, ..Default::default() };
+        let cfg = AdamWParams { lr: 0.01, weight_decay: 0.0, ..Default::default() };
         let (a, b) =
             (Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap(), Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap());
-        let mut opt = AdamW::new(vec![a.clone(), b.clone()], &cfg).unwrap();
+        let mut opt = AdamW::new(vec![a.clone(), b.clone()], cfg).unwrap();
         assert!(opt.set_lr_scales(&[1.0]).is_err());
         opt.set_lr_scales(&[1.0, 50.0]).unwrap();
         let loss = (a.as_tensor().sqr().unwrap().sum_all().unwrap() + b.as_tensor().sqr().unwrap().sum_all().unwrap())
@@ -273,9 +289,9 @@ mod tests {
     /// Two steps by hand, PyTorch's AdamW formula: m, v, bias correction, decoupled decay.
     #[test]
     fn matches_hand_computed_adamw() {
-        let cfg = TrainConfig { lr: 0.1, weight_decay: 0.5, beta1: 0.9, beta2: 0.99, eps: 1e-8, ..Default::default() };
+        let cfg = AdamWParams { lr: 0.1, weight_decay: 0.5, beta1: 0.9, beta2: 0.99, eps: 1e-8 };
         let w = Var::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap();
-        let mut opt = AdamW::new(vec![w.clone()], &cfg).unwrap();
+        let mut opt = AdamW::new(vec![w.clone()], cfg).unwrap();
         let (mut m, mut v, mut theta) = ([0f64; 2], [0f64; 2], [1.0f64, -2.0]);
         for step in 1..=2 {
             // loss = sum(w^2 * c) so grad = 2 c w

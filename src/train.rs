@@ -775,7 +775,7 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
 /// usable checkpoint's on resume (weights and moments restored), else step 0.
 fn optimizer_and_state(inp: &TrainInputs, total: usize) -> Result<(AdamW, TrainState)> {
     let (encoder, tc) = (inp.encoder, &inp.cfg.train);
-    let mut opt = AdamW::new(encoder.vars(), tc)?;
+    let mut opt = AdamW::new(encoder.vars(), tc.adamw())?;
     opt.set_lr_scales(&lr_scales(encoder, tc))?;
     let mut state = TrainState { model: encoder.files.spec.clone(), ..TrainState::default() };
     if inp.resume {
@@ -882,7 +882,7 @@ impl<'a> Run<'a> {
             return Ok(Some(End::Stopped(why)));
         }
         let batch = self.next_batch(state);
-        let lr = lr_at(state.step + 1, self.total, tc);
+        let lr = lr_at(state.step + 1, self.total, tc.lr, tc.warmup_steps);
         opt.set_lr(lr);
         let stats = match self.step(state, opt, &batch)? {
             StepOutcome::Updated(s) => s,

@@ -152,7 +152,7 @@ fn train_tiny(seed: u64, steps: usize) -> (Vec<f32>, Vec<f32>) {
     let (_d, enc, tok) = tiny(4, Pooling::Mean, true);
     let dev = Device::Cpu;
     let cfg = TrainConfig { lr: 3e-3, warmup_steps: 0, ..Default::default() };
-    let mut opt = AdamW::new(enc.vars(), &cfg).unwrap();
+    let mut opt = AdamW::new(enc.vars(), cfg.adamw()).unwrap();
     // Anchors then positives: each sentence paired with itself reworded slightly.
     let texts: Vec<&str> =
         SENTENCES.iter().copied().chain(SENTENCES.iter().map(|s| s.trim_end_matches(['.', '?']))).collect();
@@ -188,7 +188,8 @@ fn export_then_reload_gives_the_same_embeddings() {
     let (d, enc, tok) = tiny(5, Pooling::Cls, true);
     let dev = Device::Cpu;
     // Change the weights so that the export must carry trained values, not the originals.
-    let mut opt = AdamW::new(enc.vars(), &TrainConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() }).unwrap();
+    let mut opt =
+        AdamW::new(enc.vars(), TrainConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() }.adamw()).unwrap();
     let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
     train_step(&enc, &mut opt, std::slice::from_ref(&batch), &LossConfig::default(), 1.0, None).unwrap();
     let out = d.path().join("exported");
