@@ -130,9 +130,9 @@ pub(crate) fn avx2_fma() -> bool {
 /// for AVX2 + FMA (8 lanes), picked at run time. The bodies are written branch-free so that
 /// LLVM vectorises them.
 macro_rules! kernel {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,204 @@
+//! Each op against finite differences and against its reference built from primitive ops.
+
+use super::dropout::dropout_mask;
+use super::*;
+use candle_core::{Device, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Vec<f32> {
+    (0..shape.iter().product::<usize>()).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+fn close(a: &Tensor, b: &Tensor, tol: f32) {
+    let (a, b) =
+        (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+    }
+}
+
+/// Central finite differences of `sum(f(inputs) * r)` against the op's backward, for
+/// every element of every input that has a gradient.
+fn check_grads(inputs: &[Var], f: &dyn Fn(&[Tensor]) -> Result<Tensor>, tol: f32) {
+    let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts).unwrap();
+    let mut rng = StdRng::seed_from_u64(9);
+    let r = Tensor::from_vec(random(&mut rng, out.dims(), 1.0), out.shape(), out.device()).unwrap();
+    let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let h = 1e-2f32;
+    for (k, var) in inputs.iter().enumerate() {
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..base.len() {
+            let loss_at = |delta: f32| -> f64 {
+                let mut v = base.clone();
+                v[i] += delta;
+                let mut ts = ts.clone();
+                ts[k] = Tensor::from_vec(v, var.shape(), var.device()).unwrap();
+                let y = f(&ts).unwrap().to_dtype(DType::F64).unwrap();
+                (y * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            let numeric = ((loss_at(h) - loss_at(-h)) / (2.0 * h as f64)) as f32;
+            assert!(
+                (numeric - analytic[i]).abs() <= tol * (1.0 + numeric.abs()),
+                "input {k} element {i}: finite difference {numeric}, backward {}",
+                analytic[i]
+            );
+        }
+    }
+}
+
+fn var(rng: &mut StdRng, shape: &[usize], scale: f32) -> Var {
+    Var::from_vec(random(rng, shape, scale), shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn layer_norm_matches_reference_and_finite_differences() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let (x, w, b) = (var(&mut rng, &[2, 3, 8], 2.0), var(&mut rng, &[8], 1.5), var(&mut rng, &[8], 1.0));
+    let fused = |t: &[Tensor]| layer_norm(Kernels::Fused, &t[0], &t[1], &t[2], 1e-5);
+    check_grads(&[x.clone(), w.clone(), b.clone()], &fused, 2e-2);
+    let (xs, ws, bs) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+    let ours = layer_norm(Kernels::Fused, xs, ws, bs, 1e-5).unwrap();
+    let want = reference::layer_norm(xs, ws, bs, 1e-5).unwrap();
+    close(&ours, &want, 1e-5);
+    let r = Tensor::from_vec(random(&mut rng, &[2, 3, 8], 1.0), (2, 3, 8), &Device::Cpu).unwrap();
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for t in [xs, ws, bs] {
+        close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-4);
+    }
+}
+
+#[test]
+fn gelu_matches_candle_and_finite_differences() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let x = var(&mut rng, &[3, 7], 4.0);
+    check_grads(std::slice::from_ref(&x), &|t: &[Tensor]| gelu_erf(Kernels::Fused, &t[0]), 2e-2);
+    let ours = gelu_erf(Kernels::Fused, x.as_tensor()).unwrap();
+    let want = x.as_tensor().gelu_erf().unwrap();
+    close(&ours, &want, 1e-6);
+    let g1 = ours.sum_all().unwrap().backward().unwrap();
+    let g2 = want.sum_all().unwrap().backward().unwrap();
+    close(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap(), 1e-5);
+}
+
+#[test]
+fn linear_matches_reference_and_finite_differences() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (x, w, b) = (var(&mut rng, &[2, 3, 4], 1.0), var(&mut rng, &[5, 4], 1.0), var(&mut rng, &[5], 1.0));
+    check_grads(&[x.clone(), w.clone(), b.clone()], &|t: &[Tensor]| linear(Kernels::Fused, &t[0], &t[1], &t[2]), 1e-2);
+    let (xs, ws, bs) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+    let ours = linear(Kernels::Fused, xs, ws, bs).unwrap();
+    assert_eq!(ours.dims(), [2, 3, 5]);
+    let want = reference::linear(xs, ws, bs).unwrap();
+    close(&ours, &want, 1e-6);
+    let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for t in [xs, ws, bs] {
+        close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-5);
+    }
+}
+
+#[test]
+fn dropout_keeps_about_1_minus_p_scales_and_masks_the_gradient() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let x = Var::from_vec(vec![1f32; 20_000], (100, 200), &Device::Cpu).unwrap();
+    let y = dropout(Kernels::Fused, x.as_tensor(), 0.25, &mut rng).unwrap();
+    let vals = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let kept = vals.iter().filter(|&&v| v != 0.0).count() as f64 / vals.len() as f64;
+    assert!((kept - 0.75).abs() < 0.02, "kept {kept}");
+    assert!(vals.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    // d(sum y)/dx is the mask itself.
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let grad = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(grad, vals);
+    // Same seed, same mask; another seed, another mask.
+    let again = dropout(Kernels::Fused, x.as_tensor(), 0.25, &mut StdRng::seed_from_u64(6)).unwrap();
+    assert_eq!(again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vals);
+    let other = dropout(Kernels::Fused, x.as_tensor(), 0.25, &mut StdRng::seed_from_u64(7)).unwrap();
+    assert_ne!(other.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vals);
+}
+
+/// Inputs for attention: 2 sequences of 5 tokens, hidden 8 in 2 heads, the second
+/// sequence padded after 3 tokens.
+fn attention_inputs(rng: &mut StdRng, nq: usize) -> (Var, Var, Tensor) {
+    let q = var(rng, &[2, nq, 8], 1.5);
+    let kv = var(rng, &[2, 5, 16], 1.5);
+    let mask = Tensor::new(&[[0f32, 0., 0., 0., 0.], [0., 0., 0., -10_000., -10_000.]], &Device::Cpu).unwrap();
+    (q, kv, mask)
+}
+
+#[test]
+fn attention_matches_reference_and_finite_differences() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for nq in [5, 1] {
+        let (q, kv, mask) = attention_inputs(&mut rng, nq);
+        let fused = |t: &[Tensor]| attention(Kernels::Fused, &t[0], &t[1], &mask, 2, None);
+        check_grads(&[q.clone(), kv.clone()], &fused, 2e-2);
+        // With dropout: the same seed gives the fused op and the reference the same mask.
+        for p in [0.0f32, 0.3] {
+            let mut r1 = StdRng::seed_from_u64(11);
+            let ours = attention(Kernels::Fused, q.as_tensor(), kv.as_tensor(), &mask, 2, Some((p, &mut r1))).unwrap();
+            let drop = (p > 0.0).then(|| {
+                dropout_mask(&Shape::from((2, 2, nq, 5)), p, &mut StdRng::seed_from_u64(11), &Device::Cpu).unwrap()
+            });
+            let scale = 1.0 / 2f64;
+            let want = reference::attention(q.as_tensor(), kv.as_tensor(), &mask, 2, scale, drop.as_ref()).unwrap();
+            close(&ours, &want, 1e-5);
+            let r = Tensor::from_vec(random(&mut rng, &[2, nq, 8], 1.0), (2, nq, 8), &Device::Cpu).unwrap();
+            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for t in [q.as_tensor(), kv.as_tensor()] {
+                close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_ignores_padded_keys() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let (q, kv, mask) = attention_inputs(&mut rng, 5);
+    let base = attention(Kernels::Fused, q.as_tensor(), kv.as_tensor(), &mask, 2, None).unwrap();
+    // Change the keys and values of the second sequence's padding: nothing moves.
+    let mut vals = kv.as_tensor().to_vec3::<f32>().unwrap();
+    for row in &mut vals[1][3..] {
+        row.iter_mut().for_each(|v| *v += 5.0);
+    }
+    let kv2 = Tensor::new(vals, &Device::Cpu).unwrap();
+    let moved = attention(Kernels::Fused, q.as_tensor(), &kv2, &mask, 2, None).unwrap();
+    close(&moved, &base, 1e-6);
+}
+
+#[test]
+fn big_inputs_split_across_chunks_agree_with_reference() {
+    // More rows than one work item holds, so the chunked reductions are exercised.
+    let mut rng = StdRng::seed_from_u64(4);
+    let (x, w, b) = (var(&mut rng, &[300, 96], 3.0), var(&mut rng, &[96], 1.0), var(&mut rng, &[96], 1.0));
+    let ours = layer_norm(Kernels::Fused, x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+    let want = reference::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+    close(&ours, &want, 1e-5);
+    let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+        close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-3);
+    }
+    // Softmax rows longer than the reduction lanes, with a partial last chunk, and padding
+    // of a different length in each sequence.
+    let (q, kv) = (var(&mut rng, &[3, 37, 64], 1.0), var(&mut rng, &[3, 37, 128], 1.0));
+    let mask_rows: Vec<f32> = (0..3 * 37).map(|i| if i % 37 > 30 - (i / 37) * 5 { -10_000.0 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask_rows, (3, 37), &Device::Cpu).unwrap();
+    let ours = attention(Kernels::Fused, q.as_tensor(), kv.as_tensor(), &mask, 2, None).unwrap();
+    let want = reference::attention(q.as_tensor(), kv.as_tensor(), &mask, 2, 1.0 / 32f64.sqrt(), None).unwrap();
+    close(&ours, &want, 1e-5);
+    let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for t in [q.as_tensor(), kv.as_tensor()] {
+        close(g1.get(t).unwrap(), g2.get(t).unwrap(), 1e-4);
+    }
+    let x = var(&mut rng, &[70, 1000], 6.0);
+    let ours = gelu_erf(Kernels::Fused, x.as_tensor()).unwrap();
+    close(&ours, &x.as_tensor().gelu_erf().unwrap(), 1e-6);
+}
