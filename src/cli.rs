@@ -11,7 +11,7 @@ use hypersphere::app::compare::TextArgs;
 use hypersphere::app::embed::{ModelArgs, OutDtype};
 use hypersphere::app::finetune::{Finetune, Interrupt, Outcome};
 use hypersphere::bench::BenchOptions;
-use hypersphere::config::{EvalConfig, RunConfig};
+use hypersphere::config::RunConfig;
 use hypersphere::eval::UserSts;
 use hypersphere::model::pooling::Pooling;
 use hypersphere::model::source::{resolve, SourceOptions};
@@ -189,7 +189,8 @@ pub fn run(cli: Cli) -> Result<bool> {
         }
         Command::Eval { model, tasks, sts, data, quick, out, seed, no_cache } => {
             let default = if sts.is_empty() { "all" } else { "" };
-            let tasks = EvalConfig::parse_tasks(&[tasks.unwrap_or(default.into())]).map_err(anyhow::Error::msg)?;
+            let tasks =
+                hypersphere::eval::parse_tasks(&[tasks.unwrap_or(default.into())]).map_err(anyhow::Error::msg)?;
             let root = match (data, tasks.is_empty()) {
                 (Some(d), _) => d,
                 (None, true) => PathBuf::new(),

@@ -42,26 +42,6 @@ pub struct EvalConfig {
     pub max_len: usize,
 }
 
-impl EvalConfig {
-    /// The tasks named, in canonical order, or an error naming the unknown one.
-    pub fn parse_tasks(names: &[String]) -> std::result::Result<Vec<crate::eval::Task>, String> {
-        use crate::eval::Task;
-        if names.iter().any(|n| n.eq_ignore_ascii_case("all")) {
-            return Ok(Task::ALL.to_vec());
-        }
-        let mut tasks = Vec::new();
-        for n in names.iter().flat_map(|n| n.split(',')).map(str::trim).filter(|n| !n.is_empty()) {
-            let t = Task::parse(n).ok_or_else(|| {
-                format!("unknown eval task `{n}` (use MR, CR, SUBJ, MPQA, SST2, TREC, MRPC, STSB or all)")
-            })?;
-            if !tasks.contains(&t) {
-                tasks.push(t);
-            }
-        }
-        Ok(tasks)
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
@@ -385,7 +365,6 @@ impl RunConfig {
             (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
             (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),
         ];
-        EvalConfig::parse_tasks(&self.eval.tasks)?;
         if self.eval.max_len != 0 && !(3..=512).contains(&self.eval.max_len) {
             return Err("eval.max_len must be 0 (the model's length) or in 3..=512".into());
         }

@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::{eval_options, run_eval, tokenizer_and_pairs};
-use crate::config::{EvalConfig, RunConfig, Select};
+use crate::config::{RunConfig, Select};
 use crate::data::batch::TextTokenizer;
 use crate::data::pairs::Pair;
 use crate::data::PairSet;
@@ -117,6 +117,8 @@ fn open_run(req: &Finetune) -> Result<(RunConfig, PathBuf, RunLock)> {
         }
         None => {
             let cfg = RunConfig::load(req.config, req.overrides)?;
+            // Task names are the eval module's to check; checked before anything is touched.
+            crate::eval::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
             let run_dir = cfg.out_dir.join(&cfg.name);
             let (lock, aside) = crate::run_dir::start_fresh(&run_dir, req.force)?;
             if let Some(old) = aside {
@@ -171,7 +173,7 @@ fn write_run_toml(run: &Loaded) -> Result<()> {
 /// model's declared length unless `eval.max_len` is set).
 fn eval_setup(run: &Loaded, data: Option<&Path>) -> Result<EvalSetup> {
     let cfg = &run.cfg;
-    let tasks = EvalConfig::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
+    let tasks = crate::eval::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
     let opts = match tasks.is_empty() {
         true => None,
         false => {

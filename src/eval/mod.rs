@@ -369,6 +369,24 @@ pub fn run_task<'e>(
     Ok(TaskResult { task: task.id().into(), metrics, n_train, n_test, seconds: start.elapsed().as_secs_f64() })
 }
 
+/// The tasks named (`all`, or names, comma-separated or one per entry), in the order given
+/// without repeats, or an error naming the unknown one.
+pub fn parse_tasks(names: &[String]) -> std::result::Result<Vec<Task>, String> {
+    if names.iter().any(|n| n.eq_ignore_ascii_case("all")) {
+        return Ok(Task::ALL.to_vec());
+    }
+    let mut tasks = Vec::new();
+    for n in names.iter().flat_map(|n| n.split(',')).map(str::trim).filter(|n| !n.is_empty()) {
+        let t = Task::parse(n).ok_or_else(|| {
+            format!("unknown eval task `{n}` (use MR, CR, SUBJ, MPQA, SST2, TREC, MRPC, STSB or all)")
+        })?;
+        if !tasks.contains(&t) {
+            tasks.push(t);
+        }
+    }
+    Ok(tasks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

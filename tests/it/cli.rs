@@ -520,3 +520,12 @@ fn device_flag_names_what_is_missing() {
         assert!(e.contains("cuda:1"), "{e}");
     }
 }
+
+/// An unknown `[eval]` task in a finetune config fails before the run folder is touched.
+#[test]
+fn unknown_eval_task_fails_before_the_run_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = one_line_error(&hypersphere(&["finetune", "--set", "eval.tasks=[\"MR\", \"XYZ\"]"], tmp.path()), "XYZ");
+    assert!(e.contains("unknown eval task"), "{e}");
+    assert!(!tmp.path().join("runs").exists());
+}
