@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::ops::Kernels;
+use super::pooling::{Needs, States};
 
 /// Hugging Face `config.json` for BERT: tolerant of extra keys.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,10 +248,11 @@ impl Bert {
         Ok(Self { embeddings, layers })
     }
 
-    /// Returns (first layer output, last layer output), each [b, seq, hidden].
-    /// Dropout is active exactly when `rng` is given (training). With `cls_only` the last layer
-    /// computes only position 0 (its output is [b, 1, hidden]): [CLS] pooling needs nothing
-    /// else, and that skips about 80% of the last layer's work, forward and backward.
+    /// The token states `needs` asks for (see [`Pooling::needs`](super::pooling::Pooling::needs)):
+    /// the last layer's, and the first layer's when `needs.first_layer`. Without
+    /// `needs.all_positions` the last layer computes only position 0 (its output is
+    /// [b, 1, hidden]): [CLS] pooling needs nothing else, and that skips about 80% of the last
+    /// layer's work, forward and backward. Dropout is active exactly when `rng` is given.
     ///
     /// # Shapes
     /// `input_ids`, `token_type_ids`: [b, seq] u32; `attention_mask`: [b, seq] f32 of 1/0.
@@ -259,9 +261,9 @@ impl Bert {
         input_ids: &Tensor,
         token_type_ids: &Tensor,
         attention_mask: &Tensor,
-        cls_only: bool,
+        needs: Needs,
         mut rng: Option<&mut StdRng>,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<States> {
         let max_pos = self.embeddings.position_embeddings.dim(0)?;
         let seq = input_ids.dim(1)?;
         if seq > max_pos {
@@ -272,10 +274,12 @@ impl Bert {
         let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 10_000.0)?;
         let mut first = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let queries = if cls_only && i + 1 == self.layers.len() { 1 } else { seq };
+            let queries = if !needs.all_positions && i + 1 == self.layers.len() { 1 } else { seq };
             xs = layer.forward(&xs, &mask_bias, queries, rng.as_deref_mut())?;
-            first.get_or_insert_with(|| xs.clone());
+            if needs.first_layer && first.is_none() {
+                first = Some(xs.clone());
+            }
         }
-        Ok((first.unwrap_or_else(|| xs.clone()), xs))
+        Ok(States { first, last: xs })
     }
 }

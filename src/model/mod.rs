@@ -81,10 +81,14 @@ impl Encoder {
 
     /// Unit-norm sentence embeddings [b, hidden]. Dropout is on exactly when `rng` is given.
     pub fn embed(&self, batch: &Batch, rng: Option<&mut StdRng>) -> candle_core::Result<Tensor> {
-        let cls_only = self.pooling == Pooling::Cls;
-        let (first, last) =
-            self.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, cls_only, rng)?;
-        pooling::l2_normalize(&pooling::pool(self.pooling, &first, &last, &batch.attention_mask)?)
+        let states = self.bert.forward_t(
+            &batch.input_ids,
+            &batch.token_type_ids,
+            &batch.attention_mask,
+            self.pooling.needs(),
+            rng,
+        )?;
+        pooling::l2_normalize(&pooling::pool(self.pooling, &states, &batch.attention_mask)?)
     }
 
     /// The pooled embeddings and, with `with_mean`, each sentence's mean of last-layer token
@@ -99,10 +103,10 @@ impl Encoder {
         if !with_mean {
             return Ok((self.embed(batch, rng)?, None));
         }
-        let (first, last) =
-            self.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, false, rng)?;
-        let pooled = pooling::l2_normalize(&pooling::pool(self.pooling, &first, &last, &batch.attention_mask)?)?;
-        let mean = pooling::l2_normalize(&pooling::masked_mean(&last.detach(), &batch.attention_mask)?)?;
+        let needs = pooling::Needs::all(self.pooling.needs().first_layer);
+        let states = self.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, needs, rng)?;
+        let pooled = pooling::l2_normalize(&pooling::pool(self.pooling, &states, &batch.attention_mask)?)?;
+        let mean = pooling::l2_normalize(&pooling::masked_mean(&states.last.detach(), &batch.attention_mask)?)?;
         Ok((pooled, Some(mean)))
     }
 

@@ -25,6 +25,40 @@ impl Pooling {
     }
 }
 
+/// What the encoder must compute for a pooling: the first layer's states kept, and the last
+/// layer at every position or only at [CLS] (which skips most of its work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    pub first_layer: bool,
+    pub all_positions: bool,
+}
+
+impl Needs {
+    /// Everything: every position of the last layer (a mean-pooled view needs it whatever the
+    /// pooling), and the first layer's states when `first_layer`.
+    pub fn all(first_layer: bool) -> Self {
+        Self { first_layer, all_positions: true }
+    }
+}
+
+/// The token states the encoder returns: the last layer's ([b, seq or 1, hidden]) and, when
+/// asked for, the first layer's.
+pub struct States {
+    pub first: Option<Tensor>,
+    pub last: Tensor,
+}
+
+impl Pooling {
+    /// What this pooling reads of the encoder.
+    pub fn needs(self) -> Needs {
+        match self {
+            Pooling::Mean => Needs { first_layer: false, all_positions: true },
+            Pooling::Cls => Needs { first_layer: false, all_positions: false },
+            Pooling::FirstLastAvg => Needs { first_layer: true, all_positions: true },
+        }
+    }
+}
+
 /// Masked mean over the sequence.
 ///
 /// # Shapes
@@ -42,12 +76,14 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     xs.broadcast_div(&norm)
 }
 
-/// Pool `last` (and `first`, the first layer's output, for [`Pooling::FirstLastAvg`]).
-pub fn pool(pooling: Pooling, first: &Tensor, last: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    match pooling {
-        Pooling::Mean => masked_mean(last, mask),
-        Pooling::Cls => last.narrow(1, 0, 1)?.squeeze(1),
-        Pooling::FirstLastAvg => masked_mean(&((first + last)? * 0.5)?, mask),
+/// Pool the states the encoder computed for [`Pooling::needs`].
+pub fn pool(pooling: Pooling, states: &States, mask: &Tensor) -> Result<Tensor> {
+    let last = &states.last;
+    match (pooling, &states.first) {
+        (Pooling::Mean, _) => masked_mean(last, mask),
+        (Pooling::Cls, _) => last.narrow(1, 0, 1)?.squeeze(1),
+        (Pooling::FirstLastAvg, Some(first)) => masked_mean(&((first + last)? * 0.5)?, mask),
+        (Pooling::FirstLastAvg, None) => candle_core::bail!("first-last-avg pooling needs the first layer's states"),
     }
 }
 
@@ -78,7 +114,20 @@ mod tests {
     fn cls_takes_first_token() {
         let states = Tensor::new(&[[[1f32, 2.], [3., 4.]], [[5., 6.], [7., 8.]]], &Device::Cpu).unwrap();
         let mask = Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap();
-        let c = pool(Pooling::Cls, &states, &states, &mask).unwrap().to_vec2::<f32>().unwrap();
+        let c =
+            pool(Pooling::Cls, &States { first: None, last: states.clone() }, &mask).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(c, vec![vec![1.0, 2.0], vec![5.0, 6.0]]);
+    }
+
+    /// Each pooling asks the encoder for exactly what it reads, and says so if it is missing.
+    #[test]
+    fn needs_follow_the_pooling() {
+        assert_eq!(Pooling::Cls.needs(), Needs { first_layer: false, all_positions: false });
+        assert_eq!(Pooling::Mean.needs(), Needs { first_layer: false, all_positions: true });
+        assert_eq!(Pooling::FirstLastAvg.needs(), Needs { first_layer: true, all_positions: true });
+        let last = Tensor::ones((1, 2, 3), DType::F32, &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap();
+        let e = pool(Pooling::FirstLastAvg, &States { first: None, last }, &mask).unwrap_err().to_string();
+        assert!(e.contains("first layer"), "{e}");
     }
 }

@@ -43,8 +43,9 @@ fn parity_with_candle_transformers_bert() {
     let reference = candle_transformers::models::bert::BertModel::load(vb, &cfg).unwrap();
     // Different lengths, so that padding and the mask matter.
     let batch = tok.batch(&SENTENCES, &dev).unwrap();
-    let (_, last) =
-        ours.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, false, None).unwrap();
+    let needs = hypersphere::model::pooling::Needs::all(false);
+    let last =
+        ours.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, needs, None).unwrap().last;
     let expected = reference.forward(&batch.input_ids, &batch.token_type_ids, Some(&batch.attention_mask)).unwrap();
     let diff = max_abs_diff(&last, &expected);
     assert!(diff < 1e-4, "max abs difference {diff}");
@@ -84,8 +85,12 @@ fn cls_only_last_layer_matches_full_computation() {
     let enc = Encoder::load(&files, Pooling::Cls, true, &dev).unwrap();
     let batch = tok.batch(&SENTENCES, &dev).unwrap();
     let run = |cls_only: bool| {
-        let (_, last) =
-            enc.bert.forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, cls_only, None).unwrap();
+        let needs = hypersphere::model::pooling::Needs { first_layer: false, all_positions: !cls_only };
+        let last = enc
+            .bert
+            .forward_t(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, needs, None)
+            .unwrap()
+            .last;
         assert_eq!(last.dim(1).unwrap(), if cls_only { 1 } else { batch.input_ids.dim(1).unwrap() });
         let cls = last.narrow(1, 0, 1).unwrap();
         let grads = cls.sin().unwrap().sum_all().unwrap().backward().unwrap();
