@@ -162,15 +162,19 @@ pub fn objective(v: &Views, cfg: &LossConfig) -> Result<LossParts> {
         parts.push(("dropout", scalar(&d)?));
         total = (total + (d * cfg.w_dropout)?)?;
     }
-    if let (Some(m), true) = (v.mean_xy, cfg.w_mean > 0.0) {
-        let d = view(&Tensor::cat(&[x, y], 0)?, m)?;
-        parts.push(("mean", scalar(&d)?));
-        total = (total + (d * cfg.w_mean)?)?;
-    }
-    if let (Some(m), true) = (v.mean_xy, cfg.w_distill > 0.0) {
-        let d = distill(&Tensor::cat(&[x, y], 0)?, m, cfg.tau)?;
-        parts.push(("distill", scalar(&d)?));
-        total = (total + (d * cfg.w_distill)?)?;
+    if let (Some(m), true) = (v.mean_xy, cfg.needs_mean_view()) {
+        // The pooled rows of x then y, against their mean-pooled vectors.
+        let xy = Tensor::cat(&[x, y], 0)?;
+        if cfg.w_mean > 0.0 {
+            let d = view(&xy, m)?;
+            parts.push(("mean", scalar(&d)?));
+            total = (total + (d * cfg.w_mean)?)?;
+        }
+        if cfg.w_distill > 0.0 {
+            let d = distill(&xy, m, cfg.tau)?;
+            parts.push(("distill", scalar(&d)?));
+            total = (total + (d * cfg.w_distill)?)?;
+        }
     }
     Ok(LossParts { total, parts })
 }

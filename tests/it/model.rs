@@ -22,6 +22,12 @@ const SENTENCES: [&str; 6] = [
     "what did you hear?",
 ];
 
+/// Each fixture sentence paired with the one at the mirrored position: six distinct pairs.
+fn reversed_pairs() -> Vec<hypersphere::data::pairs::Pair> {
+    let pair = |(a, b): (&&str, &&str)| hypersphere::data::pairs::Pair { anchor: (*a).into(), positive: (*b).into() };
+    SENTENCES.iter().zip(SENTENCES.iter().rev()).map(pair).collect()
+}
+
 fn tiny(seed: u64, pooling: Pooling, trainable: bool) -> (tempfile::TempDir, Encoder, TextTokenizer) {
     let dir = tempfile::tempdir().unwrap();
     let files = tiny_model(&dir.path().join("m"), seed, "");
@@ -274,16 +280,11 @@ fn tokenizer_pads_per_batch_and_truncates() {
 #[test]
 fn micro_batches_give_the_full_batch_gradient() {
     use hypersphere::config::LossKind;
-    use hypersphere::data::pairs::Pair;
     use hypersphere::train::{batch_gradients, step_texts};
     let (_d, enc, tok) = tiny(6, Pooling::Cls, true);
     let dev = Device::Cpu;
-    let pairs: Vec<Pair> = SENTENCES
-        .iter()
-        .zip(SENTENCES.iter().rev())
-        .map(|(a, b)| Pair { anchor: (*a).into(), positive: (*b).into() })
-        .collect();
-    let refs: Vec<&Pair> = pairs.iter().collect();
+    let pairs = reversed_pairs();
+    let refs: Vec<_> = pairs.iter().collect();
     let losses = [
         LossConfig::default(),
         LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
@@ -320,19 +321,14 @@ fn micro_batches_give_the_full_batch_gradient() {
 #[test]
 fn reference_and_fused_encoders_agree_on_values_and_gradients() {
     use hypersphere::config::LossKind;
-    use hypersphere::data::pairs::Pair;
     use hypersphere::model::ops::Kernels;
     use hypersphere::train::{batch_gradients, step_texts};
     use rand::SeedableRng;
     let files = real_model();
     let dev = Device::Cpu;
     let tok = TextTokenizer::load(&files.tokenizer, 24).unwrap();
-    let pairs: Vec<Pair> = SENTENCES
-        .iter()
-        .zip(SENTENCES.iter().rev())
-        .map(|(a, b)| Pair { anchor: (*a).into(), positive: (*b).into() })
-        .collect();
-    let refs: Vec<&Pair> = pairs.iter().collect();
+    let pairs = reversed_pairs();
+    let refs: Vec<_> = pairs.iter().collect();
     for pooling in [Pooling::Cls, Pooling::Mean] {
         let cfg = LossConfig { kind: LossKind::Mix, w_infonce: 1.0, w_mean: 0.5, ..Default::default() };
         let cfg = if pooling == Pooling::Mean { LossConfig { w_mean: 0.0, ..cfg } } else { cfg };
@@ -372,18 +368,13 @@ fn reference_and_fused_encoders_agree_on_values_and_gradients() {
 #[test]
 fn two_ranks_sum_to_the_full_batch_gradient() {
     use hypersphere::config::LossKind;
-    use hypersphere::data::pairs::Pair;
     use hypersphere::distributed::{gather_rows, rank_gradients};
     use hypersphere::train::step_texts;
     use rand::SeedableRng;
     let (_d, enc, tok) = tiny(8, Pooling::Cls, true);
     let dev = Device::Cpu;
-    let pairs: Vec<Pair> = SENTENCES
-        .iter()
-        .zip(SENTENCES.iter().rev())
-        .map(|(a, b)| Pair { anchor: (*a).into(), positive: (*b).into() })
-        .collect();
-    let refs: Vec<&Pair> = pairs.iter().collect();
+    let pairs = reversed_pairs();
+    let refs: Vec<_> = pairs.iter().collect();
     let losses = [
         LossConfig::default(),
         LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
@@ -435,7 +426,6 @@ fn two_ranks_sum_to_the_full_batch_gradient() {
 #[test]
 fn training_reports_through_its_observer() {
     use hypersphere::config::{RunConfig, Select};
-    use hypersphere::data::pairs::Pair;
     use hypersphere::train::{train, Observer, TrainInputs};
     use std::sync::Mutex;
     #[derive(Default)]
@@ -456,11 +446,7 @@ fn training_reports_through_its_observer() {
     }
     let (_d, enc, tok) = tiny(4, Pooling::Mean, true);
     let run_dir = tempfile::tempdir().unwrap();
-    let pairs: Vec<Pair> = SENTENCES
-        .iter()
-        .zip(SENTENCES.iter().rev())
-        .map(|(a, b)| Pair { anchor: (*a).into(), positive: (*b).into() })
-        .collect();
+    let pairs = reversed_pairs();
     let mut cfg = RunConfig::default();
     (cfg.train.steps, cfg.train.batch_pairs, cfg.train.eval_every_steps) = (3, 2, 2);
     (cfg.train.select, cfg.train.checkpoint_every_steps) = (Select::Last, 0);
