@@ -15,14 +15,15 @@ use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::data::batch::{Batch, TextTokenizer};
-use crate::data::pairs::Pair;
+use crate::data::order::EpochOrder;
+use crate::data::prepared::PairView;
 use crate::error::{Error, Result};
 use crate::export::write_atomic;
 use crate::model::bert::BertConfig;
 use crate::model::pooling::Pooling;
 use crate::model::{embed_texts, Encoder};
 use crate::optim::AdamW;
-use crate::train::{epoch_batches, step_texts, train_step, StepOutcome, StepStats};
+use crate::train::{step_batches, train_step, StepOutcome, StepStats};
 
 /// What to run.
 pub struct BenchOptions {
@@ -189,7 +190,7 @@ pub fn run(
     inference: &Encoder,
     tokenizer: &TextTokenizer,
     embed_tokenizer: &TextTokenizer,
-    pairs: &[Pair],
+    pairs: PairView,
     sentences: &[String],
     opts: &BenchOptions,
     export: Option<&Path>,
@@ -272,7 +273,7 @@ fn train_mix(
     cfg: &RunConfig,
     encoder: &Encoder,
     tokenizer: &TextTokenizer,
-    pairs: &[Pair],
+    pairs: PairView,
     opts: &BenchOptions,
     export: Option<&Path>,
     rng: &mut StdRng,
@@ -282,16 +283,12 @@ fn train_mix(
     if pairs.len() < n_pairs {
         return Err(Error::Invalid(format!("only {} pairs for batches of {n_pairs}", pairs.len())));
     }
-    let lens: Vec<usize> = pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
-    let order = epoch_batches(&lens, n_pairs, &mut StdRng::seed_from_u64(cfg.seed));
-    let batches = order
-        .iter()
-        .take(opts.mix_batches.max(1))
-        .map(|idx| {
-            let chosen: Vec<_> = idx.iter().map(|&i| &pairs[i]).collect();
-            tokenizer.batch(&step_texts(&chosen, &cfg.loss), device)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let order = EpochOrder::new(pairs.len(), n_pairs, cfg.seed);
+    let mut batches = Vec::new();
+    for j in 0..opts.mix_batches.max(1).min(order.len()) {
+        let ids: Vec<[Vec<u32>; 2]> = order.batch(j, &|k| pairs.max_tokens(k)).iter().map(|&k| pairs.ids(k)).collect();
+        batches.extend(step_batches(&ids, 0, &cfg.loss, tokenizer, device)?);
+    }
     if let Some(dir) = export {
         export_batches(dir, &batches)?;
     }

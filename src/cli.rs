@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 
 use hypersphere::app;
@@ -26,9 +25,10 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Where the model runs: cpu, cuda, cuda:N or metal (the latter two need a build with the
-    /// `cuda` or `metal` feature). Not part of a run's config: a checkpoint resumes anywhere.
-    #[arg(long, global = true, default_value = "cpu")]
-    pub device: String,
+    /// `cuda` or `metal` feature). Overrides a run config's model.device (default cpu); a
+    /// checkpoint resumes on any device.
+    #[arg(long, global = true)]
+    pub device: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -44,6 +44,18 @@ pub enum Command {
         /// is the config).
         #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
         resume: Option<PathBuf>,
+    },
+    /// Split and tokenize a corpus once into a folder of memory-mapped files (resumable after
+    /// a kill), for `data.corpus`, `pairs --corpus`, `embed --sentences --input` and `compare
+    /// --corpus`. Uses the config's model tokenizer and `data.*` pairing options.
+    Prepare {
+        #[command(flatten)]
+        run: RunArgs,
+        /// The corpus: a .txt file or a folder of them.
+        corpus: PathBuf,
+        /// The folder to write (created; a finished one with the same settings is kept).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Build training pairs from a corpus and print statistics or samples.
     Pairs {
@@ -90,7 +102,8 @@ pub enum Command {
     Embed {
         #[command(flatten)]
         model: ModelArgs,
-        /// One sentence per line; or, with --sentences, a book or folder of books.
+        /// One sentence per line; or, with --sentences, a book, a folder of books or a
+        /// prepared corpus.
         #[arg(long)]
         input: PathBuf,
         /// Split the input books into sentences with the corpus reader.
@@ -174,18 +187,27 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    fn config(&self) -> Result<RunConfig> {
-        Ok(RunConfig::load(self.config.as_deref(), &self.overrides)?)
+    /// The config (with overrides and `corpus`, if given) resolved against the data folder and
+    /// the `--device` flag.
+    fn resolve(&self, corpus: Option<PathBuf>, device: Option<&str>) -> Result<app::Resolved> {
+        let mut cfg = RunConfig::load(self.config.as_deref(), &self.overrides)?;
+        if let Some(c) = corpus {
+            cfg.data.corpus = c.to_string_lossy().into_owned();
+        }
+        app::Resolved::new(cfg, self.data.as_deref(), device)
     }
 }
 
 /// Run a command; `Ok(false)` means it ran but a check failed (exit code 1).
 pub fn run(cli: Cli) -> Result<bool> {
-    let device = app::device(&cli.device)?;
+    let flag = cli.device.as_deref();
+    // Commands without a run config: the flag, else the CPU.
+    let device = || app::device(flag.unwrap_or("cpu"), "--device");
     match cli.command {
-        Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), &device),
+        Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), flag),
+        Command::Prepare { run, corpus, out } => app::prepare(&run.resolve(Some(corpus), flag)?, &out).map(|_| true),
         Command::Pairs { run, corpus, stats, sample } => {
-            app::pairs(&run.config()?, run.data.as_deref(), corpus, stats, sample).map(|_| true)
+            app::pairs(&run.resolve(corpus, flag)?, stats, sample).map(|_| true)
         }
         Command::Eval { model, tasks, sts, data, quick, out, seed, no_cache } => {
             let default = if sts.is_empty() { "all" } else { "" };
@@ -201,13 +223,13 @@ pub fn run(cli: Cli) -> Result<bool> {
             let mut opts = app::eval_options(root, tasks, quick, seed, !no_cache);
             // Every user file is read before anything is embedded.
             opts.user_sts = sts.iter().map(|s| UserSts::parse(s)).collect::<hypersphere::Result<Vec<_>>>()?;
-            app::evaluate(&model, &opts, &out, &device).map(|_| true)
+            app::evaluate(&model, &opts, &out, &device()?).map(|_| true)
         }
         Command::Embed { model, input, sentences, out, dtype, whiten } => {
-            app::embed::embed(&model, &input, sentences, &out, dtype, whiten.as_deref(), &device).map(|_| true)
+            app::embed::embed(&model, &input, sentences, &out, dtype, whiten.as_deref(), &device()?).map(|_| true)
         }
         Command::Compare { inputs, text, out, whiten, pooling, max_len } => {
-            app::compare::compare(&inputs, &text, &out, whiten, pooling, max_len, &device).map(|_| true)
+            app::compare::compare(&inputs, &text, &out, whiten, pooling, max_len, &device()?).map(|_| true)
         }
         Command::Fetch { models, force } => {
             let opts = SourceOptions { verify_hashes: true, refetch: force, ..SourceOptions::from_env() };
@@ -219,8 +241,7 @@ pub fn run(cli: Cli) -> Result<bool> {
         }
         Command::Bench { run, steps, mix_batches, embed_sentences, out, export_inputs } => {
             let opts = BenchOptions { steps, mix_batches, embed_sentences, embed_batch: 64, embed_max_len: 128 };
-            app::bench(&run.config()?, run.data.as_deref(), &opts, out.as_deref(), export_inputs.as_deref(), &device)
-                .map(|_| true)
+            app::bench(&run.resolve(None, flag)?, &opts, out.as_deref(), export_inputs.as_deref()).map(|_| true)
         }
     }
 }
@@ -256,7 +277,7 @@ fn install_signals(resume_hint: String) -> Interrupt {
     interrupt
 }
 
-fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: &Device) -> Result<bool> {
+fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: Option<&str>) -> Result<bool> {
     let hint = match resume {
         Some(dir) => format!("hypersphere finetune --resume {}", dir.display()),
         None => "hypersphere finetune --resume runs/NAME".into(),

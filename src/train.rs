@@ -9,36 +9,19 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{LossConfig, LossKind, RunConfig, Select};
 use crate::data::batch::{Batch, TextTokenizer};
+use crate::data::order::EpochOrder;
 use crate::data::pairs::Pair;
+use crate::data::prepared::PairView;
 use crate::error::{Error, Result};
 use crate::loss;
 use crate::model::{embed_texts, Encoder};
 use crate::optim::{lr_at, AdamW};
-
-/// Batches of this many consecutive (shuffled) batches are sorted by length together: padding
-/// drops while batches stay random.
-const BUCKET_BATCHES: usize = 50;
-
-/// Indices of one epoch's batches: shuffled, bucketed by `lens`, batch order shuffled again.
-/// The incomplete last batch is dropped (uniformity wants full batches).
-pub fn epoch_batches(lens: &[usize], batch_pairs: usize, rng: &mut StdRng) -> Vec<Vec<usize>> {
-    let mut idx: Vec<usize> = (0..lens.len()).collect();
-    idx.shuffle(rng);
-    let mut batches: Vec<Vec<usize>> = Vec::new();
-    for bucket in idx.chunks_mut(batch_pairs * BUCKET_BATCHES) {
-        bucket.sort_by_key(|&i| lens[i]);
-        batches.extend(bucket.chunks_exact(batch_pairs).map(<[usize]>::to_vec));
-    }
-    batches.shuffle(rng);
-    batches
-}
 
 /// What one step measured.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -70,14 +53,27 @@ pub enum StepOutcome {
     Skipped(NonFinite),
 }
 
-/// The texts of one step's batch: the anchors, their adjacent sentences, and the anchors again
+/// The rows of one step's batch: the anchors, their adjacent sentences, and the anchors again
 /// when dropout views are a positive source (`loss.w_dropout > 0`).
-pub fn step_texts<'a>(pairs: &[&'a Pair], loss_cfg: &LossConfig) -> Vec<&'a str> {
-    let mut texts: Vec<&str> = pairs.iter().map(|p| &*p.anchor).chain(pairs.iter().map(|p| &*p.positive)).collect();
+pub fn step_rows<'a, T: ?Sized>(pairs: &[[&'a T; 2]], loss_cfg: &LossConfig) -> Vec<&'a T> {
+    let mut rows: Vec<&T> = pairs.iter().map(|p| p[0]).chain(pairs.iter().map(|p| p[1])).collect();
     if loss::views(loss_cfg) == 3 {
-        texts.extend(pairs.iter().map(|p| &*p.anchor));
+        rows.extend(pairs.iter().map(|p| p[0]));
     }
-    texts
+    rows
+}
+
+/// One step's micro-batches from its pairs' word-piece ids ([`step_rows`] in each).
+pub fn step_batches(
+    ids: &[[Vec<u32>; 2]],
+    micro_pairs: usize,
+    loss_cfg: &LossConfig,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<Vec<Batch>> {
+    let rows: Vec<[&[u32]; 2]> = ids.iter().map(|[a, b]| [a.as_slice(), b.as_slice()]).collect();
+    let micro = if micro_pairs == 0 { rows.len() } else { micro_pairs };
+    rows.chunks(micro.max(1)).map(|c| tokenizer.batch_ids(&step_rows(c, loss_cfg), device)).collect()
 }
 
 /// A batch's loss, its parts and the parameter gradients.
@@ -703,7 +699,8 @@ pub struct TrainInputs<'a> {
     pub encoder: &'a Encoder,
     pub tokenizer: &'a TextTokenizer,
     pub cfg: &'a RunConfig,
-    pub train_pairs: &'a [Pair],
+    /// The training pairs, from a prepared corpus.
+    pub train: PairView<'a>,
     pub val_pairs: &'a [Pair],
     /// STS-B dev for `train.select = "stsb-dev"`.
     pub dev: Option<&'a DevSet>,
@@ -733,14 +730,14 @@ fn lr_scales(encoder: &Encoder, tc: &crate::config::TrainConfig) -> Vec<f64> {
 /// checkpoint. On return the encoder holds the selected step's weights.
 pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
     let tc = &inp.cfg.train;
-    if inp.train_pairs.len() < tc.batch_pairs {
+    if inp.train.len() < tc.batch_pairs {
         return Err(Error::Invalid(format!(
             "only {} training pairs, fewer than one batch of {}: use a larger corpus or lower train.batch_pairs",
-            inp.train_pairs.len(),
+            inp.train.len(),
             tc.batch_pairs
         )));
     }
-    let total = planned_steps(inp.cfg, inp.train_pairs.len());
+    let total = planned_steps(inp.cfg, inp.train.len());
     let (mut opt, mut state) = optimizer_and_state(inp, total)?;
     let mut monitor = Monitor::open(inp, state.step)?;
     let mut run = Run::new(inp, &mut state, total)?;
@@ -806,8 +803,8 @@ enum End {
 struct Run<'a> {
     inp: &'a TrainInputs<'a>,
     total: usize,
-    lens: Vec<usize>,
-    batches: std::vec::IntoIter<Vec<usize>>,
+    /// The current epoch's order (None before the first).
+    order: Option<EpochOrder>,
     clock: Instant,
     first_step: usize,
     prior_s: f64,
@@ -817,31 +814,24 @@ struct Run<'a> {
 
 impl<'a> Run<'a> {
     fn new(inp: &'a TrainInputs<'a>, state: &mut TrainState, total: usize) -> Result<Self> {
-        let lens: Vec<usize> = inp.train_pairs.iter().map(|p| p.anchor.len().max(p.positive.len())).collect();
         inp.observer.start(state.step, total);
-        let mut run = Self {
+        let run = Self {
             inp,
             total,
-            lens,
-            batches: Vec::new().into_iter(),
+            // A resume continues its epoch's order at `state.batch_in_epoch`.
+            order: (state.epoch > 0).then(|| Self::shuffle(inp, state.epoch)),
             clock: Instant::now(),
             first_step: state.step,
             prior_s: state.seconds,
             sums: std::mem::take(&mut state.log_sums),
             since: state.log_since,
         };
-        if state.epoch > 0 {
-            let mut order = run.shuffle(state.epoch);
-            order.drain(..state.batch_in_epoch.min(order.len()));
-            run.batches = order.into_iter();
-        }
         Ok(run)
     }
 
-    /// Epoch `epoch`'s batches: a shuffle seeded by (seed, epoch), so a resume redraws it.
-    fn shuffle(&self, epoch: usize) -> Vec<Vec<usize>> {
-        let seed = derived_seed(self.inp.cfg.seed, 1, epoch);
-        epoch_batches(&self.lens, self.inp.cfg.train.batch_pairs, &mut StdRng::seed_from_u64(seed))
+    /// Epoch `epoch`'s batches: an order seeded by (seed, epoch), so a resume redraws it.
+    fn shuffle(inp: &TrainInputs, epoch: usize) -> EpochOrder {
+        EpochOrder::new(inp.train.len(), inp.cfg.train.batch_pairs, derived_seed(inp.cfg.seed, 1, epoch))
     }
 
     /// Seconds spent training over the whole run (earlier processes' from the checkpoint).
@@ -858,13 +848,15 @@ impl<'a> Run<'a> {
     /// The next batch's pair indices, starting a new epoch when one runs out.
     fn next_batch(&mut self, state: &mut TrainState) -> Vec<usize> {
         loop {
-            if let Some(b) = self.batches.next() {
+            if let Some(order) = self.order.as_ref().filter(|o| state.batch_in_epoch < o.len()) {
+                let train = self.inp.train;
+                let batch = order.batch(state.batch_in_epoch, &|k| train.max_tokens(k));
                 state.batch_in_epoch += 1;
-                return b;
+                return batch;
             }
             state.epoch += 1;
             state.batch_in_epoch = 0;
-            self.batches = self.shuffle(state.epoch).into_iter();
+            self.order = Some(Self::shuffle(self.inp, state.epoch));
         }
     }
 
@@ -910,12 +902,8 @@ impl<'a> Run<'a> {
     /// dropout masks seeded by (seed, step).
     fn step(&self, state: &TrainState, opt: &mut AdamW, batch: &[usize]) -> Result<StepOutcome> {
         let (inp, cfg) = (self.inp, self.inp.cfg);
-        let pairs: Vec<&Pair> = batch.iter().map(|&i| &inp.train_pairs[i]).collect();
-        let micro_pairs = if cfg.train.micro_batch_pairs == 0 { pairs.len() } else { cfg.train.micro_batch_pairs };
-        let micro = pairs
-            .chunks(micro_pairs)
-            .map(|c| inp.tokenizer.batch(&step_texts(c, &cfg.loss), inp.device))
-            .collect::<Result<Vec<_>>>()?;
+        let ids: Vec<[Vec<u32>; 2]> = batch.iter().map(|&k| inp.train.ids(k)).collect();
+        let micro = step_batches(&ids, cfg.train.micro_batch_pairs, &cfg.loss, inp.tokenizer, inp.device)?;
         let mut dropout_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, 2, state.step + 1));
         let rng = cfg.train.dropout.then_some(&mut dropout_rng);
         train_step(inp.encoder, opt, &micro, &cfg.loss, cfg.train.max_grad_norm, rng)
@@ -1069,29 +1057,5 @@ mod tests {
         accumulate(&mut sums, &s);
         accumulate(&mut sums, &s);
         assert_eq!(sums, [("loss".to_string(), 2.0), ("align".into(), 1.0), ("uniform".into(), -4.0)]);
-    }
-
-    #[test]
-    fn batches_are_full_disjoint_and_bucketed() {
-        let lens: Vec<usize> = (0..1000).map(|i| (i * 37) % 101).collect();
-        let mut rng = StdRng::seed_from_u64(1);
-        let batches = epoch_batches(&lens, 8, &mut rng);
-        assert_eq!(batches.len(), 1000 / 8);
-        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
-        seen.sort();
-        seen.dedup();
-        assert_eq!(seen.len(), 1000);
-        // Within a batch lengths are close: the mean spread is far below the global spread.
-        let spread: f64 = batches
-            .iter()
-            .map(|b| {
-                let (lo, hi) = (b.iter().map(|&i| lens[i]).min().unwrap(), b.iter().map(|&i| lens[i]).max().unwrap());
-                (hi - lo) as f64
-            })
-            .sum::<f64>()
-            / batches.len() as f64;
-        assert!(spread < 10.0, "mean in-batch spread {spread}");
-        // Same seed, same order.
-        assert_eq!(batches, epoch_batches(&lens, 8, &mut StdRng::seed_from_u64(1)));
     }
 }

@@ -99,6 +99,14 @@ CANDIDATES = {
     "infonce-b128": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.batch_pairs=128", "train.micro_batch_pairs=64", "train.steps=75"],
     "mix-mean3-t0.5-norm-b128": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.micro_batch_pairs=64", "train.steps=75"],
     "au-1-1-norm-a1": ["loss.w_align=1", "loss.w_uniform=1", "loss.alpha=1", "train.norm_lr_scale=1000"],
+    # Round 3: distillation of the mean-pooled vectors' neighbour structure with each row's
+    # similarities standardised (z-scores), so the scale is free and spreading costs nothing.
+    "mix-zdistill3-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_distill=3", "loss.distill_z_tau=0.5", "train.norm_lr_scale=1000"],
+    "mix-mean3-zdistill3-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "loss.w_distill=3", "loss.distill_z_tau=0.5", "train.norm_lr_scale=1000"],
+    # The same teacher through the Pearson correlation of all pairwise similarities: blind to a
+    # stretch of the whole similarity matrix, not to which sentences are close to everything.
+    "mix-mean3-simcorr10-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "loss.w_simcorr=10", "train.norm_lr_scale=1000"],
+    "mix-mean3-simcorr100-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "loss.w_simcorr=100", "train.norm_lr_scale=1000"],
     "au-3-1-norm-b128": ["loss.w_align=3", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.steps=75"],
 }
 

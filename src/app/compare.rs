@@ -12,6 +12,7 @@ use super::embed::read_lines;
 use super::load_model;
 use crate::data::batch::TextTokenizer;
 use crate::data::pairs::PairOptions;
+use crate::data::prepared::PairView;
 use crate::model::pooling::Pooling;
 use crate::model::{embed_texts, Encoder};
 use crate::report::Sample;
@@ -43,15 +44,18 @@ pub struct TextArgs {
 /// Sentences to measure, and positive pairs.
 type Texts = (Vec<String>, Vec<(String, String)>);
 
-pub fn compare_text(t: &TextArgs, first_model: Option<&TextTokenizer>) -> Result<Texts> {
+/// `first_model`: the first model input's tokenizer (its file and itself), which prepares a
+/// plain `--corpus` folder.
+pub fn compare_text(t: &TextArgs, first_model: Option<(&Path, &TextTokenizer)>) -> Result<Texts> {
     let mut rng = StdRng::seed_from_u64(t.seed);
     let (mut sentences, mut pairs): (Vec<String>, Vec<(String, String)>) = match (&t.corpus, &t.input) {
         (Some(corpus), _) => {
-            let tok =
+            let (file, tok) =
                 first_model.context("--corpus needs at least one model input (its tokenizer filters sentences)")?;
-            let opts = PairOptions::default();
-            let set = crate::data::load_pairs(corpus, 0, &opts, 0.0, t.seed, &tok.counter()?)?;
-            let sample = Sample::draw(&set.train, t.sentences, t.num_pairs, t.seed);
+            let prepared = super::open_corpus(corpus, file, tok, &PairOptions::default(), false)?;
+            let all = prepared.split(0, 0.0, t.seed);
+            let sample =
+                Sample::draw(PairView { corpus: &prepared, ranges: &all.train }, t.sentences, t.num_pairs, t.seed);
             let pairs = sample.pairs.iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect();
             (sample.sentences.iter().map(|s| s.to_string()).collect(), pairs)
         }
@@ -92,20 +96,20 @@ pub fn compare(
     use crate::whiten::Whitening;
     enum Input {
         File(crate::export::EmbeddingFile),
-        Model(String, Box<(Encoder, TextTokenizer)>),
+        Model(String, Box<(Encoder, TextTokenizer, PathBuf)>),
     }
     let mut loaded = Vec::new();
     for spec in inputs {
         if spec.ends_with(".safetensors") {
             loaded.push(Input::File(read_embeddings(Path::new(spec))?));
         } else {
-            let (_, enc, tok) = load_model(spec, pooling, max_len, device)?;
+            let (files, enc, tok) = load_model(spec, pooling, max_len, device)?;
             let label = if spec.contains('@') { spec.clone() } else { format!("{spec}@{}", enc.pooling.as_str()) };
-            loaded.push(Input::Model(label, Box::new((enc, tok))));
+            loaded.push(Input::Model(label, Box::new((enc, tok, files.tokenizer))));
         }
     }
     let first_tok = loaded.iter().find_map(|i| match i {
-        Input::Model(_, m) => Some(&m.1),
+        Input::Model(_, m) => Some((m.2.as_path(), &m.1)),
         Input::File(_) => None,
     });
     let (sentences, pairs) = compare_text(text, first_tok)?;

@@ -7,16 +7,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::{eval_options, run_eval, tokenizer_and_pairs};
+use super::{eval_options, run_eval, tokenizer_and_corpus, Resolved};
 use crate::config::{RunConfig, Select};
 use crate::data::batch::TextTokenizer;
 use crate::data::pairs::Pair;
-use crate::data::PairSet;
+use crate::data::prepared::{PairView, Prepared, Split};
 use crate::eval::runner::{tables, EvalOptions, Evaluated};
 use crate::export::{write_atomic, write_json, write_model};
 use crate::metrics::Anisotropy;
@@ -35,7 +33,8 @@ pub struct Finetune<'a> {
     /// Move an earlier run in the folder aside.
     pub force: bool,
     pub resume: Option<&'a Path>,
-    pub device: &'a Device,
+    /// The `--device` flag: overrides the config's `model.device`.
+    pub device: Option<&'a str>,
     pub interrupt: &'a Interrupt,
 }
 
@@ -71,11 +70,12 @@ struct Before {
 
 /// Everything loaded once for a run.
 struct Loaded {
-    cfg: RunConfig,
+    res: Resolved,
     run_dir: PathBuf,
     files: ModelFiles,
     tokenizer: TextTokenizer,
-    set: PairSet,
+    corpus: Prepared,
+    split: Split,
     encoder: Encoder,
 }
 
@@ -87,66 +87,74 @@ struct EvalSetup {
 
 /// Run the whole pipeline.
 pub fn finetune(req: &Finetune) -> Result<Outcome> {
-    let (cfg, run_dir, _lock) = open_run(req)?;
-    let run = load(cfg, run_dir, req.data, req.device)?;
+    let (res, run_dir, _lock) = open_run(req)?;
+    let run = load(res, run_dir)?;
     if req.resume.is_none() {
         write_run_toml(&run)?;
     }
-    let sample = Sample::draw(&run.set.val, run.cfg.report.sentences, run.cfg.report.pairs, run.cfg.seed);
-    let eval = eval_setup(&run, req.data)?;
-    let before = before(&run, &sample, &eval, req.resume.is_some(), req.device)?;
+    let cfg = &run.res.cfg;
+    let sample = Sample::draw(run.val(), cfg.report.sentences, cfg.report.pairs, cfg.seed);
+    let eval = eval_setup(&run)?;
+    let before = before(&run, &sample, &eval, req.resume.is_some())?;
     let summary = train_run(&run, &eval, req)?;
     if let Some(why) = &summary.stopped {
         return Ok(Outcome::Stopped(stopped_message(&run.run_dir, &summary, why)));
     }
-    finish(&run, &sample, &eval, &before, &summary, req.device)?;
+    finish(&run, &sample, &eval, &before, &summary)?;
     Ok(Outcome::Done(run.run_dir))
 }
 
 /// Lock the run folder and read the config: the saved one (with allowed changes) on resume; on
-/// a fresh start the given one, with an earlier run refused or (`force`) moved aside.
-fn open_run(req: &Finetune) -> Result<(RunConfig, PathBuf, RunLock)> {
+/// a fresh start the given one, resolved and checked before anything is touched, with an
+/// earlier run refused or (`force`) moved aside.
+fn open_run(req: &Finetune) -> Result<(Resolved, PathBuf, RunLock)> {
+    let resolve = |cfg| -> Result<Resolved> {
+        let res = Resolved::new(cfg, req.data, req.device)?;
+        res.check_training_data()?;
+        Ok(res)
+    };
     match req.resume {
         Some(dir) => {
             let lock = crate::run_dir::lock(dir)?;
             let (cfg, changes) = crate::run_dir::resume_config(dir, req.overrides)?;
+            let res = resolve(cfg)?;
             for (k, a, b) in &changes {
                 eprintln!("resume: {k} = {b} (was {a}), recorded in {}", dir.join("run.toml").display());
             }
-            Ok((cfg, dir.to_path_buf(), lock))
+            Ok((res, dir.to_path_buf(), lock))
         }
         None => {
-            let cfg = RunConfig::load(req.config, req.overrides)?;
-            // Task names are the eval module's to check; checked before anything is touched.
-            crate::eval::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
-            let run_dir = cfg.out_dir.join(&cfg.name);
+            let res = resolve(RunConfig::load(req.config, req.overrides)?)?;
+            let run_dir = res.cfg.out_dir.join(&res.cfg.name);
             let (lock, aside) = crate::run_dir::start_fresh(&run_dir, req.force)?;
             if let Some(old) = aside {
                 eprintln!("--force: moved the earlier run to {} (delete it when no longer needed)", old.display());
             }
-            Ok((cfg, run_dir, lock))
+            Ok((res, run_dir, lock))
         }
     }
 }
 
 /// The model files, the corpus's pairs and the trainable encoder.
-fn load(cfg: RunConfig, run_dir: PathBuf, data: Option<&Path>, device: &Device) -> Result<Loaded> {
+fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
     let t0 = Instant::now();
+    let cfg = &res.cfg;
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let (tokenizer, set) = tokenizer_and_pairs(&cfg, &files, data, None)?;
+    let (tokenizer, corpus, split) = tokenizer_and_corpus(&res, &files)?;
+    let stats = corpus.stats(cfg.data.max_books);
     eprintln!(
         "corpus: {} books, {} sentences -> {} train pairs, {} validation pairs ({} held-out books) in {:.1}s",
-        set.stats.books,
-        set.stats.sentences,
-        set.train.len(),
-        set.val.len(),
-        set.val_books.len(),
+        stats.books,
+        stats.sentences,
+        split.train.len(),
+        split.val.len(),
+        split.val_books.len(),
         t0.elapsed().as_secs_f64()
     );
-    if set.val.is_empty() {
+    if split.val.is_empty() {
         bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 for the before/after report");
     }
-    let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
+    let encoder = Encoder::load(&files, cfg.model.pooling, true, &res.device)?;
     if cfg.model.max_len > encoder.config.max_position_embeddings {
         bail!(
             "model.max_len {} is longer than the model's max_position_embeddings {} ({})",
@@ -156,11 +164,11 @@ fn load(cfg: RunConfig, run_dir: PathBuf, data: Option<&Path>, device: &Device) 
         );
     }
     eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
-    Ok(Loaded { cfg, run_dir, files, tokenizer, set, encoder })
+    Ok(Loaded { res, run_dir, files, tokenizer, corpus, split, encoder })
 }
 
 fn write_run_toml(run: &Loaded) -> Result<()> {
-    let resolved = toml::to_string_pretty(&run.cfg).context("serializing the config")?;
+    let resolved = toml::to_string_pretty(&run.res.cfg).context("serializing the config")?;
     let header = format!(
         "# resolved config of this run; hypersphere {}; model weights {}\n",
         env!("CARGO_PKG_VERSION"),
@@ -171,15 +179,11 @@ fn write_run_toml(run: &Loaded) -> Result<()> {
 
 /// `[eval]` options (None without tasks) and the tokenizer at the evaluation length (the
 /// model's declared length unless `eval.max_len` is set).
-fn eval_setup(run: &Loaded, data: Option<&Path>) -> Result<EvalSetup> {
-    let cfg = &run.cfg;
-    let tasks = crate::eval::parse_tasks(&cfg.eval.tasks).map_err(anyhow::Error::msg)?;
-    let opts = match tasks.is_empty() {
+fn eval_setup(run: &Loaded) -> Result<EvalSetup> {
+    let (res, cfg) = (&run.res, &run.res.cfg);
+    let opts = match res.tasks.is_empty() {
         true => None,
-        false => {
-            let root = data.context("eval needs the data folder: set HYPERSPHERE_DATA or pass --data DIR")?;
-            Some(eval_options(root.to_path_buf(), tasks, cfg.eval.quick, cfg.seed, true))
-        }
+        false => Some(eval_options(res.data_dir()?.to_path_buf(), res.tasks.clone(), cfg.eval.quick, cfg.seed, true)),
     };
     let positions = run.encoder.config.max_position_embeddings;
     let len = if cfg.eval.max_len == 0 { declared_max_len(&run.files, positions) } else { cfg.eval.max_len };
@@ -188,7 +192,8 @@ fn eval_setup(run: &Loaded, data: Option<&Path>) -> Result<EvalSetup> {
 
 /// The model before training: read from `before.json` on resume, else measured (and `[eval]`
 /// run) and saved there.
-fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool, device: &Device) -> Result<Before> {
+fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool) -> Result<Before> {
+    let device = &run.res.device;
     eprintln!(
         "measuring the model before training on {} held-out sentences, {} pairs...",
         sample.sentences.len(),
@@ -219,34 +224,42 @@ fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool, device:
     Ok(before)
 }
 
-/// Held-out pairs for validation during training: a fixed shuffle of the validation books' pairs.
+impl Loaded {
+    fn train(&self) -> PairView<'_> {
+        PairView { corpus: &self.corpus, ranges: &self.split.train }
+    }
+
+    fn val(&self) -> PairView<'_> {
+        PairView { corpus: &self.corpus, ranges: &self.split.val }
+    }
+}
+
+/// Held-out pairs for validation during training: a fixed random choice among the validation
+/// books' pairs.
 fn val_pairs(run: &Loaded) -> Vec<Pair> {
-    let mut v = run.set.val.clone();
-    v.shuffle(&mut StdRng::seed_from_u64(run.cfg.seed ^ 0x5eed));
-    v.truncate(run.cfg.train.val_pairs);
-    v
+    let val = run.val();
+    let mut rng = StdRng::seed_from_u64(run.res.cfg.seed ^ 0x5eed);
+    let chosen = rand::seq::index::sample(&mut rng, val.len(), run.res.cfg.train.val_pairs.min(val.len()));
+    chosen.into_iter().map(|k| val.pair(k)).collect()
 }
 
 /// Train, with STS-B dev loaded when selecting on it; `interrupt.phase` says so meanwhile.
 fn train_run(run: &Loaded, eval: &EvalSetup, req: &Finetune) -> Result<TrainSummary> {
-    let dev = match run.cfg.train.select {
+    let dev = match run.res.cfg.train.select {
         Select::Last => None,
-        Select::StsbDev => {
-            let root = req.data.context("train.select = \"stsb-dev\" needs the data folder (sts/STSBenchmark/sts-dev.csv): set HYPERSPHERE_DATA or pass --data DIR, or set train.select = \"last\"")?;
-            Some(DevSet::stsb(root, eval.tokenizer.clone())?)
-        }
+        Select::StsbDev => Some(DevSet::stsb(run.res.data_dir()?, eval.tokenizer.clone())?),
     };
     let val = val_pairs(run);
     req.interrupt.phase.store(Interrupt::TRAINING, SeqCst);
     let summary = train(&TrainInputs {
         encoder: &run.encoder,
         tokenizer: &run.tokenizer,
-        cfg: &run.cfg,
-        train_pairs: &run.set.train,
+        cfg: &run.res.cfg,
+        train: run.train(),
         val_pairs: &val,
         dev: dev.as_ref(),
         run_dir: &run.run_dir,
-        device: req.device,
+        device: &run.res.device,
         resume: req.resume.is_some(),
         stop: &req.interrupt.stop,
         observer: &Console::default(),
@@ -269,14 +282,8 @@ fn stopped_message(run_dir: &Path, summary: &TrainSummary, why: &str) -> String 
 
 /// After training: measure, export the model (at the base model's declared length, so Python
 /// gets the same vectors), run `[eval]` on the exported weights, write the report.
-fn finish(
-    run: &Loaded,
-    sample: &Sample,
-    eval: &EvalSetup,
-    before: &Before,
-    summary: &TrainSummary,
-    device: &Device,
-) -> Result<()> {
+fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summary: &TrainSummary) -> Result<()> {
+    let device = &run.res.device;
     eprintln!(
         "trained {} of {} steps in {:.1}s ({:.1} pairs/s{}); keeping the weights of step {} ({})",
         summary.steps,
@@ -291,7 +298,7 @@ fn finish(
         }
     );
     let after = measure(&run.encoder, &run.tokenizer, sample, device)?;
-    println!("\nheld-out books: {}", run.set.val_books.join(", "));
+    println!("\nheld-out books: {}", run.split.val_books.join(", "));
     println!("{}", table(&before.anisotropy, &after));
     let model_dir = run.run_dir.join("model");
     write_model(
@@ -313,9 +320,9 @@ fn finish(
     };
     let report = Report {
         model: &run.files.spec,
-        pooling: run.cfg.model.pooling.as_str(),
+        pooling: run.res.cfg.model.pooling.as_str(),
         sample: SampleInfo {
-            val_books: run.set.val_books.clone(),
+            val_books: run.split.val_books.clone(),
             sentences: sample.sentences.len(),
             pairs: sample.pairs.len(),
         },

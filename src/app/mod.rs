@@ -4,31 +4,33 @@
 pub mod compare;
 pub mod embed;
 pub mod finetune;
+pub mod resolved;
+
+pub use resolved::Resolved;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
-use crate::config::RunConfig;
 use crate::data::batch::TextTokenizer;
-use crate::data::corpus::{list_book_files, read_book};
-use crate::data::{load_pairs, PairSet};
+use crate::data::pairs::PairOptions;
+use crate::data::prepared::{PairView, Prepared, Recipe, Split};
 use crate::eval::runner::{sha256_file, EvalOptions, Evaluated};
 use crate::eval::Task;
 use crate::model::pooling::Pooling;
 use crate::model::source::{declared_max_len, resolve, saved_pooling, ModelFiles, SourceOptions};
 use crate::model::Encoder;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 /// The device a spec names: `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `metal`. Devices this
-/// build does not support are an error that says how to get them.
-pub fn device(spec: &str) -> Result<Device> {
+/// build does not support are an error that says how to get them; `origin` names the setting
+/// (`--device`, `model.device`) in it.
+pub fn device(spec: &str, origin: &str) -> Result<Device> {
     let (kind, index) = match spec.split_once(':') {
         Some((k, n)) => {
-            (k, n.parse::<usize>().with_context(|| format!("--device {spec}: expected cuda:N with N a number"))?)
+            (k, n.parse::<usize>().with_context(|| format!("{origin} {spec}: expected cuda:N with N a number"))?)
         }
         None => (spec, 0),
     };
@@ -36,39 +38,78 @@ pub fn device(spec: &str) -> Result<Device> {
         "cpu" if spec == "cpu" => return Ok(Device::Cpu),
         "cuda" => Device::new_cuda(index),
         "metal" => Device::new_metal(index),
-        _ => bail!("--device {spec}: expected cpu, cuda, cuda:N or metal"),
+        _ => bail!("{origin} {spec}: expected cpu, cuda, cuda:N or metal"),
     };
     device.with_context(|| {
-        format!("--device {spec}: not available (this build has the CPU only unless built with `--features {kind}`; see README)")
+        format!("{origin} {spec}: not available (this build has the CPU only unless built with `--features {kind}`; see README)")
     })
 }
 
-/// The training tokenizer (at `model.max_len`) and the corpus's pairs (`corpus`, else the
-/// config's `data.corpus`); skipped links are noted on stderr.
-pub fn tokenizer_and_pairs(
-    cfg: &RunConfig,
-    files: &ModelFiles,
-    data: Option<&Path>,
-    corpus: Option<PathBuf>,
-) -> Result<(TextTokenizer, PairSet)> {
+/// The training tokenizer (at `model.max_len`), the run's corpus prepared (see
+/// [`open_corpus`]) and its book-level split.
+pub fn tokenizer_and_corpus(run: &Resolved, files: &ModelFiles) -> Result<(TextTokenizer, Prepared, Split)> {
+    let cfg = &run.cfg;
     let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
-    let corpus = match corpus {
-        Some(c) => c,
-        None => cfg.corpus_path(data)?,
-    };
-    let opts = cfg.data.pair_options();
-    let counter = tokenizer.counter()?;
-    let set = load_pairs(&corpus, cfg.data.max_books, &opts, cfg.data.val_fraction, cfg.seed, &counter)?;
-    if !set.skipped.is_empty() {
-        let names: Vec<String> = set.skipped.iter().take(5).map(|p| p.display().to_string()).collect();
-        eprintln!(
-            "note: {} paths in the corpus not followed (broken links, links back into a folder above them, folders reached twice): {}{}",
-            set.skipped.len(),
-            names.join(", "),
-            if set.skipped.len() > 5 { ", ..." } else { "" }
+    let corpus = open_corpus(&run.corpus, &files.tokenizer, &tokenizer, &cfg.data.pair_options(), true)?;
+    let split = corpus.split(cfg.data.max_books, cfg.data.val_fraction, cfg.seed);
+    if split.train.is_empty() {
+        let s = corpus.stats(cfg.data.max_books);
+        bail!(
+            "{}: no training pairs: {} sentences in {} books, none pairs within {}..={} tokens; check data.min_tokens/max_tokens",
+            run.corpus.display(),
+            s.sentences,
+            s.books,
+            cfg.data.min_tokens,
+            cfg.data.max_tokens
         );
     }
-    Ok((tokenizer, set))
+    Ok((tokenizer, corpus, split))
+}
+
+/// `corpus` as a prepared corpus: the folder itself when it is one (with `strict`, it must
+/// have been made with this tokenizer and `opts`), else prepared once into the cache
+/// (`<cache>/corpora/`, keyed by the path, the tokenizer and the options; made again when a
+/// book file changes). Links the corpus walk skipped are noted on stderr.
+pub fn open_corpus(
+    corpus: &Path,
+    tokenizer_file: &Path,
+    tokenizer: &TextTokenizer,
+    opts: &PairOptions,
+    strict: bool,
+) -> Result<Prepared> {
+    let recipe = Recipe::new(crate::data::prepared::sha256_file(tokenizer_file)?, opts);
+    let prepared = if crate::data::prepared::is_prepared(corpus) {
+        match strict {
+            true => Prepared::open(corpus, &recipe)?,
+            false => Prepared::open_any(corpus)?,
+        }
+    } else {
+        let abs = std::fs::canonicalize(corpus).map_err(|e| crate::Error::io(corpus, e))?;
+        let key = crate::data::prepared::cache_key(&abs, &recipe);
+        let dir = SourceOptions::from_env().cache_dir.join("corpora").join(key);
+        crate::data::prepared::discard_if_stale(&dir)?;
+        let encode = tokenizer.encoder()?;
+        let mut last = std::time::Instant::now();
+        let mut progress = |done: usize, all: usize| {
+            if last.elapsed().as_secs_f64() > 5.0 || done == all {
+                eprintln!("preparing {}: {done}/{all} books", corpus.display());
+                last = std::time::Instant::now();
+            }
+        };
+        crate::data::prepared::prepare(&abs, &dir, &recipe, opts, &encode, &mut progress)?;
+        Prepared::open(&dir, &recipe)?
+    };
+    let skipped = &prepared.manifest.skipped;
+    if !skipped.is_empty() {
+        let names: Vec<String> = skipped.iter().take(5).map(|p| p.display().to_string()).collect();
+        eprintln!(
+            "note: {} paths in the corpus not followed (broken links, links back into a folder above them, folders reached twice): {}{}",
+            skipped.len(),
+            names.join(", "),
+            if skipped.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    Ok(prepared)
 }
 
 /// A model spec with an optional `@pooling` suffix, resolved and loaded for inference at
@@ -126,18 +167,49 @@ pub fn run_eval_saving(
     Ok(crate::eval::runner::evaluate(encoder, tokenizer, &sha, opts, device, &mut |m| eprintln!("  {m}"), finished)?)
 }
 
-/// `pairs`: the corpus statistics and a length histogram, and/or `sample` random training pairs.
-pub fn pairs(
-    cfg: &RunConfig,
-    data: Option<&Path>,
-    corpus: Option<PathBuf>,
-    stats: bool,
-    sample: Option<usize>,
-) -> Result<()> {
+/// `prepare`: the run's corpus split and tokenized into `out` with the run's model tokenizer
+/// and pairing options; a summary on stdout.
+pub fn prepare(run: &Resolved, out: &Path) -> Result<()> {
+    let cfg = &run.cfg;
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let (_, set) = tokenizer_and_pairs(cfg, &files, data, corpus)?;
+    let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
+    let opts = cfg.data.pair_options();
+    let recipe = Recipe::new(crate::data::prepared::sha256_file(&files.tokenizer)?, &opts);
+    let encode = tokenizer.encoder()?;
+    let t0 = std::time::Instant::now();
+    let mut last = t0;
+    let mut progress = |done: usize, all: usize| {
+        if last.elapsed().as_secs_f64() > 10.0 || done == all {
+            eprintln!("{done}/{all} books ({:.0}s)", t0.elapsed().as_secs_f64());
+            last = std::time::Instant::now();
+        }
+    };
+    let m = crate::data::prepared::prepare(&run.corpus, out, &recipe, &opts, &encode, &mut progress)?;
+    let corpus = Prepared::open(out, &recipe)?;
+    let s = corpus.stats(0);
+    let pairs = m.books.last().map_or(0, |b| b.pairs[1]);
+    println!(
+        "{}: {} books, {} sentences, {} pairs ({}, {}..={} word pieces per sentence), {:.1} MB, in {:.1}s",
+        out.display(),
+        s.books,
+        s.sentences,
+        pairs,
+        if opts.cross_paragraph { "across paragraphs" } else { "within paragraphs" },
+        opts.min_tokens,
+        opts.max_tokens,
+        corpus.disk_bytes() as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `pairs`: the corpus statistics and a length histogram, and/or `sample` random training pairs.
+pub fn pairs(run: &Resolved, stats: bool, sample: Option<usize>) -> Result<()> {
+    let cfg = &run.cfg;
+    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+    let (_, corpus, set) = tokenizer_and_corpus(run, &files)?;
     if stats || sample.is_none() {
-        let s = &set.stats;
+        let s = corpus.stats(cfg.data.max_books);
         println!("books       {}", s.books);
         println!("chapters    {}", s.chapters);
         println!("paragraphs  {}", s.paragraphs);
@@ -154,7 +226,7 @@ pub fn pairs(
             cfg.data.min_tokens, cfg.data.max_tokens
         );
         let mut bins = std::collections::BTreeMap::<usize, usize>::new();
-        for (&len, &n) in &set.token_lengths {
+        for (&len, &n) in &corpus.manifest.token_lengths {
             *bins.entry((len / 8).min(16)).or_default() += n;
         }
         let peak = bins.values().copied().max().unwrap_or(1).max(1);
@@ -164,8 +236,10 @@ pub fn pairs(
         }
     }
     if let Some(n) = sample {
+        let train = PairView { corpus: &corpus, ranges: &set.train };
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        for p in set.train.choose_multiple(&mut rng, n) {
+        for k in rand::seq::index::sample(&mut rng, train.len(), n.min(train.len())) {
+            let p = train.pair(k);
             println!("\nA: {}\nB: {}", p.anchor, p.positive);
         }
     }
@@ -175,13 +249,12 @@ pub fn pairs(
 /// `bench`: time the config's training steps and embedding; the JSON report is printed and
 /// written to `out`.
 pub fn bench(
-    cfg: &RunConfig,
-    data: Option<&Path>,
+    run: &Resolved,
     opts: &crate::bench::BenchOptions,
     out: Option<&Path>,
     export: Option<&Path>,
-    device: &Device,
 ) -> Result<()> {
+    let (cfg, device) = (&run.cfg, &run.device);
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
     let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
     // Embedding as `embed` does it: the model's own pooling (mean for sentence-transformers).
@@ -189,19 +262,15 @@ pub fn bench(
     let inference = Encoder::load(&files, pooling, false, device)?;
     let embed_tokenizer = TextTokenizer::load(&files.tokenizer, opts.embed_max_len)?;
     eprintln!("reading the corpus for the length mix and the embedding sentences");
-    let (tokenizer, set) = tokenizer_and_pairs(cfg, &files, data, None)?;
-    let mut sentences = Vec::new();
-    for file in list_book_files(&cfg.corpus_path(data)?)? {
-        let book = read_book(&file)?;
-        sentences.extend(book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten()).map(|s| s.to_string()));
-    }
+    let (tokenizer, corpus, set) = tokenizer_and_corpus(run, &files)?;
+    let sentences: Vec<String> = (0..corpus.sentences()).map(|i| corpus.text(i).to_string()).collect();
     let report = crate::bench::run(
         cfg,
         &encoder,
         &inference,
         &tokenizer,
         &embed_tokenizer,
-        &set.train,
+        PairView { corpus: &corpus, ranges: &set.train },
         &sentences,
         opts,
         export,

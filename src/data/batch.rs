@@ -29,6 +29,8 @@ pub struct Batch {
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
     pad_id: u32,
+    /// [CLS] and [SEP], for batches built from word-piece ids.
+    specials: Option<(u32, u32)>,
     pub max_len: usize,
 }
 
@@ -62,7 +64,8 @@ impl TextTokenizer {
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| tk_err(e.to_string()))?;
         let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0);
-        Ok(Self { tokenizer, pad_id, max_len })
+        let specials = tokenizer.token_to_id("[CLS]").zip(tokenizer.token_to_id("[SEP]"));
+        Ok(Self { tokenizer, pad_id, specials, max_len })
     }
 
     /// Counts word pieces without special tokens or truncation (for the length filter).
@@ -73,6 +76,14 @@ impl TextTokenizer {
         Ok(move |text: &str| tk.encode_fast(text, false).map(|e| e.len()).unwrap_or(usize::MAX))
     }
 
+    /// Word-piece ids without special tokens or truncation (None: not tokenizable), for
+    /// preparing a corpus. Shareable across threads.
+    pub fn encoder(&self) -> Result<impl Fn(&str) -> Option<Vec<u32>> + Sync> {
+        let mut tk = self.tokenizer.clone();
+        tk.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(move |text: &str| tk.encode_fast(text, false).ok().map(|e| e.get_ids().to_vec()))
+    }
+
     /// Tokenize, truncate to `max_len` and pad to the longest row.
     pub fn batch(&self, texts: &[&str], device: &Device) -> Result<Batch> {
         if texts.is_empty() {
@@ -80,14 +91,36 @@ impl TextTokenizer {
         }
         let encodings =
             self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
-        let b = texts.len();
+        let rows: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
+        self.padded(&rows, device)
+    }
+
+    /// A batch from word-piece ids (as [`TextTokenizer::encoder`] gives them): [CLS], the
+    /// first `max_len - 2` ids, [SEP]; the same rows as [`TextTokenizer::batch`] of the texts.
+    pub fn batch_ids(&self, rows: &[&[u32]], device: &Device) -> Result<Batch> {
+        let (cls, sep) = self.specials.ok_or_else(|| Error::Tokenizer("the vocabulary lacks [CLS] or [SEP]".into()))?;
+        let keep = self.max_len.saturating_sub(2);
+        let full: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| std::iter::once(cls).chain(r[..r.len().min(keep)].iter().copied()).chain([sep]).collect())
+            .collect();
+        let rows: Vec<&[u32]> = full.iter().map(Vec::as_slice).collect();
+        self.padded(&rows, device)
+    }
+
+    /// Rows of ids padded to the longest, with the attention mask.
+    fn padded(&self, rows: &[&[u32]], device: &Device) -> Result<Batch> {
+        if rows.is_empty() {
+            return Err(Error::Invalid("cannot build a batch of zero sentences".into()));
+        }
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let b = rows.len();
         let mut ids = vec![self.pad_id; b * seq];
         let mut mask = vec![0f32; b * seq];
         let mut lengths = Vec::with_capacity(b);
-        for (row, enc) in encodings.iter().enumerate() {
-            let n = enc.len();
-            ids[row * seq..row * seq + n].copy_from_slice(enc.get_ids());
+        for (row, r) in rows.iter().enumerate() {
+            let n = r.len();
+            ids[row * seq..row * seq + n].copy_from_slice(r);
             mask[row * seq..row * seq + n].fill(1.0);
             lengths.push(n);
         }

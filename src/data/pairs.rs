@@ -15,6 +15,16 @@ use super::corpus::Book;
 pub struct Pair {
     pub anchor: Arc<str>,
     pub positive: Arc<str>,
+    /// Word pieces in the anchor and the positive ([CLS]/[SEP] not counted), as counted when
+    /// the pair was made: training batches are bucketed by them.
+    pub tokens: [u32; 2],
+}
+
+impl Pair {
+    /// Word pieces in the longer of the two sentences: what the pair's padding depends on.
+    pub fn max_tokens(&self) -> u32 {
+        self.tokens[0].max(self.tokens[1])
+    }
 }
 
 /// Which neighbours make pairs. Default (the one place it is set; `data.*` in configs starts
@@ -36,22 +46,29 @@ impl Default for PairOptions {
 /// Consecutive sentences of one chapter: within a paragraph, and (if `cross_paragraph`) the last
 /// sentence of a paragraph with the first of the next; never across chapters or books.
 /// Both sentences must have `min_tokens <= count_tokens(s) <= max_tokens`; `count_tokens` is
-/// called once per sentence.
-pub fn book_pairs(book: &Book, opts: &PairOptions, count_tokens: &mut dyn FnMut(&str) -> usize) -> Vec<Pair> {
+/// called once per sentence, in book order. Each pair is its first sentence's number in book
+/// order (its positive is the next) and the longer sentence's word pieces.
+pub fn pair_indices(
+    book: &Book,
+    opts: &PairOptions,
+    count_tokens: &mut dyn FnMut(&Arc<str>) -> usize,
+) -> Vec<(usize, u32)> {
     let mut pairs = Vec::new();
+    let mut index = 0;
     for chapter in &book.chapters {
-        // (sentence, index of its paragraph, within the length limits)
-        let mut prev: Option<(&Arc<str>, usize, bool)> = None;
+        // (index of its paragraph, its word pieces, within the length limits)
+        let mut prev: Option<(usize, usize, bool)> = None;
         for (p, paragraph) in chapter.paragraphs.iter().enumerate() {
             for s in paragraph {
                 let n = count_tokens(s);
                 let ok = (opts.min_tokens..=opts.max_tokens).contains(&n);
-                if let Some((a, pa, a_ok)) = prev {
+                if let Some((pa, na, a_ok)) = prev {
                     if a_ok && ok && (pa == p || opts.cross_paragraph) {
-                        pairs.push(Pair { anchor: a.clone(), positive: s.clone() });
+                        pairs.push((index - 1, u32::try_from(na.max(n)).unwrap_or(u32::MAX)));
                     }
                 }
-                prev = Some((s, p, ok));
+                prev = Some((p, n, ok));
+                index += 1;
             }
         }
     }
@@ -107,13 +124,17 @@ mod tests {
 
     fn pairs_of(text: &str, opts: &PairOptions) -> Vec<(String, String)> {
         let book = parse_book("t", Path::new("t.txt"), text).unwrap();
-        let mut calls = 0;
-        let pairs = book_pairs(&book, opts, &mut |s| {
-            calls += 1;
+        let mut seen = Vec::new();
+        let pairs = pair_indices(&book, opts, &mut |s| {
+            seen.push(s.to_string());
             words(s)
         });
-        assert_eq!(calls, corpus_stats(std::slice::from_ref(&book)).sentences);
-        pairs.into_iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect()
+        assert_eq!(seen.len(), corpus_stats(std::slice::from_ref(&book)).sentences);
+        // Each pair carries the longer count its sentences were filtered by.
+        for &(i, n) in &pairs {
+            assert_eq!(n as usize, words(&seen[i]).max(words(&seen[i + 1])));
+        }
+        pairs.into_iter().map(|(i, _)| (seen[i].clone(), seen[i + 1].clone())).collect()
     }
 
     const TEXT: &str =

@@ -107,7 +107,14 @@ fn selection_exports_the_best_stsb_dev_step() {
     let out = tiny_finetune(
         tmp.path(),
         &fixtures().join("books"),
-        &["train.select=\"stsb-dev\"", "train.steps=6", "train.eval_every_steps=2", "train.lr=3e-3", &data_arg],
+        &[
+            "train.select=\"stsb-dev\"",
+            "train.steps=6",
+            "train.eval_every_steps=2",
+            "train.lr=3e-3",
+            "train.norm_lr_scale=1",
+            &data_arg,
+        ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run = tmp.path().join("runs/default");
@@ -161,7 +168,8 @@ fn a_collapsing_run_stops_with_the_cause_and_the_fix() {
 #[test]
 fn missing_model_folder() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = hypersphere(&["finetune", "--set", "model.source=./no-such-model", "--set", "data.corpus=x"], tmp.path());
+    let sets = ["--set", "model.source=./no-such-model", "--set", "data.corpus=x", "--set", "train.select=\"last\""];
+    let out = hypersphere(&[&["finetune"][..], &sets].concat(), tmp.path());
     one_line_error(&out, "./no-such-model");
 }
 
@@ -240,6 +248,46 @@ fn pairs_stats_and_sample_on_fixture_books() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("books       4"), "{stdout}");
     assert_eq!(stdout.lines().filter(|l| l.starts_with("A: ")).count(), 2, "{stdout}");
+}
+
+/// `prepare` once, then train from the prepared folder: the same statistics, pairs and
+/// trained weights as from the plain folder; a prepared folder made for other options is
+/// refused with a message that says what differs.
+#[test]
+fn prepared_corpus_trains_exactly_like_the_plain_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let books = fixtures().join("books");
+    let model = tiny_model(&tmp.path().join("tiny"), 1, "");
+    let src = format!("model.source={}", model.config.parent().unwrap().display());
+    let prepared = tmp.path().join("prepared");
+    let prep = ["prepare", books.to_str().unwrap(), "--out", prepared.to_str().unwrap(), "--set", &src];
+    let out = hypersphere(&[&prep[..], &["--set", "data.min_tokens=2"]].concat(), tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 books"));
+    let stats = |corpus: &Path| {
+        let args =
+            ["pairs", "--corpus", corpus.to_str().unwrap(), "--set", &src, "--set", "data.min_tokens=2", "--stats"];
+        let out = hypersphere(&args, tmp.path());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(stats(&books), stats(&prepared));
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    for (dir, corpus) in [(&a, &books), (&b, &prepared)] {
+        let out = tiny_finetune(dir, corpus, &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let read = |d: &Path, f: &str| std::fs::read(d.join("runs/default").join(f)).unwrap();
+    assert_eq!(read(&a, "model/model.safetensors"), read(&b, "model/model.safetensors"));
+    let report = |d: &Path| serde_json::from_slice::<serde_json::Value>(&read(d, "report.json")).unwrap();
+    assert_eq!(report(&a)["after"], report(&b)["after"]);
+    assert_eq!(report(&a)["sample"], report(&b)["sample"]);
+    // Other pairing options than the folder's: refused, saying what differs and what to do.
+    let other = ["pairs", "--corpus", prepared.to_str().unwrap(), "--set", &src, "--set", "data.min_tokens=3"];
+    let e = one_line_error(&hypersphere(&other, tmp.path()), "prepared");
+    assert!(e.contains("2..=64") && e.contains("3..=64") && e.contains("prepare the corpus again"), "{e}");
 }
 
 /// Three steps of the real model on a few ELTeC books, through the binary.

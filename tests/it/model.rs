@@ -24,7 +24,12 @@ const SENTENCES: [&str; 6] = [
 
 /// Each fixture sentence paired with the one at the mirrored position: six distinct pairs.
 fn reversed_pairs() -> Vec<hypersphere::data::pairs::Pair> {
-    let pair = |(a, b): (&&str, &&str)| hypersphere::data::pairs::Pair { anchor: (*a).into(), positive: (*b).into() };
+    let words = |s: &str| s.split_whitespace().count() as u32;
+    let pair = |(a, b): (&&str, &&str)| hypersphere::data::pairs::Pair {
+        anchor: (*a).into(),
+        positive: (*b).into(),
+        tokens: [words(a), words(b)],
+    };
     SENTENCES.iter().zip(SENTENCES.iter().rev()).map(pair).collect()
 }
 
@@ -273,6 +278,30 @@ fn tokenizer_pads_per_batch_and_truncates() {
     assert!(b.input_ids.dim(1).unwrap() < 10, "no fixed padding to 128");
 }
 
+/// Batches built from a prepared corpus's word-piece ids are the tokenizer's own batches of
+/// the texts, truncation included, at any length.
+#[test]
+fn batches_from_ids_equal_batches_from_text() {
+    let files = real_model();
+    let texts = [
+        "short.",
+        "“Well,” said Mr. Brown, “the road is long — longer than you think!”",
+        "a somewhat longer sentence that will surely be cut at eight tokens, and at twelve too",
+        "naïve café owners' Übermensch",
+    ];
+    for max_len in [8, 12, 128] {
+        let tok = TextTokenizer::load(&files.tokenizer, max_len).unwrap();
+        let encode = tok.encoder().unwrap();
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| encode(t).unwrap()).collect();
+        let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let (a, b) = (tok.batch(&texts, &Device::Cpu).unwrap(), tok.batch_ids(&rows, &Device::Cpu).unwrap());
+        assert_eq!(a.lengths, b.lengths, "max_len {max_len}");
+        let v = |t: &candle_core::Tensor| t.to_vec2::<u32>().unwrap();
+        assert_eq!(v(&a.input_ids), v(&b.input_ids), "max_len {max_len}");
+        assert_eq!(a.attention_mask.to_vec2::<f32>().unwrap(), b.attention_mask.to_vec2::<f32>().unwrap());
+    }
+}
+
 /// GradCache: the gradients of a batch computed in micro-batches equal those of the whole
 /// batch at once, for every loss (dropout off, so both see the same network). Within 1e-3 of
 /// each tensor's largest entry: micro-batches pad less, so the f32 sums differ at ~2e-4 (key
@@ -280,11 +309,11 @@ fn tokenizer_pads_per_batch_and_truncates() {
 #[test]
 fn micro_batches_give_the_full_batch_gradient() {
     use hypersphere::config::LossKind;
-    use hypersphere::train::{batch_gradients, step_texts};
+    use hypersphere::train::{batch_gradients, step_rows};
     let (_d, enc, tok) = tiny(6, Pooling::Cls, true);
     let dev = Device::Cpu;
     let pairs = reversed_pairs();
-    let refs: Vec<_> = pairs.iter().collect();
+    let refs: Vec<[&str; 2]> = pairs.iter().map(|p| [&*p.anchor, &*p.positive]).collect();
     let losses = [
         LossConfig::default(),
         LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
@@ -294,7 +323,7 @@ fn micro_batches_give_the_full_batch_gradient() {
     ];
     for cfg in &losses {
         let micro =
-            |m: usize| -> Vec<_> { refs.chunks(m).map(|c| tok.batch(&step_texts(c, cfg), &dev).unwrap()).collect() };
+            |m: usize| -> Vec<_> { refs.chunks(m).map(|c| tok.batch(&step_rows(c, cfg), &dev).unwrap()).collect() };
         let full = batch_gradients(&enc, &micro(6), cfg, None).unwrap().unwrap();
         for m in [2, 4] {
             let cached = batch_gradients(&enc, &micro(m), cfg, None).unwrap().unwrap();
@@ -322,17 +351,17 @@ fn micro_batches_give_the_full_batch_gradient() {
 fn reference_and_fused_encoders_agree_on_values_and_gradients() {
     use hypersphere::config::LossKind;
     use hypersphere::model::ops::Kernels;
-    use hypersphere::train::{batch_gradients, step_texts};
+    use hypersphere::train::{batch_gradients, step_rows};
     use rand::SeedableRng;
     let files = real_model();
     let dev = Device::Cpu;
     let tok = TextTokenizer::load(&files.tokenizer, 24).unwrap();
     let pairs = reversed_pairs();
-    let refs: Vec<_> = pairs.iter().collect();
+    let refs: Vec<[&str; 2]> = pairs.iter().map(|p| [&*p.anchor, &*p.positive]).collect();
     for pooling in [Pooling::Cls, Pooling::Mean] {
         let cfg = LossConfig { kind: LossKind::Mix, w_infonce: 1.0, w_mean: 0.5, ..Default::default() };
         let cfg = if pooling == Pooling::Mean { LossConfig { w_mean: 0.0, ..cfg } } else { cfg };
-        let batch = tok.batch(&step_texts(&refs, &cfg), &dev).unwrap();
+        let batch = tok.batch(&step_rows(&refs, &cfg), &dev).unwrap();
         let run = |k: Kernels| {
             let enc = Encoder::load_with(&files, pooling, true, &dev, k).unwrap();
             let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -369,12 +398,12 @@ fn reference_and_fused_encoders_agree_on_values_and_gradients() {
 fn two_ranks_sum_to_the_full_batch_gradient() {
     use hypersphere::config::LossKind;
     use hypersphere::distributed::{gather_rows, rank_gradients};
-    use hypersphere::train::step_texts;
+    use hypersphere::train::step_rows;
     use rand::SeedableRng;
     let (_d, enc, tok) = tiny(8, Pooling::Cls, true);
     let dev = Device::Cpu;
     let pairs = reversed_pairs();
-    let refs: Vec<_> = pairs.iter().collect();
+    let refs: Vec<[&str; 2]> = pairs.iter().map(|p| [&*p.anchor, &*p.positive]).collect();
     let losses = [
         LossConfig::default(),
         LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
@@ -384,7 +413,7 @@ fn two_ranks_sum_to_the_full_batch_gradient() {
     let rng = |k: usize| rand::rngs::StdRng::seed_from_u64(100 + k as u64);
     for cfg in &losses {
         let views = loss::views(cfg);
-        let shards: Vec<_> = refs.chunks(3).map(|c| tok.batch(&step_texts(c, cfg), &dev).unwrap()).collect();
+        let shards: Vec<_> = refs.chunks(3).map(|c| tok.batch(&step_rows(c, cfg), &dev).unwrap()).collect();
         let gathered: Vec<_> =
             shards.iter().enumerate().map(|(k, s)| gather_rows(&enc, s, Some(&mut rng(k))).unwrap()).collect();
         let ranks: Vec<_> = shards
@@ -447,6 +476,17 @@ fn training_reports_through_its_observer() {
     let (_d, enc, tok) = tiny(4, Pooling::Mean, true);
     let run_dir = tempfile::tempdir().unwrap();
     let pairs = reversed_pairs();
+    // The fixture sentences as paragraphs of a book, prepared: five adjacent pairs.
+    let book = run_dir.path().join("book.txt");
+    std::fs::write(&book, SENTENCES.join("\n")).unwrap();
+    let opts = hypersphere::data::pairs::PairOptions { min_tokens: 1, ..Default::default() };
+    let recipe = hypersphere::data::prepared::Recipe::new("test".into(), &opts);
+    let dir = run_dir.path().join("prepared");
+    let encode = tok.encoder().unwrap();
+    hypersphere::data::prepared::prepare(&book, &dir, &recipe, &opts, &encode, &mut |_, _| {}).unwrap();
+    let corpus = hypersphere::data::prepared::Prepared::open(&dir, &recipe).unwrap();
+    let split = corpus.split(0, 0.0, 1);
+    assert_eq!(split.train.len(), 5);
     let mut cfg = RunConfig::default();
     (cfg.train.steps, cfg.train.batch_pairs, cfg.train.eval_every_steps) = (3, 2, 2);
     (cfg.train.select, cfg.train.checkpoint_every_steps) = (Select::Last, 0);
@@ -456,7 +496,7 @@ fn training_reports_through_its_observer() {
         encoder: &enc,
         tokenizer: &tok,
         cfg: &cfg,
-        train_pairs: &pairs,
+        train: hypersphere::data::prepared::PairView { corpus: &corpus, ranges: &split.train },
         val_pairs: &pairs[..4],
         dev: None,
         run_dir: run_dir.path(),
