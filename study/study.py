@@ -10,6 +10,7 @@ positives encode 3 sentences per pair, so they run 100 steps). Each run is score
 
   python3 study/study.py run [--only NAME,...] [--seeds 42,1,2]   # resumable: finished runs are skipped
   python3 study/study.py table                                      # study/results/*.json -> study/results.md
+  STUDY_RESULTS=study/results-tok python3 study/study.py ...        # another folder (and table) per round of code
 
 Needs HYPERSPHERE_DATA and a release build (cargo build --release). Standard library only.
 """
@@ -25,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # STUDY_BIN: a copy of the binary, so that rebuilding during a long study changes nothing.
 BIN = Path(os.environ.get("STUDY_BIN", ROOT / "target" / "release" / "hypersphere"))
-RESULTS = ROOT / "study" / "results"
+# STUDY_RESULTS: where the per-run JSON files go (a folder per round of code; the table is
+# written beside it as <folder>.md).
+RESULTS = Path(os.environ.get("STUDY_RESULTS", ROOT / "study" / "results"))
 RUNS = Path(os.environ.get("STUDY_RUNS", "/tmp/hypersphere-study"))
 QUICK_TASKS = "MR,CR,SUBJ,MPQA,SST2,TREC,MRPC"
 
@@ -202,7 +205,7 @@ def table():
             fmt([r["report"]["uniformity"] for r in ok]), fmt([r["report"]["mean_cosine"] for r in ok]),
             fmt([r["report"]["alignment"] for r in ok]), sel, "`" + " ".join(rs[0]["sets"]) + "`"]) + " |")
     text = "\n".join(lines) + "\n"
-    (ROOT / "study" / "results.md").write_text(text)
+    RESULTS.with_suffix(".md").write_text(text)
     print(text)
 
 

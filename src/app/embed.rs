@@ -89,7 +89,7 @@ pub fn embed(
     let (files, encoder, tokenizer) = load_model(&m.model, m.pooling, m.max_len, device)?;
     let (rows, empty): (Vec<(usize, String)>, usize) = if sentences && crate::data::prepared::is_prepared(input) {
         let corpus = crate::data::prepared::Prepared::open_any(input)?;
-        ((0..corpus.sentences()).map(|i| (i as usize, corpus.text(i).to_string())).collect(), 0)
+        ((0..corpus.sentences()).map(|i| (i as usize, corpus.text(i))).collect(), 0)
     } else if sentences {
         let mut rows = Vec::new();
         for file in crate::data::corpus::list_book_files(input)? {

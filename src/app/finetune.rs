@@ -362,6 +362,9 @@ impl crate::train::Observer for Console {
         if let Ok(mut s) = self.started.lock() {
             *s = Some((Instant::now(), step));
         }
+        if self.pb.is_hidden() {
+            eprintln!("training from step {step} of {total}");
+        }
     }
     fn step(&self, step: usize, total: usize, brief: &str) {
         self.pb.set_position(step as u64);

@@ -263,7 +263,7 @@ pub fn bench(
     let embed_tokenizer = TextTokenizer::load(&files.tokenizer, opts.embed_max_len)?;
     eprintln!("reading the corpus for the length mix and the embedding sentences");
     let (tokenizer, corpus, set) = tokenizer_and_corpus(run, &files)?;
-    let sentences: Vec<String> = (0..corpus.sentences()).map(|i| corpus.text(i).to_string()).collect();
+    let sentences: Vec<String> = (0..corpus.sentences()).map(|i| corpus.text(i)).collect();
     let report = crate::bench::run(
         cfg,
         &encoder,

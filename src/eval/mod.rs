@@ -34,31 +34,104 @@ pub enum Task {
     STSB,
 }
 
+/// One task's row: everything about it but its protocol (which follows from its data's kind).
+pub struct TaskSpec {
+    pub task: Task,
+    /// Display name, e.g. "SST-2".
+    pub name: &'static str,
+    /// The identifier results are stored under (`eval.json`, `report.json`).
+    pub id: &'static str,
+    /// Reads its files under the data folder.
+    pub load: fn(&Path) -> Result<TaskData>,
+    /// Published scores (percent) to compare with, from the data README: SentEval accuracy for
+    /// the classification tasks (Gao et al. 2021, Table E.1), Spearman x100 on STS-B test.
+    pub reference: &'static [(&'static str, f64)],
+}
+
+const SENTEVAL: [&str; 2] = ["BERT-base mean", "SimCSE-BERT-base"];
+
+/// Every task, one row each: adding a task is a variant and a row (and a loader in
+/// [`tasks`] for a new file format).
+pub const TASKS: [TaskSpec; 8] = [
+    TaskSpec {
+        task: Task::MR,
+        name: "MR",
+        id: "MR",
+        load: tasks::mr,
+        reference: &[(SENTEVAL[0], 78.66), (SENTEVAL[1], 81.18)],
+    },
+    TaskSpec {
+        task: Task::CR,
+        name: "CR",
+        id: "CR",
+        load: tasks::cr,
+        reference: &[(SENTEVAL[0], 86.25), (SENTEVAL[1], 86.46)],
+    },
+    TaskSpec {
+        task: Task::SUBJ,
+        name: "SUBJ",
+        id: "SUBJ",
+        load: tasks::subj,
+        reference: &[(SENTEVAL[0], 94.37), (SENTEVAL[1], 94.45)],
+    },
+    TaskSpec {
+        task: Task::MPQA,
+        name: "MPQA",
+        id: "MPQA",
+        load: tasks::mpqa,
+        reference: &[(SENTEVAL[0], 88.66), (SENTEVAL[1], 88.88)],
+    },
+    TaskSpec {
+        task: Task::SST2,
+        name: "SST-2",
+        id: "SST2",
+        load: tasks::sst2,
+        reference: &[(SENTEVAL[0], 84.40), (SENTEVAL[1], 85.50)],
+    },
+    TaskSpec {
+        task: Task::TREC,
+        name: "TREC",
+        id: "TREC",
+        load: tasks::trec_task,
+        reference: &[(SENTEVAL[0], 92.80), (SENTEVAL[1], 89.80)],
+    },
+    TaskSpec {
+        task: Task::MRPC,
+        name: "MRPC",
+        id: "MRPC",
+        load: tasks::mrpc_task,
+        reference: &[(SENTEVAL[0], 69.54), (SENTEVAL[1], 74.43)],
+    },
+    TaskSpec {
+        task: Task::STSB,
+        name: "STS-B",
+        id: "STSB",
+        load: tasks::stsb_task,
+        reference: &[
+            ("BERT-base first-last avg", 59.04),
+            ("BERT-base first-last avg + whitening", 71.34),
+            ("SimCSE-BERT-base", 76.85),
+        ],
+    },
+];
+
 impl Task {
     pub const ALL: [Task; 8] =
         [Task::MR, Task::CR, Task::SUBJ, Task::MPQA, Task::SST2, Task::TREC, Task::MRPC, Task::STSB];
 
+    /// The task's row in [`TASKS`].
+    pub fn spec(self) -> &'static TaskSpec {
+        TASKS.iter().find(|s| s.task == self).expect("every task has a row")
+    }
+
     /// Display name, e.g. "SST-2".
     pub fn name(self) -> &'static str {
-        match self {
-            Task::MR => "MR",
-            Task::CR => "CR",
-            Task::SUBJ => "SUBJ",
-            Task::MPQA => "MPQA",
-            Task::SST2 => "SST-2",
-            Task::TREC => "TREC",
-            Task::MRPC => "MRPC",
-            Task::STSB => "STS-B",
-        }
+        self.spec().name
     }
 
     /// The identifier results are stored under (`eval.json`, `report.json`).
     pub fn id(self) -> &'static str {
-        match self {
-            Task::SST2 => "SST2",
-            Task::STSB => "STSB",
-            t => t.name(),
-        }
+        self.spec().id
     }
 
     /// Case-insensitive name, with or without the hyphen ("sst-2", "SST2", "stsb", ...).
@@ -67,26 +140,9 @@ impl Task {
         Task::ALL.into_iter().find(|t| t.name().replace('-', "") == key)
     }
 
-    /// Published scores (percent) to compare with, from the data README: SentEval accuracy for
-    /// the classification tasks (Gao et al. 2021, Table E.1), Spearman ×100 on the STS-B test set.
+    /// Published scores to compare with (see [`TaskSpec::reference`]).
     pub fn reference(self) -> Vec<(&'static str, f64)> {
-        let (bert, simcse) = match self {
-            Task::MR => (78.66, 81.18),
-            Task::CR => (86.25, 86.46),
-            Task::SUBJ => (94.37, 94.45),
-            Task::MPQA => (88.66, 88.88),
-            Task::SST2 => (84.40, 85.50),
-            Task::TREC => (92.80, 89.80),
-            Task::MRPC => (69.54, 74.43),
-            Task::STSB => {
-                return vec![
-                    ("BERT-base first-last avg", 59.04),
-                    ("BERT-base first-last avg + whitening", 71.34),
-                    ("SimCSE-BERT-base", 76.85),
-                ]
-            }
-        };
-        vec![("BERT-base mean", bert), ("SimCSE-BERT-base", simcse)]
+        self.spec().reference.to_vec()
     }
 }
 

@@ -189,42 +189,67 @@ pub fn scored_pairs(path: &Path) -> Result<Scored> {
     Ok(out)
 }
 
-/// Load `task`'s data from the data root.
+/// Read a task's files under the data folder `root` (see [`super::TASKS`]).
 pub fn load(task: super::Task, root: &Path) -> Result<TaskData> {
-    use super::Task::*;
-    let se = |dir: &str, file: &str| -> PathBuf { root.join("senteval").join(dir).join(file) };
-    let cv = |dir: &str, neg: &str, pos: &str| -> Result<TaskData> {
-        Ok(TaskData::CrossVal { data: polarity(&se(dir, neg), &se(dir, pos))?, classes: 2 })
-    };
-    Ok(match task {
-        MR => cv("MR", "rt-polarity.neg", "rt-polarity.pos")?,
-        CR => cv("CR", "custrev.neg", "custrev.pos")?,
-        SUBJ => cv("SUBJ", "subj.objective", "subj.subjective")?,
-        MPQA => cv("MPQA", "mpqa.neg", "mpqa.pos")?,
-        SST2 => TaskData::Split {
-            train: sst(&se("SST2", "sentiment-train"))?,
-            dev: Some(sst(&se("SST2", "sentiment-dev"))?),
-            test: sst(&se("SST2", "sentiment-test"))?,
-            classes: 2,
-        },
-        TREC => TaskData::Split {
-            train: trec(&se("TREC", "train_5500.label"))?,
-            dev: None,
-            test: trec(&se("TREC", "TREC_10.label"))?,
-            classes: TREC_CLASSES.len(),
-        },
-        MRPC => TaskData::Pairs {
-            train: mrpc(&se("MRPC", "msr_paraphrase_train.txt"))?,
-            test: mrpc(&se("MRPC", "msr_paraphrase_test.txt"))?,
-        },
-        STSB => {
-            let dir = root.join("sts").join("STSBenchmark");
-            TaskData::Similarity {
-                train: stsb(&dir.join("sts-train.csv"))?,
-                dev: stsb(&dir.join("sts-dev.csv"))?,
-                test: stsb(&dir.join("sts-test.csv"))?,
-            }
-        }
+    (task.spec().load)(root)
+}
+
+fn senteval(root: &Path, dir: &str, file: &str) -> PathBuf {
+    root.join("senteval").join(dir).join(file)
+}
+
+fn cross_val(root: &Path, dir: &str, neg: &str, pos: &str) -> Result<TaskData> {
+    Ok(TaskData::CrossVal { data: polarity(&senteval(root, dir, neg), &senteval(root, dir, pos))?, classes: 2 })
+}
+
+pub(crate) fn mr(root: &Path) -> Result<TaskData> {
+    cross_val(root, "MR", "rt-polarity.neg", "rt-polarity.pos")
+}
+
+pub(crate) fn cr(root: &Path) -> Result<TaskData> {
+    cross_val(root, "CR", "custrev.neg", "custrev.pos")
+}
+
+pub(crate) fn subj(root: &Path) -> Result<TaskData> {
+    cross_val(root, "SUBJ", "subj.objective", "subj.subjective")
+}
+
+pub(crate) fn mpqa(root: &Path) -> Result<TaskData> {
+    cross_val(root, "MPQA", "mpqa.neg", "mpqa.pos")
+}
+
+pub(crate) fn sst2(root: &Path) -> Result<TaskData> {
+    let se = |f: &str| senteval(root, "SST2", f);
+    Ok(TaskData::Split {
+        train: sst(&se("sentiment-train"))?,
+        dev: Some(sst(&se("sentiment-dev"))?),
+        test: sst(&se("sentiment-test"))?,
+        classes: 2,
+    })
+}
+
+pub(crate) fn trec_task(root: &Path) -> Result<TaskData> {
+    Ok(TaskData::Split {
+        train: trec(&senteval(root, "TREC", "train_5500.label"))?,
+        dev: None,
+        test: trec(&senteval(root, "TREC", "TREC_10.label"))?,
+        classes: TREC_CLASSES.len(),
+    })
+}
+
+pub(crate) fn mrpc_task(root: &Path) -> Result<TaskData> {
+    Ok(TaskData::Pairs {
+        train: mrpc(&senteval(root, "MRPC", "msr_paraphrase_train.txt"))?,
+        test: mrpc(&senteval(root, "MRPC", "msr_paraphrase_test.txt"))?,
+    })
+}
+
+pub(crate) fn stsb_task(root: &Path) -> Result<TaskData> {
+    let dir = root.join("sts").join("STSBenchmark");
+    Ok(TaskData::Similarity {
+        train: stsb(&dir.join("sts-train.csv"))?,
+        dev: stsb(&dir.join("sts-dev.csv"))?,
+        test: stsb(&dir.join("sts-test.csv"))?,
     })
 }
 
