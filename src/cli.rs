@@ -45,7 +45,7 @@ pub enum Command {
         #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
         resume: Option<PathBuf>,
     },
-    /// Split and tokenize a corpus once into a folder of memory-mapped files (resumable after
+    /// Split and tokenize a corpus once into a folder of offset-indexed files (resumable after
     /// a kill), for `data.corpus`, `pairs --corpus`, `embed --sentences --input` and `compare
     /// --corpus`. Uses the config's model tokenizer and `data.*` pairing options.
     Prepare {

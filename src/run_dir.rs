@@ -35,13 +35,7 @@ pub struct RunLock {
 pub fn lock(dir: &Path) -> Result<RunLock> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(LOCK);
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
+    let mut file = lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -64,6 +58,17 @@ pub fn lock(dir: &Path) -> Result<RunLock> {
         .and_then(|_| file.write_all(pid.as_bytes()))
         .map_err(|e| Error::io(&path, e))?;
     Ok(RunLock { _file: file })
+}
+
+/// A lock file, opened (created if missing) for reading and writing, its contents kept.
+pub(crate) fn lock_file(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
 }
 
 /// Whether `dir` holds anything besides its lock file.

@@ -110,6 +110,11 @@ CANDIDATES = {
     # stretch of the whole similarity matrix, not to which sentences are close to everything.
     "mix-mean3-simcorr10-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "loss.w_simcorr=10", "train.norm_lr_scale=1000"],
     "mix-mean3-simcorr100-t0.5-norm": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_uniform=1", "loss.t=0.5", "loss.w_mean=3", "loss.w_simcorr=100", "train.norm_lr_scale=1000"],
+    # Round 4 (token-bucketed batches): [CLS] regressed onto its own mean-pooled vector
+    # (alignment, not InfoNCE: copy the vector, not just rank it first), with light centering.
+    # Untrained, mean pooling scores 82.03 on STS-B test at uniformity -3.2 on ELTeC.
+    "au-mean10-t0.5-norm": ["loss.w_align=0", "loss.w_mean=10", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000"],
+    "au-mean10-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
     "au-3-1-norm-b128": ["loss.w_align=3", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.steps=75"],
 }
 

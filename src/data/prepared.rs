@@ -1,4 +1,4 @@
-//! A corpus prepared once: sentences split and tokenized into memory-mapped files, and the
+//! A corpus prepared once: sentences split and tokenized into flat, offset-indexed files, and the
 //! pairs indexed, so a run starts in seconds on a corpus of any size and holds no strings.
 //!
 //! A prepared folder (integers little-endian):
@@ -477,12 +477,7 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()
 /// Hold `dir`'s lock file, waiting for another process preparing the same folder to finish.
 fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(".lock");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
+    let file = crate::run_dir::lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
