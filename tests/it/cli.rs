@@ -288,6 +288,26 @@ fn prepared_corpus_trains_exactly_like_the_plain_folder() {
     let other = ["pairs", "--corpus", prepared.to_str().unwrap(), "--set", &src, "--set", "data.min_tokens=3"];
     let e = one_line_error(&hypersphere(&other, tmp.path()), "prepared");
     assert!(e.contains("2..=64") && e.contains("3..=64") && e.contains("prepare the corpus again"), "{e}");
+    // `embed --sentences` and `compare --corpus` read the prepared folder as they read the books.
+    let model_dir = model.config.parent().unwrap().to_str().unwrap().to_string();
+    let embed = |input: &Path, out: &str| {
+        let args = ["embed", "--model", &model_dir, "--input", input.to_str().unwrap(), "--sentences", "--out", out];
+        let o = hypersphere(&args, tmp.path());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(tmp.path().join(out)).unwrap()
+    };
+    assert_eq!(embed(&books, "a.safetensors"), embed(&prepared, "b.safetensors"));
+    let compare = |corpus: &Path, out: &str| {
+        let args = ["compare", &model_dir, "--corpus", corpus.to_str().unwrap(), "--sentences", "50", "--out", out];
+        let o = hypersphere(&args, tmp.path());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join(out).join("compare.json")).unwrap()).unwrap();
+        json
+    };
+    let (ca, cb) = (compare(&books, "ca"), compare(&prepared, "cb"));
+    assert!(ca.as_array().is_some_and(|c| c.len() == 1 && c[0]["metrics"]["uniformity"].is_number()), "{ca}");
+    assert_eq!(ca, cb);
 }
 
 /// Three steps of the real model on a few ELTeC books, through the binary.
