@@ -168,6 +168,11 @@ pub struct LossConfig {
     /// Blind to a stretch of all similarities, so it lets a spreading term work. Needs a pooling
     /// other than `mean`.
     pub w_simcorr: f64,
+    /// Take the mean-pooled view (for `w_mean`, `w_distill`, `w_simcorr`) from a frozen copy of
+    /// the starting model instead of the same pass: a fixed target, which alignment can copy
+    /// without both views collapsing together (as they do when the target moves with the
+    /// encoder). Costs a forward pass of the frozen model per step.
+    pub mean_teacher: bool,
     /// Exponent of the alignment distance.
     pub alpha: f64,
     /// Uniformity temperature t.
@@ -265,6 +270,7 @@ impl Default for LossConfig {
             w_distill: 0.0,
             distill_z_tau: 0.0,
             w_simcorr: 0.0,
+            mean_teacher: false,
             alpha: 2.0,
             t: 2.0,
             tau: 0.05,
@@ -352,7 +358,7 @@ impl RunConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.train;
-        let checks: [(bool, &str); 17] = [
+        let checks: [(bool, &str); 18] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
             (self.model.max_len <= 512, "model.max_len must be at most 512"),
             (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
@@ -369,6 +375,10 @@ impl RunConfig {
             (
                 !self.loss.needs_mean_view() || self.model.pooling != Pooling::Mean,
                 "loss.w_mean, w_distill and w_simcorr need model.pooling other than mean (the view would be the vector itself)",
+            ),
+            (
+                !self.loss.mean_teacher || self.loss.needs_mean_view(),
+                "loss.mean_teacher needs a term that reads the mean view (loss.w_mean, w_distill or w_simcorr above 0)",
             ),
             (
                 self.loss.w_dropout <= 0.0 || t.dropout,

@@ -124,6 +124,24 @@ pub fn batch_gradients(
     loss_cfg: &LossConfig,
     dropout_rng: Option<&mut StdRng>,
 ) -> Result<std::result::Result<Gradients, NonFinite>> {
+    batch_gradients_with(encoder, None, micro, loss_cfg, dropout_rng)
+}
+
+/// The mean-pooled target rows of a micro-batch from a frozen `teacher` (mean pooling, no
+/// dropout, no gradient), laid out like the encoder's own mean view.
+fn teacher_view(teacher: Option<&Encoder>, batch: &Batch) -> candle_core::Result<Option<Tensor>> {
+    teacher.map(|t| Ok(t.embed(batch, None)?.detach())).transpose()
+}
+
+/// [`batch_gradients`], the mean-pooled view taken from a frozen `teacher` when given (see
+/// `loss.mean_teacher`) instead of from the same pass.
+pub fn batch_gradients_with(
+    encoder: &Encoder,
+    teacher: Option<&Encoder>,
+    micro: &[Batch],
+    loss_cfg: &LossConfig,
+    dropout_rng: Option<&mut StdRng>,
+) -> Result<std::result::Result<Gradients, NonFinite>> {
     let t0 = Instant::now();
     let views = loss::views(loss_cfg);
     let finite = |parts: &loss::LossParts| -> Result<std::result::Result<f32, NonFinite>> {
@@ -134,9 +152,11 @@ pub fn batch_gradients(
             Err(NonFinite(format!("loss is {loss} (parts {:?})", parts.parts)))
         })
     };
-    let with_mean = loss_cfg.needs_mean_view();
+    // With a teacher, the encoder itself need not keep its mean view.
+    let with_mean = loss_cfg.needs_mean_view() && teacher.is_none();
     if let [batch] = micro {
-        let (emb, mean) = encoder.embed_views(batch, dropout_rng, with_mean)?;
+        let (emb, own) = encoder.embed_views(batch, dropout_rng, with_mean)?;
+        let mean = own.or(teacher_view(teacher, batch)?);
         let parts = objective_of(&split_views(&emb, views)?, mean_rows(mean, views)?.as_ref(), loss_cfg)?;
         let loss = match finite(&parts)? {
             Ok(l) => l,
@@ -153,7 +173,8 @@ pub fn batch_gradients(
     let mut blocks: Vec<Vec<Tensor>> = vec![Vec::new(); views];
     let mut means: Vec<Vec<Tensor>> = vec![Vec::new(); 2];
     for (k, b) in micro.iter().enumerate() {
-        let (emb, mean) = encoder.embed_views(b, rng_for(k).as_mut(), with_mean)?;
+        let (emb, own) = encoder.embed_views(b, rng_for(k).as_mut(), with_mean)?;
+        let mean = own.or(teacher_view(teacher, b)?);
         for (v, part) in split_views(&emb.detach(), views)?.into_iter().enumerate() {
             blocks[v].push(part);
         }
@@ -165,9 +186,9 @@ pub fn batch_gradients(
     }
     let vars = blocks.iter().map(|b| Var::from_tensor(&Tensor::cat(b, 0)?)).collect::<candle_core::Result<Vec<_>>>()?;
     let full: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let mean = match with_mean {
-        true => Some(Tensor::cat(&[Tensor::cat(&means[0], 0)?, Tensor::cat(&means[1], 0)?], 0)?),
-        false => None,
+    let mean = match means[0].is_empty() {
+        false => Some(Tensor::cat(&[Tensor::cat(&means[0], 0)?, Tensor::cat(&means[1], 0)?], 0)?),
+        true => None,
     };
     let parts = objective_of(&full, mean.as_ref(), loss_cfg)?;
     let loss = match finite(&parts)? {
@@ -231,7 +252,20 @@ pub fn train_step(
     max_grad_norm: f64,
     dropout_rng: Option<&mut StdRng>,
 ) -> Result<StepOutcome> {
-    let g = match batch_gradients(encoder, micro, loss_cfg, dropout_rng)? {
+    train_step_with(encoder, None, opt, micro, loss_cfg, max_grad_norm, dropout_rng)
+}
+
+/// [`train_step`] with the mean-pooled view from a frozen `teacher` (see [`batch_gradients_with`]).
+pub fn train_step_with(
+    encoder: &Encoder,
+    teacher: Option<&Encoder>,
+    opt: &mut AdamW,
+    micro: &[Batch],
+    loss_cfg: &LossConfig,
+    max_grad_norm: f64,
+    dropout_rng: Option<&mut StdRng>,
+) -> Result<StepOutcome> {
+    let g = match batch_gradients_with(encoder, teacher, micro, loss_cfg, dropout_rng)? {
         Ok(g) => g,
         Err(e) => return Ok(StepOutcome::Skipped(e)),
     };
@@ -701,6 +735,9 @@ pub struct TrainInputs<'a> {
     pub cfg: &'a RunConfig,
     /// The training pairs, from a prepared corpus.
     pub train: PairView<'a>,
+    /// The frozen starting model whose mean-pooled vectors are the mean view's target
+    /// (`loss.mean_teacher`); None: the same pass's.
+    pub teacher: Option<&'a Encoder>,
     pub val_pairs: &'a [Pair],
     /// STS-B dev for `train.select = "stsb-dev"`.
     pub dev: Option<&'a DevSet>,
@@ -906,7 +943,7 @@ impl<'a> Run<'a> {
         let micro = step_batches(&ids, cfg.train.micro_batch_pairs, &cfg.loss, inp.tokenizer, inp.device)?;
         let mut dropout_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, 2, state.step + 1));
         let rng = cfg.train.dropout.then_some(&mut dropout_rng);
-        train_step(inp.encoder, opt, &micro, &cfg.loss, cfg.train.max_grad_norm, rng)
+        train_step_with(inp.encoder, inp.teacher, opt, &micro, &cfg.loss, cfg.train.max_grad_norm, rng)
     }
 
     /// Count a skipped step; past `train.max_bad_steps` the run stops.

@@ -115,6 +115,11 @@ CANDIDATES = {
     # Untrained, mean pooling scores 82.03 on STS-B test at uniformity -3.2 on ELTeC.
     "au-mean10-t0.5-norm": ["loss.w_align=0", "loss.w_mean=10", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000"],
     "au-mean10-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    # The same regression onto a frozen copy of the starting model's mean-pooled vectors.
+    "au-meanT10-t0.5-norm": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000"],
+    "au-meanT10-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    "au-meanT10-u5-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=5", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    "au-meanT10-u20-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=20", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
     "au-3-1-norm-b128": ["loss.w_align=3", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.steps=75"],
 }
 

@@ -76,6 +76,8 @@ struct Loaded {
     tokenizer: TextTokenizer,
     corpus: Prepared,
     split: Split,
+    /// The frozen starting model for `loss.mean_teacher`.
+    teacher: Option<Encoder>,
     encoder: Encoder,
 }
 
@@ -164,7 +166,11 @@ fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
         );
     }
     eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
-    Ok(Loaded { res, run_dir, files, tokenizer, corpus, split, encoder })
+    let teacher = match cfg.loss.mean_teacher {
+        true => Some(Encoder::load(&files, crate::model::pooling::Pooling::Mean, false, &res.device)?),
+        false => None,
+    };
+    Ok(Loaded { res, run_dir, files, tokenizer, corpus, split, encoder, teacher })
 }
 
 fn write_run_toml(run: &Loaded) -> Result<()> {
@@ -256,6 +262,7 @@ fn train_run(run: &Loaded, eval: &EvalSetup, req: &Finetune) -> Result<TrainSumm
         tokenizer: &run.tokenizer,
         cfg: &run.res.cfg,
         train: run.train(),
+        teacher: run.teacher.as_ref(),
         val_pairs: &val,
         dev: dev.as_ref(),
         run_dir: &run.run_dir,

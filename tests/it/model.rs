@@ -497,6 +497,7 @@ fn training_reports_through_its_observer() {
         tokenizer: &tok,
         cfg: &cfg,
         train: hypersphere::data::prepared::PairView { corpus: &corpus, ranges: &split.train },
+        teacher: None,
         val_pairs: &pairs[..4],
         dev: None,
         run_dir: run_dir.path(),
@@ -521,4 +522,46 @@ fn training_reports_through_its_observer() {
         "finish",
     ];
     assert_eq!(events, want);
+}
+
+/// `loss.mean_teacher`: the mean view from a frozen copy of the starting model. Before any
+/// update (dropout off) it equals the same pass's mean view, so loss and gradients match the
+/// plain path, in one batch and through GradCache; the teacher's weights get no gradient.
+#[test]
+fn frozen_teacher_gives_the_same_pass_view_before_training() {
+    use hypersphere::config::LossKind;
+    use hypersphere::train::{batch_gradients, batch_gradients_with, step_rows};
+    let dir = tempfile::tempdir().unwrap();
+    let files = tiny_model(&dir.path().join("m"), 12, "");
+    let tok = TextTokenizer::load(&files.tokenizer, 32).unwrap();
+    let enc = Encoder::load(&files, Pooling::Cls, true, &Device::Cpu).unwrap();
+    let teacher = Encoder::load(&files, Pooling::Mean, false, &Device::Cpu).unwrap();
+    let pairs = reversed_pairs();
+    let refs: Vec<[&str; 2]> = pairs.iter().map(|p| [&*p.anchor, &*p.positive]).collect();
+    let cfg = LossConfig { kind: LossKind::AlignUniform, w_align: 0.0, w_mean: 2.0, ..Default::default() };
+    for m in [6, 3] {
+        let micro: Vec<_> = refs.chunks(m).map(|c| tok.batch(&step_rows(c, &cfg), &Device::Cpu).unwrap()).collect();
+        let own = batch_gradients(&enc, &micro, &cfg, None).unwrap().unwrap();
+        let frozen = batch_gradients_with(&enc, Some(&teacher), &micro, &cfg, None).unwrap().unwrap();
+        assert!((own.loss - frozen.loss).abs() < 1e-5, "micro {m}: {} vs {}", own.loss, frozen.loss);
+        assert!(own.parts.iter().any(|(n, v)| *n == "mean" && *v > 0.0));
+        for (name, var) in &enc.params {
+            let (a, b) = (own.grads.get(var.as_tensor()).unwrap(), frozen.grads.get(var.as_tensor()).unwrap());
+            let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+            assert!(max_abs_diff(a, b) <= 1e-3 * scale, "micro {m} {name}");
+        }
+        for (_, var) in &teacher.params {
+            assert!(frozen.grads.get(var.as_tensor()).is_none(), "the teacher is frozen");
+        }
+    }
+    // Another model as the teacher: the mean term is the alignment of our [CLS] rows with its
+    // mean-pooled rows, whatever the same pass's mean view would have been.
+    let other = Encoder::load(&tiny_model(&dir.path().join("t"), 13, ""), Pooling::Mean, false, &Device::Cpu).unwrap();
+    let batch = tok.batch(&step_rows(&refs, &cfg), &Device::Cpu).unwrap();
+    let g = batch_gradients_with(&enc, Some(&other), std::slice::from_ref(&batch), &cfg, None).unwrap().unwrap();
+    let want = loss::align(&enc.embed(&batch, None).unwrap(), &other.embed(&batch, None).unwrap(), 2.0).unwrap();
+    let got = g.parts.iter().find(|(n, _)| *n == "mean").unwrap().1;
+    assert!((got - want.to_scalar::<f32>().unwrap()).abs() < 1e-5, "{got} vs {want}");
+    let own = batch_gradients(&enc, std::slice::from_ref(&batch), &cfg, None).unwrap().unwrap();
+    assert!((own.parts.iter().find(|(n, _)| *n == "mean").unwrap().1 - got).abs() > 1e-3);
 }
