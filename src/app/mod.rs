@@ -77,7 +77,7 @@ pub fn open_corpus(
     opts: &PairOptions,
     strict: bool,
 ) -> Result<Prepared> {
-    let recipe = Recipe::new(crate::data::prepared::sha256_file(tokenizer_file)?, opts);
+    let recipe = Recipe::new(sha256_file(tokenizer_file)?, opts);
     let prepared = if crate::data::prepared::is_prepared(corpus) {
         match strict {
             true => Prepared::open(corpus, &recipe)?,
@@ -174,7 +174,7 @@ pub fn prepare(run: &Resolved, out: &Path) -> Result<()> {
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
     let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
     let opts = cfg.data.pair_options();
-    let recipe = Recipe::new(crate::data::prepared::sha256_file(&files.tokenizer)?, &opts);
+    let recipe = Recipe::new(sha256_file(&files.tokenizer)?, &opts);
     let encode = tokenizer.encoder()?;
     let t0 = std::time::Instant::now();
     let mut last = t0;

@@ -15,16 +15,6 @@ use super::corpus::Book;
 pub struct Pair {
     pub anchor: Arc<str>,
     pub positive: Arc<str>,
-    /// Word pieces in the anchor and the positive ([CLS]/[SEP] not counted), as counted when
-    /// the pair was made: training batches are bucketed by them.
-    pub tokens: [u32; 2],
-}
-
-impl Pair {
-    /// Word pieces in the longer of the two sentences: what the pair's padding depends on.
-    pub fn max_tokens(&self) -> u32 {
-        self.tokens[0].max(self.tokens[1])
-    }
 }
 
 /// Which neighbours make pairs. Default (the one place it is set; `data.*` in configs starts

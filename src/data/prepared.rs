@@ -138,15 +138,6 @@ pub fn discard_if_stale(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
 /// One book split and tokenized, serialised for appending: offsets are relative to the book.
 struct BookData {
     entry: BookEntry,
@@ -729,12 +720,7 @@ impl PairView<'_> {
     /// Pair `k` as text.
     pub fn pair(&self, k: usize) -> super::pairs::Pair {
         let a = self.corpus.pair_anchor(self.ranges.global(k));
-        let [x, y] = [a, a + 1].map(|i| self.corpus.ids(i).len() as u32);
-        super::pairs::Pair {
-            anchor: self.corpus.text(a).into(),
-            positive: self.corpus.text(a + 1).into(),
-            tokens: [x, y],
-        }
+        super::pairs::Pair { anchor: self.corpus.text(a).into(), positive: self.corpus.text(a + 1).into() }
     }
 }
 

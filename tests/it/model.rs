@@ -24,12 +24,7 @@ const SENTENCES: [&str; 6] = [
 
 /// Each fixture sentence paired with the one at the mirrored position: six distinct pairs.
 fn reversed_pairs() -> Vec<hypersphere::data::pairs::Pair> {
-    let words = |s: &str| s.split_whitespace().count() as u32;
-    let pair = |(a, b): (&&str, &&str)| hypersphere::data::pairs::Pair {
-        anchor: (*a).into(),
-        positive: (*b).into(),
-        tokens: [words(a), words(b)],
-    };
+    let pair = |(a, b): (&&str, &&str)| hypersphere::data::pairs::Pair { anchor: (*a).into(), positive: (*b).into() };
     SENTENCES.iter().zip(SENTENCES.iter().rev()).map(pair).collect()
 }
 
