@@ -87,7 +87,6 @@ pub fn open_corpus(
         let abs = std::fs::canonicalize(corpus).map_err(|e| crate::Error::io(corpus, e))?;
         let key = crate::data::prepared::cache_key(&abs, &recipe);
         let dir = SourceOptions::from_env().cache_dir.join("corpora").join(key);
-        crate::data::prepared::discard_if_stale(&dir)?;
         let encode = tokenizer.encoder()?;
         let mut last = std::time::Instant::now();
         let mut progress = |done: usize, all: usize| {

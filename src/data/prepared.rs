@@ -117,10 +117,8 @@ pub fn cache_key(corpus: &Path, recipe: &Recipe) -> String {
     format!("{name}-{}", &hash[..16])
 }
 
-/// Delete a cached prepared corpus whose source books changed (added, removed, resized or
-/// modified since), so that it is prepared again; a folder being prepared is left alone.
-pub fn discard_if_stale(dir: &Path) -> Result<()> {
-    let Ok(m) = read_manifest(dir) else { return Ok(()) };
+/// Whether the books `m` was prepared from changed since (added, removed, resized or modified).
+fn is_stale(m: &Manifest) -> bool {
     let now: Option<Vec<(PathBuf, u64, u64)>> = walk_books(&m.source).ok().and_then(|w| {
         w.files
             .into_iter()
@@ -132,8 +130,18 @@ pub fn discard_if_stale(dir: &Path) -> Result<()> {
             .collect()
     });
     let then: Vec<(PathBuf, u64, u64)> = m.books.iter().map(|b| (b.path.clone(), b.bytes, b.modified)).collect();
-    if now.as_ref() != Some(&then) {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    now.as_ref() != Some(&then)
+}
+
+/// Remove a prepared folder's files, the manifest first (so it no longer counts as prepared);
+/// the lock file stays, held by the caller.
+fn clear(dir: &Path) -> Result<()> {
+    for name in [MANIFEST, PROGRESS].iter().chain(FILES.iter()) {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -260,8 +268,10 @@ impl Writer {
 
 /// Split and tokenize the books under `corpus` into `dir`, a few books at a time in parallel;
 /// `encode` gives a sentence's word-piece ids (None when it cannot be tokenized). A folder
-/// already holding this corpus with this recipe is returned as it is; one holding another
-/// recipe is refused. After a kill, the next call goes on from the last finished chunk.
+/// already holding this corpus with this recipe is returned as it is, or prepared again if its
+/// books changed since; one holding another recipe or another corpus is refused. After a kill,
+/// the next call goes on from the last finished chunk. Everything happens under the folder's
+/// lock, so processes preparing the same folder at once take turns.
 /// `progress(books done, books)` is called after each chunk.
 pub fn prepare(
     corpus: &Path,
@@ -276,7 +286,19 @@ pub fn prepare(
     if is_prepared(dir) {
         let m = read_manifest(dir)?;
         check_recipe(dir, &m.recipe, recipe)?;
-        return Ok(m);
+        if m.source != corpus {
+            let why = format!(
+                "holds a prepared copy of {}, not of {}: choose another folder",
+                m.source.display(),
+                corpus.display()
+            );
+            return Err(Error::data(dir, why));
+        }
+        if !is_stale(&m) {
+            return Ok(m);
+        }
+        eprintln!("{}: the books changed since it was prepared; preparing it again", dir.display());
+        clear(dir)?;
     }
     let walk = walk_books(corpus)?;
     let header = ProgressHeader { recipe: recipe.clone(), files: files_hash(&walk.files)? };
@@ -833,7 +855,7 @@ mod tests {
     /// A prepared folder is refused for another tokenizer or other options, naming the
     /// difference; a cached one is discarded when a book changes.
     #[test]
-    fn mismatches_are_refused_and_stale_caches_dropped() {
+    fn mismatches_are_refused_and_stale_folders_prepared_again() {
         let tmp = tempfile::tempdir().unwrap();
         let root = books(tmp.path(), 2);
         let dir = tmp.path().join("prepared");
@@ -848,11 +870,42 @@ mod tests {
             .to_string();
         assert!(e.contains("1..=8") && e.contains("1..=64"), "{e}");
         assert!(Prepared::open_any(&dir).is_ok());
-        // Unchanged books keep the cache; a changed one drops it.
-        discard_if_stale(&dir).unwrap();
-        assert!(is_prepared(&dir));
+        // Unchanged books keep the folder; a changed one has it prepared again.
+        let before = read_manifest(&dir).unwrap();
+        assert_eq!(
+            prepare(&root, &dir, &recipe(), &opts(), &words, &mut |_, _| panic!("prepared again")).unwrap(),
+            before
+        );
         std::fs::write(root.join("book00.txt"), "A new text. With two sentences.\n").unwrap();
-        discard_if_stale(&dir).unwrap();
-        assert!(!dir.exists());
+        let after = prepare(&root, &dir, &recipe(), &opts(), &words, &mut |_, _| {}).unwrap();
+        assert_ne!(after.books[0].sha256, before.books[0].sha256);
+        assert_eq!(Prepared::open(&dir, &recipe()).unwrap().manifest, after);
+        // Another corpus into the same folder is refused.
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("b.txt"), "One sentence here. And one more.\n").unwrap();
+        let e = prepare(&other, &dir, &recipe(), &opts(), &words, &mut |_, _| {}).err().unwrap().to_string();
+        assert!(e.contains("another folder"), "{e}");
+    }
+
+    /// Processes preparing the same stale folder at once take turns under its lock: each gets
+    /// the whole, new corpus (the stale check used to run before the lock, and one process
+    /// could delete the files the other was writing).
+    #[test]
+    fn concurrent_prepares_of_a_stale_folder_agree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = books(tmp.path(), 6);
+        let dir = tmp.path().join("prepared");
+        prepare(&root, &dir, &recipe(), &opts(), &words, &mut |_, _| {}).unwrap();
+        std::fs::write(root.join("book00.txt"), "A new text. With two sentences.\n").unwrap();
+        let results: Vec<Manifest> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| prepare(&root, &dir, &recipe(), &opts(), &words, &mut |_, _| {}).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.iter().all(|m| *m == results[0]));
+        assert_eq!(Prepared::open(&dir, &recipe()).unwrap().manifest, results[0]);
+        assert!(!is_stale(&results[0]));
     }
 }

@@ -8,6 +8,8 @@ fn hypersphere(args: &[&str], cwd: &Path) -> Output {
         .args(args)
         .current_dir(cwd)
         .env_remove("HYPERSPHERE_DATA")
+        // Prepared copies of the test's corpora go to its own folder, not the user's cache.
+        .env("HYPERSPHERE_CACHE", cwd.join(".cache"))
         .output()
         .unwrap()
 }
@@ -30,9 +32,12 @@ fn tiny_finetune(dir: &Path, corpus: &Path, extra: &[&str]) -> Output {
         format!("model.source={model_dir}"),
         format!("data.corpus={}", corpus.display()),
         "model.pooling=\"mean\"".into(),
-        // The default config's mean-pooled view and STS-B dev selection need [CLS] pooling
-        // and the data folder: tests that want them set them.
+        // The default config's mean-pooled view (from a frozen teacher) and STS-B dev selection
+        // need [CLS] pooling and the data folder: tests that want them set them. Adjacent pairs
+        // and uniformity train instead.
         "loss.w_mean=0".into(),
+        "loss.mean_teacher=false".into(),
+        "loss.w_align=1".into(),
         "train.select=\"last\"".into(),
         "data.val_fraction=0.25".into(),
         "data.min_tokens=2".into(),
