@@ -131,6 +131,7 @@ def run_all(args):
     commands, first_digest = {}, None
     for k in range(1, args.runs + 1):
         ours = [args.hypersphere, "bench", "--steps", str(args.steps), "--set", f'model.pooling="{args.pooling}"',
+                *REFERENCE_LOSS,
                 "--export-inputs", inputs, "--out", os.path.join(out, f"hypersphere-{k}.json")]
         run(f"hypersphere run {k}/{args.runs}", ours_env, ours)
         # Every run re-exports the inputs; they should not change, or the torch runs would not
@@ -323,6 +324,13 @@ def markdown(s):
         theirs = ", ".join(fmt(x) for x in v["pytorch"])
         lines.append(f"- {label}: hypersphere [{ours}]; pytorch [{theirs}]")
     return "\n".join(lines) + "\n"
+
+
+# torch_bench.py's loss (alignment + uniformity 1/1 at t = 2 over adjacent pairs, no teacher),
+# set on our side whatever the default config trains with, so both time the same step.
+REFERENCE_LOSS = [arg for kv in ['loss.kind="align_uniform"', "loss.w_align=1", "loss.w_uniform=1", "loss.t=2",
+                                 "loss.w_infonce=0", "loss.w_mean=0", "loss.w_dropout=0", "loss.w_distill=0",
+                                 "loss.w_simcorr=0", "loss.mean_teacher=false"] for arg in ("--set", kv)]
 
 
 def main():

@@ -95,6 +95,8 @@ pub struct BenchReport {
     pub model: String,
     pub threads: usize,
     pub pooling: Pooling,
+    /// Whether each step also runs the frozen teacher's forward pass (`loss.mean_teacher`).
+    pub mean_teacher: bool,
     pub gemm: Gemm,
     pub train_fixed: TrainFixed,
     pub train_mix: TrainMix,
@@ -187,6 +189,7 @@ fn step_s(s: &StepStats) -> f64 {
 pub fn run(
     cfg: &RunConfig,
     encoder: &Encoder,
+    teacher: Option<&Encoder>,
     inference: &Encoder,
     tokenizer: &TextTokenizer,
     embed_tokenizer: &TextTokenizer,
@@ -200,14 +203,15 @@ pub fn run(
     let gemm = Gemm { n: 2048, gflops: gemm_gflops(2048, device)? };
     eprintln!("  {:.1} GFLOP/s", gemm.gflops);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let train_fixed = train_fixed(cfg, encoder, opts, &mut rng, device)?;
-    let train_mix = train_mix(cfg, encoder, tokenizer, pairs, opts, export, &mut rng, device)?;
+    let train_fixed = train_fixed(cfg, encoder, teacher, opts, &mut rng, device)?;
+    let train_mix = train_mix(cfg, encoder, teacher, tokenizer, pairs, opts, export, &mut rng, device)?;
     let embed = embed(cfg, inference, embed_tokenizer, sentences, opts, export, device)?;
     Ok(BenchReport {
         implementation: "hypersphere",
         model: encoder.files.spec.clone(),
         threads: rayon::current_num_threads(),
         pooling: encoder.pooling,
+        mean_teacher: teacher.is_some(),
         gemm,
         train_fixed,
         train_mix,
@@ -220,12 +224,21 @@ pub fn run(
 fn bench_step(
     cfg: &RunConfig,
     encoder: &Encoder,
+    teacher: Option<&Encoder>,
     opt: &mut AdamW,
     batch: &Batch,
     rng: &mut StdRng,
 ) -> Result<StepStats> {
-    let out = train_step(encoder, opt, std::slice::from_ref(batch), &cfg.loss, cfg.train.max_grad_norm, Some(rng))?;
-    updated(out)
+    let micro = std::slice::from_ref(batch);
+    updated(train_step(encoder, teacher, opt, micro, &cfg.loss, cfg.train.max_grad_norm, Some(rng))?)
+}
+
+/// Matmul FLOPs of one step on `rows x seq` (nominal, executed): forward and backward (twice
+/// the forward), plus the frozen teacher's forward when there is one.
+fn step_flop(encoder: &Encoder, teacher: bool, rows: usize, seq: usize) -> (f64, f64) {
+    let (nominal, executed) = forward_flop(&encoder.config, rows, seq, encoder.pooling == Pooling::Cls);
+    let extra = if teacher { forward_flop(&encoder.config, rows, seq, false).1 } else { 0.0 };
+    (3.0 * nominal, 3.0 * executed + extra)
 }
 
 /// (a) A fixed shape: `batch_pairs` pairs of `max_len` random word pieces, median of the steps
@@ -233,24 +246,24 @@ fn bench_step(
 fn train_fixed(
     cfg: &RunConfig,
     encoder: &Encoder,
+    teacher: Option<&Encoder>,
     opts: &BenchOptions,
     rng: &mut StdRng,
     device: &Device,
 ) -> Result<TrainFixed> {
-    let cls_only = encoder.pooling == Pooling::Cls;
     let mut opt = AdamW::new(encoder.vars(), cfg.train.adamw())?;
     let (n_pairs, seq) = (cfg.train.batch_pairs, cfg.model.max_len);
     let rows = crate::loss::views(&cfg.loss) * n_pairs;
     let batch = synthetic_batch(rows, seq, encoder.config.vocab_size, rng, device)?;
     let mut stats = Vec::new();
     for i in 0..=opts.steps.max(1) {
-        let s = bench_step(cfg, encoder, &mut opt, &batch, rng)?;
+        let s = bench_step(cfg, encoder, teacher, &mut opt, &batch, rng)?;
         eprintln!("train {n_pairs}x{seq} step {i}{}: {:.3}s", if i == 0 { " (warm-up)" } else { "" }, step_s(&s));
         if i > 0 {
             stats.push(s);
         }
     }
-    let (nominal, executed) = forward_flop(&encoder.config, rows, seq, cls_only);
+    let (nominal, executed) = step_flop(encoder, teacher.is_some(), rows, seq);
     let step = median(stats.iter().map(step_s).collect());
     Ok(TrainFixed {
         pairs: n_pairs,
@@ -261,9 +274,9 @@ fn train_fixed(
         optimizer_s: median(stats.iter().map(|s| s.optimizer_s).collect()),
         step_s: step,
         pairs_per_s: n_pairs as f64 / step,
-        gflop_per_step: 3.0 * nominal / 1e9,
-        gflop_executed_per_step: 3.0 * executed / 1e9,
-        achieved_gflops: 3.0 * executed / 1e9 / step,
+        gflop_per_step: nominal / 1e9,
+        gflop_executed_per_step: executed / 1e9,
+        achieved_gflops: executed / 1e9 / step,
     })
 }
 
@@ -272,6 +285,7 @@ fn train_fixed(
 fn train_mix(
     cfg: &RunConfig,
     encoder: &Encoder,
+    teacher: Option<&Encoder>,
     tokenizer: &TextTokenizer,
     pairs: PairView,
     opts: &BenchOptions,
@@ -293,19 +307,19 @@ fn train_mix(
         export_batches(dir, &batches)?;
     }
     let mut opt = AdamW::new(encoder.vars(), cfg.train.adamw())?;
-    bench_step(cfg, encoder, &mut opt, &batches[0], rng)?;
+    bench_step(cfg, encoder, teacher, &mut opt, &batches[0], rng)?;
     let mut m = TrainMix { batches: batches.len(), pairs: batches.len() * n_pairs, ..TrainMix::default() };
     let mut padded = 0;
     for (i, b) in batches.iter().enumerate() {
-        let s = bench_step(cfg, encoder, &mut opt, b, rng)?;
+        let s = bench_step(cfg, encoder, teacher, &mut opt, b, rng)?;
         let (rows, len) = b.input_ids.dims2()?;
         eprintln!("train mix batch {i} ({rows} x {len}): {:.3}s", step_s(&s));
         (m.forward_s, m.backward_s, m.optimizer_s) =
             (m.forward_s + s.forward_s, m.backward_s + s.backward_s, m.optimizer_s + s.optimizer_s);
         m.tokens += b.lengths.iter().sum::<usize>();
         padded += len;
-        let (n, e) = forward_flop(&encoder.config, rows, len, encoder.pooling == Pooling::Cls);
-        (m.gflop, m.gflop_executed) = (m.gflop + 3.0 * n / 1e9, m.gflop_executed + 3.0 * e / 1e9);
+        let (n, e) = step_flop(encoder, teacher.is_some(), rows, len);
+        (m.gflop, m.gflop_executed) = (m.gflop + n / 1e9, m.gflop_executed + e / 1e9);
     }
     m.seconds = m.forward_s + m.backward_s + m.optimizer_s;
     m.mean_seq = padded as f64 / batches.len() as f64;

@@ -118,24 +118,10 @@ fn mean_rows(mean: Option<Tensor>, views: usize) -> candle_core::Result<Option<T
 /// `G` with respect to them, then run each micro-batch again with a graph and back-propagate
 /// `sum(e * G)`; the parameter gradients add up to the full batch's. Each micro-batch draws
 /// its dropout masks from its own seed, so both passes see the same masks.
+///
+/// With a frozen `teacher` (`loss.mean_teacher`), the mean-pooled view comes from it instead of
+/// from the same pass.
 pub fn batch_gradients(
-    encoder: &Encoder,
-    micro: &[Batch],
-    loss_cfg: &LossConfig,
-    dropout_rng: Option<&mut StdRng>,
-) -> Result<std::result::Result<Gradients, NonFinite>> {
-    batch_gradients_with(encoder, None, micro, loss_cfg, dropout_rng)
-}
-
-/// The mean-pooled target rows of a micro-batch from a frozen `teacher` (mean pooling, no
-/// dropout, no gradient), laid out like the encoder's own mean view.
-fn teacher_view(teacher: Option<&Encoder>, batch: &Batch) -> candle_core::Result<Option<Tensor>> {
-    teacher.map(|t| Ok(t.embed(batch, None)?.detach())).transpose()
-}
-
-/// [`batch_gradients`], the mean-pooled view taken from a frozen `teacher` when given (see
-/// `loss.mean_teacher`) instead of from the same pass.
-pub fn batch_gradients_with(
     encoder: &Encoder,
     teacher: Option<&Encoder>,
     micro: &[Batch],
@@ -208,6 +194,12 @@ pub fn batch_gradients_with(
     Ok(Ok(Gradients { loss, parts: parts.parts, grads: acc, forward_s, backward_s }))
 }
 
+/// The mean-pooled target rows of a micro-batch from a frozen `teacher` (mean pooling, no
+/// dropout, no gradient), laid out like the encoder's own mean view.
+fn teacher_view(teacher: Option<&Encoder>, batch: &Batch) -> candle_core::Result<Option<Tensor>> {
+    teacher.map(|t| Ok(t.embed(batch, None)?.detach())).transpose()
+}
+
 /// GradCache's second pass: each micro-batch embedded again with its graph (and its own dropout
 /// stream), `sum(e * G)` back-propagated with its rows of `G` (one tensor per view block, rows
 /// in micro-batch order), and the parameter gradients added up.
@@ -243,20 +235,8 @@ fn backprop_rows(
 }
 
 /// Forward, backward and (when the numbers are finite) an optimizer update on one batch, given
-/// as one or more micro-batches (see [`batch_gradients`]).
+/// as one or more micro-batches, with an optional frozen `teacher` (see [`batch_gradients`]).
 pub fn train_step(
-    encoder: &Encoder,
-    opt: &mut AdamW,
-    micro: &[Batch],
-    loss_cfg: &LossConfig,
-    max_grad_norm: f64,
-    dropout_rng: Option<&mut StdRng>,
-) -> Result<StepOutcome> {
-    train_step_with(encoder, None, opt, micro, loss_cfg, max_grad_norm, dropout_rng)
-}
-
-/// [`train_step`] with the mean-pooled view from a frozen `teacher` (see [`batch_gradients_with`]).
-pub fn train_step_with(
     encoder: &Encoder,
     teacher: Option<&Encoder>,
     opt: &mut AdamW,
@@ -265,7 +245,7 @@ pub fn train_step_with(
     max_grad_norm: f64,
     dropout_rng: Option<&mut StdRng>,
 ) -> Result<StepOutcome> {
-    let g = match batch_gradients_with(encoder, teacher, micro, loss_cfg, dropout_rng)? {
+    let g = match batch_gradients(encoder, teacher, micro, loss_cfg, dropout_rng)? {
         Ok(g) => g,
         Err(e) => return Ok(StepOutcome::Skipped(e)),
     };
@@ -943,7 +923,7 @@ impl<'a> Run<'a> {
         let micro = step_batches(&ids, cfg.train.micro_batch_pairs, &cfg.loss, inp.tokenizer, inp.device)?;
         let mut dropout_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, 2, state.step + 1));
         let rng = cfg.train.dropout.then_some(&mut dropout_rng);
-        train_step_with(inp.encoder, inp.teacher, opt, &micro, &cfg.loss, cfg.train.max_grad_norm, rng)
+        train_step(inp.encoder, inp.teacher, opt, &micro, &cfg.loss, cfg.train.max_grad_norm, rng)
     }
 
     /// Count a skipped step; past `train.max_bad_steps` the run stops.

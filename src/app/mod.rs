@@ -256,6 +256,10 @@ pub fn bench(
     let (cfg, device) = (&run.cfg, &run.device);
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
     let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
+    let teacher = match cfg.loss.mean_teacher {
+        true => Some(Encoder::load(&files, Pooling::Mean, false, device)?),
+        false => None,
+    };
     // Embedding as `embed` does it: the model's own pooling (mean for sentence-transformers).
     let pooling = saved_pooling(&files).unwrap_or(Pooling::Mean);
     let inference = Encoder::load(&files, pooling, false, device)?;
@@ -266,6 +270,7 @@ pub fn bench(
     let report = crate::bench::run(
         cfg,
         &encoder,
+        teacher.as_ref(),
         &inference,
         &tokenizer,
         &embed_tokenizer,

@@ -171,8 +171,16 @@ fn train_tiny(seed: u64, steps: usize) -> (Vec<f32>, Vec<f32>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let losses: Vec<f32> = (0..steps)
         .map(|_| {
-            match train_step(&enc, &mut opt, std::slice::from_ref(&batch), &LossConfig::default(), 1.0, Some(&mut rng))
-                .unwrap()
+            match train_step(
+                &enc,
+                None,
+                &mut opt,
+                std::slice::from_ref(&batch),
+                &LossConfig::default(),
+                1.0,
+                Some(&mut rng),
+            )
+            .unwrap()
             {
                 StepOutcome::Updated(s) => s.loss,
                 StepOutcome::Skipped(why) => panic!("skipped: {}", why.0),
@@ -202,7 +210,7 @@ fn export_then_reload_gives_the_same_embeddings() {
     let mut opt =
         AdamW::new(enc.vars(), TrainConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() }.adamw()).unwrap();
     let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
-    train_step(&enc, &mut opt, std::slice::from_ref(&batch), &LossConfig::default(), 1.0, None).unwrap();
+    train_step(&enc, None, &mut opt, std::slice::from_ref(&batch), &LossConfig::default(), 1.0, None).unwrap();
     let out = d.path().join("exported");
     hypersphere::export::write_model(&enc, &out, 32, &dev).unwrap();
     for f in [
@@ -319,9 +327,9 @@ fn micro_batches_give_the_full_batch_gradient() {
     for cfg in &losses {
         let micro =
             |m: usize| -> Vec<_> { refs.chunks(m).map(|c| tok.batch(&step_rows(c, cfg), &dev).unwrap()).collect() };
-        let full = batch_gradients(&enc, &micro(6), cfg, None).unwrap().unwrap();
+        let full = batch_gradients(&enc, None, &micro(6), cfg, None).unwrap().unwrap();
         for m in [2, 4] {
-            let cached = batch_gradients(&enc, &micro(m), cfg, None).unwrap().unwrap();
+            let cached = batch_gradients(&enc, None, &micro(m), cfg, None).unwrap().unwrap();
             assert!((cached.loss - full.loss).abs() < 1e-5, "{:?} loss {} vs {}", cfg.kind, cached.loss, full.loss);
             for (name, var) in &enc.params {
                 let a = full.grads.get(var.as_tensor()).unwrap();
@@ -360,7 +368,7 @@ fn reference_and_fused_encoders_agree_on_values_and_gradients() {
         let run = |k: Kernels| {
             let enc = Encoder::load_with(&files, pooling, true, &dev, k).unwrap();
             let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-            let g = batch_gradients(&enc, std::slice::from_ref(&batch), &cfg, Some(&mut rng)).unwrap().unwrap();
+            let g = batch_gradients(&enc, None, std::slice::from_ref(&batch), &cfg, Some(&mut rng)).unwrap().unwrap();
             let grads: Vec<(String, candle_core::Tensor)> =
                 enc.params.iter().map(|(n, v)| (n.clone(), g.grads.get(v.as_tensor()).unwrap().clone())).collect();
             (g.loss, grads)
@@ -525,7 +533,7 @@ fn training_reports_through_its_observer() {
 #[test]
 fn frozen_teacher_gives_the_same_pass_view_before_training() {
     use hypersphere::config::LossKind;
-    use hypersphere::train::{batch_gradients, batch_gradients_with, step_rows};
+    use hypersphere::train::{batch_gradients, step_rows};
     let dir = tempfile::tempdir().unwrap();
     let files = tiny_model(&dir.path().join("m"), 12, "");
     let tok = TextTokenizer::load(&files.tokenizer, 32).unwrap();
@@ -536,8 +544,8 @@ fn frozen_teacher_gives_the_same_pass_view_before_training() {
     let cfg = LossConfig { kind: LossKind::AlignUniform, w_align: 0.0, w_mean: 2.0, ..Default::default() };
     for m in [6, 3] {
         let micro: Vec<_> = refs.chunks(m).map(|c| tok.batch(&step_rows(c, &cfg), &Device::Cpu).unwrap()).collect();
-        let own = batch_gradients(&enc, &micro, &cfg, None).unwrap().unwrap();
-        let frozen = batch_gradients_with(&enc, Some(&teacher), &micro, &cfg, None).unwrap().unwrap();
+        let own = batch_gradients(&enc, None, &micro, &cfg, None).unwrap().unwrap();
+        let frozen = batch_gradients(&enc, Some(&teacher), &micro, &cfg, None).unwrap().unwrap();
         assert!((own.loss - frozen.loss).abs() < 1e-5, "micro {m}: {} vs {}", own.loss, frozen.loss);
         assert!(own.parts.iter().any(|(n, v)| *n == "mean" && *v > 0.0));
         for (name, var) in &enc.params {
@@ -553,10 +561,10 @@ fn frozen_teacher_gives_the_same_pass_view_before_training() {
     // mean-pooled rows, whatever the same pass's mean view would have been.
     let other = Encoder::load(&tiny_model(&dir.path().join("t"), 13, ""), Pooling::Mean, false, &Device::Cpu).unwrap();
     let batch = tok.batch(&step_rows(&refs, &cfg), &Device::Cpu).unwrap();
-    let g = batch_gradients_with(&enc, Some(&other), std::slice::from_ref(&batch), &cfg, None).unwrap().unwrap();
+    let g = batch_gradients(&enc, Some(&other), std::slice::from_ref(&batch), &cfg, None).unwrap().unwrap();
     let want = loss::align(&enc.embed(&batch, None).unwrap(), &other.embed(&batch, None).unwrap(), 2.0).unwrap();
     let got = g.parts.iter().find(|(n, _)| *n == "mean").unwrap().1;
     assert!((got - want.to_scalar::<f32>().unwrap()).abs() < 1e-5, "{got} vs {want}");
-    let own = batch_gradients(&enc, std::slice::from_ref(&batch), &cfg, None).unwrap().unwrap();
+    let own = batch_gradients(&enc, None, std::slice::from_ref(&batch), &cfg, None).unwrap().unwrap();
     assert!((own.parts.iter().find(|(n, _)| *n == "mean").unwrap().1 - got).abs() > 1e-3);
 }
