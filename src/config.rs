@@ -501,8 +501,9 @@ mod tests {
         }
         assert!(n >= 4);
         let default = RunConfig::load(Some(&dir.join("default.toml")), &[]).unwrap();
+        // The default starts from the [CLS] cone and learns from a frozen teacher's mean pooling.
         assert_eq!(default.model.pooling, Pooling::Cls);
-        assert_eq!(default.train.lr, 2e-5);
+        assert!(default.loss.mean_teacher && default.loss.w_mean > 0.0);
     }
 
     #[test]

@@ -120,6 +120,11 @@ CANDIDATES = {
     "au-meanT10-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=1", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
     "au-meanT10-u5-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=5", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
     "au-meanT10-u20-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=20", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    # Round 5: adjacent pairs back on top of the frozen-teacher winner (u20 at t=0.5, lr 1e-4).
+    "au-meanT10-adj1-u20-t0.5-norm-lr1e-4": ["loss.w_align=1", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=20", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    "mix-meanT10-u20-t0.5-norm-lr1e-4": ["loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=20", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    "au-meanT10-adj3-u20-t0.5-norm-lr1e-4": ["loss.w_align=3", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=20", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    "au-meanT10-u10-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
     "au-3-1-norm-b128": ["loss.w_align=3", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.steps=75"],
 }
 
