@@ -5,6 +5,10 @@
 
 Workloads: a 2048^3 f32 matmul, 64x32 training steps on random ids, one training step per
 batch of INPUTS/mix_batches.json, and SentenceTransformer.encode over INPUTS/sentences.txt.
+
+On a GPU (issue 14): `--device cuda --dtype bf16` trains under bf16 autocast (f32 weights and
+Adam state), `--shapes 128x32,512x32,1024x64` adds fixed-shape steps at those pairs x tokens
+(`train_shapes` in the JSON), and every timing waits for the device to finish.
 """
 import argparse
 import json
@@ -28,6 +32,10 @@ def parse_args():
                    help="training embedding: the [CLS] vector (hypersphere's default config) or the masked mean")
     p.add_argument("--inputs", required=True, help="folder with mix_batches.json and sentences.txt")
     p.add_argument("--out", required=True, help="JSON result file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                   help="f32, or bf16 autocast (f32 master weights and optimizer state)")
+    p.add_argument("--shapes", default="", help="extra fixed-shape steps, PAIRSxTOKENS,... (e.g. 128x32,512x32)")
     return p.parse_args()
 
 
@@ -43,6 +51,17 @@ from transformers import AutoModel  # noqa: E402
 
 # The "Loading weights" bar would clutter the progress lines compare.py streams through.
 transformers.utils.logging.disable_progress_bar()
+
+
+def sync():
+    """Wait for queued device work, so a timer measures it (a no-op on the CPU)."""
+    if ARGS.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def autocast():
+    return torch.autocast(device_type=ARGS.device.split(":")[0], dtype=torch.bfloat16,
+                          enabled=ARGS.dtype == "bf16")
 
 
 def log(msg):
@@ -102,11 +121,16 @@ def make_optimizer(model):
 
 def train_step(model, opt, input_ids, attention_mask):
     """One step; returns (forward_s, backward_s, optimizer_s)."""
+    input_ids, attention_mask = input_ids.to(ARGS.device), attention_mask.to(ARGS.device)
     token_type_ids = torch.zeros_like(input_ids)
 
+    sync()
     t0 = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-    states = out.last_hidden_state
+    with autocast():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        states = out.last_hidden_state
+    # Pooling, normalisation and the loss in f32, as hypersphere's mixed precision does.
+    states = states.float()
     if ARGS.pooling == "cls":
         pooled = states[:, 0]
     else:
@@ -119,19 +143,21 @@ def train_step(model, opt, input_ids, attention_mask):
     loss.backward()
     # The gradient-norm pass is counted with backward, as on the Rust side.
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    sync()
     t2 = time.perf_counter()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     t3 = time.perf_counter()
     return t1 - t0, t2 - t1, t3 - t2
 
 
 def fixed_batch(vocab, pairs, seq):
     rows = 2 * pairs
-    ids = torch.randint(1000, vocab, (rows, seq), dtype=torch.long)
+    ids = torch.randint(1000, vocab, (rows, seq), dtype=torch.long, device=ARGS.device)
     ids[:, 0] = 101  # [CLS]
     ids[:, -1] = 102  # [SEP]
-    mask = torch.ones(rows, seq, dtype=torch.long)
+    mask = torch.ones(rows, seq, dtype=torch.long, device=ARGS.device)
     return ids, mask
 
 
@@ -212,7 +238,9 @@ def bench_train_mix(model, opt, cfg, path):
 def bench_embed(model_dir, path, batch_size=64, max_len=128):
     with open(path) as f:
         sentences = [line.rstrip("\n") for line in f if line.strip()]
-    model = SentenceTransformer(model_dir, device="cpu")
+    model = SentenceTransformer(model_dir, device=ARGS.device)
+    # Whatever dtype the checkpoint holds: f32, or bf16 weights for --dtype bf16.
+    model = model.to(torch.bfloat16) if ARGS.dtype == "bf16" else model.float()
     model.max_seq_length = max_len
     log(f"embed: warm-up on {min(256, len(sentences))} sentences")
     model.encode(sentences[:256], batch_size=batch_size, convert_to_numpy=True,
@@ -221,6 +249,7 @@ def bench_embed(model_dir, path, batch_size=64, max_len=128):
     t0 = time.perf_counter()
     model.encode(sentences, batch_size=batch_size, convert_to_numpy=True,
                  normalize_embeddings=False, show_progress_bar=False)
+    sync()
     seconds = time.perf_counter() - t0
     return {
         "sentences": len(sentences),
@@ -232,13 +261,15 @@ def bench_embed(model_dir, path, batch_size=64, max_len=128):
 
 
 def bench_gemm(n=2048, reps=5):
-    a = torch.randn(n, n, dtype=torch.float32)
-    b = torch.randn(n, n, dtype=torch.float32)
+    a = torch.randn(n, n, dtype=torch.float32, device=ARGS.device)
+    b = torch.randn(n, n, dtype=torch.float32, device=ARGS.device)
     torch.matmul(a, b)  # warm-up
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     return {"n": n, "gflops": 2 * n**3 / t / 1e9}
@@ -260,15 +291,21 @@ def main():
         "model": args.model,
         "threads": args.threads,
         "pooling": args.pooling,
+        "device": args.device,
+        "dtype": args.dtype,
     }
 
     log("gemm")
     result["gemm"] = bench_gemm()
 
-    model = AutoModel.from_pretrained(args.model, attn_implementation="sdpa", dtype=torch.float32)
+    model = AutoModel.from_pretrained(args.model, attn_implementation="sdpa", dtype=torch.float32).to(args.device)
     model.train()  # dropout 0.1 on, as in the Rust trainer
     opt = make_optimizer(model)
     result["train_fixed"] = bench_train_fixed(model, opt, cfg, args.steps)
+    result["train_shapes"] = [
+        bench_train_fixed(model, opt, cfg, args.steps, pairs=int(p), seq=int(t))
+        for p, t in (shape.split("x") for shape in args.shapes.split(",") if shape)
+    ]
     result["train_mix"] = bench_train_mix(model, opt, cfg, os.path.join(args.inputs, "mix_batches.json"))
     # Free the training model, its gradients and Adam state before loading the encoder.
     del model, opt
@@ -276,6 +313,8 @@ def main():
     result["embed"] = bench_embed(args.model, os.path.join(args.inputs, "sentences.txt"))
     # ru_maxrss is in KiB on Linux.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
     text = json.dumps(result, indent=2)
     print(text)

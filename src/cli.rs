@@ -171,6 +171,23 @@ pub enum Command {
         #[arg(long)]
         export_inputs: Option<PathBuf>,
     },
+    /// One training step on --device against the same step on the CPU, from the same weights
+    /// and batch: the loss, every gradient and the updated weights within stated tolerances
+    /// (exit code 1 outside them). With --device cpu the reference ops (what other devices
+    /// run) are checked against the fused CPU kernels.
+    CheckDevice {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Pairs in the batch (rows = pairs x the loss's views).
+        #[arg(long, default_value_t = 16)]
+        pairs: usize,
+        /// Tokens per row (every other row padded shorter).
+        #[arg(long, default_value_t = 32)]
+        seq: usize,
+        /// Also write the JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -238,6 +255,12 @@ pub fn run(cli: Cli) -> Result<bool> {
                 println!("{spec}: {}", files.weights.parent().unwrap_or(Path::new(".")).display());
             }
             Ok(true)
+        }
+        Command::CheckDevice { run, pairs, seq, out } => {
+            // Only the model and the loss matter: no corpus or data folder is resolved.
+            let cfg = RunConfig::load(run.config.as_deref(), &run.overrides)?;
+            let device = app::device(flag.unwrap_or(&cfg.model.device), "--device")?;
+            app::check_device(&cfg, &device, pairs, seq, out.as_deref())
         }
         Command::Bench { run, steps, mix_batches, embed_sentences, out, export_inputs } => {
             let opts = BenchOptions { steps, mix_batches, embed_sentences, embed_batch: 64, embed_max_len: 128 };

@@ -8,6 +8,7 @@ pub mod compare;
 pub mod config;
 pub mod cpu;
 pub mod data;
+pub mod device_check;
 pub mod distributed;
 pub mod error;
 pub mod eval;

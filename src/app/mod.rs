@@ -288,6 +288,43 @@ pub fn bench(
     Ok(())
 }
 
+/// `check-device`: [`crate::device_check::check`] on `pairs` x `seq`, a summary on stderr, the
+/// JSON on stdout and in `out`. False when out of tolerance.
+pub fn check_device(
+    cfg: &crate::config::RunConfig,
+    device: &Device,
+    pairs: usize,
+    seq: usize,
+    out: Option<&Path>,
+) -> Result<bool> {
+    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+    let rows = crate::loss::views(&cfg.loss) * pairs;
+    eprintln!("one step of {rows} x {seq} on the CPU (fused ops) and on {device:?}");
+    let c = crate::device_check::check(&files, cfg, device, rows, seq)?;
+    eprintln!("loss: CPU {:.7} device {:.7} (relative difference {:.2e})", c.loss_cpu, c.loss_device, c.loss_rel_diff);
+    for p in c.grads.iter().take(3) {
+        eprintln!(
+            "gradient {}: max |g| {:.3e}, max difference {:.3e} (relative {:.2e})",
+            p.name, p.max_abs, p.max_abs_diff, p.rel
+        );
+    }
+    eprintln!(
+        "updated weights: max difference {:.3e}, {:.4}% more than lr/100 apart",
+        c.weights_max_abs_diff,
+        100.0 * c.weights_flipped_share
+    );
+    let text = serde_json::to_string_pretty(&c)?;
+    println!("{text}");
+    if let Some(path) = out {
+        crate::atomic::write_atomic(path, text.as_bytes())?;
+    }
+    match c.passed() {
+        true => eprintln!("passed: every value within tolerance ({} parameters)", c.grads.len()),
+        false => eprintln!("FAILED:\n  {}", c.failures.join("\n  ")),
+    }
+    Ok(c.passed())
+}
+
 /// `eval`: the model on the tasks and user STS sets of `opts`; tables on stdout, `eval.json`
 /// (saved after each task, `"complete": false` until the last) and `eval.md` in `out`.
 pub fn evaluate(model: &embed::ModelArgs, opts: &EvalOptions, out: &Path, device: &Device) -> Result<Vec<Evaluated>> {

@@ -591,6 +591,47 @@ fn device_flag_names_what_is_missing() {
     assert!(e.contains("cuda:1"), "{e}");
 }
 
+/// `check-device --device cpu`: the reference ops every other device runs against the fused
+/// CPU kernels, one step of the default loss (frozen teacher included) on a tiny model.
+#[test]
+fn check_device_on_the_cpu_passes_and_reports_every_parameter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 5, "");
+    let model_dir = model.config.parent().unwrap().to_str().unwrap().to_string();
+    let json = tmp.path().join("check.json");
+    let source = format!("model.source={model_dir}");
+    let args = [
+        "check-device",
+        "--device",
+        "cpu",
+        "--set",
+        &source,
+        "--pairs",
+        "4",
+        "--seq",
+        "12",
+        "--out",
+        json.to_str().unwrap(),
+    ];
+    let out = hypersphere(&args, tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(c["device_kernels"], "reference");
+    assert_eq!(c["failures"].as_array().unwrap().len(), 0);
+    // Every trained parameter compared, and the two sides really computed a loss.
+    let encoder = hypersphere::model::Encoder::load(
+        &model,
+        hypersphere::model::pooling::Pooling::Cls,
+        true,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(c["grads"].as_array().unwrap().len(), encoder.params.len());
+    let (a, b) = (c["loss_cpu"].as_f64().unwrap(), c["loss_device"].as_f64().unwrap());
+    assert!(a.is_finite() && a != 0.0 && (a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} {b}");
+    assert!(c["grads"][0]["max_abs"].as_f64().unwrap() >= 0.0);
+}
+
 /// An unknown `[eval]` task in a finetune config fails before the run folder is touched.
 #[test]
 fn unknown_eval_task_fails_before_the_run_starts() {
