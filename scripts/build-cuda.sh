@@ -49,8 +49,12 @@ if [ ! -f "$stub" ]; then
   sys="$(dirname "$sys")/src/driver/sys/mod.rs"
   mkdir -p "$(dirname "$stub")"
   grep -oE '\bpub (unsafe )?fn (cu[A-Za-z0-9_]+)' "$sys" | awk '{print $NF}' | sort -u \
-    | sed 's/.*/void &(void) {}/' > "$CUDA_HOME/lib/stubs/libcuda.c"
+    | sed 's/.*/int &(void) { return 100; }/' > "$CUDA_HOME/lib/stubs/libcuda.c"
+  # Every function answers CUDA_ERROR_NO_DEVICE (100), so a binary started against the stub
+  # (LD_LIBRARY_PATH=$CUDA_HOME/lib/stubs:$CUDA_HOME/lib, for a dry run) runs on the CPU and
+  # reports a CUDA device as missing.
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$CUDA_HOME/lib/stubs/libcuda.c"
+  ln -sf libcuda.so "$CUDA_HOME/lib/stubs/libcuda.so.1"
 fi
 
 export CUDA_HOME CUDA_PATH="$CUDA_HOME" CUDA_ROOT="$CUDA_HOME" CUDA_COMPUTE_CAP=90

@@ -24,8 +24,9 @@ use crate::model::Encoder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-/// The device a spec names: `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `metal`. Devices this
-/// build does not support are an error that says how to get them; `origin` names the setting
+/// The device a spec names: `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `metal` (candle's; this
+/// crate has no `metal` feature). Devices this build does not support are an error that says
+/// how to get them; `origin` names the setting
 /// (`--device`, `model.device`) in it.
 pub fn device(spec: &str, origin: &str) -> Result<Device> {
     let (kind, index) = match spec.split_once(':') {
@@ -40,8 +41,17 @@ pub fn device(spec: &str, origin: &str) -> Result<Device> {
         "metal" => Device::new_metal(index),
         _ => bail!("{origin} {spec}: expected cpu, cuda, cuda:N or metal"),
     };
-    device.with_context(|| {
-        format!("{origin} {spec}: not available (this build has the CPU only unless built with `--features {kind}`; see README)")
+    // candle's device errors carry a backtrace after the first line.
+    device.map_err(|e| {
+        let why = e.to_string().lines().next().unwrap_or_default().to_string();
+        // Only CUDA has a feature here; metal is always missing.
+        match kind == "cuda" && cfg!(feature = "cuda") {
+            true => anyhow::anyhow!("{origin} {spec}: no usable device ({why}); check the driver and the device index"),
+            false if kind == "cuda" => anyhow::anyhow!(
+                "{origin} {spec}: not available (this build has the CPU only unless built with `--features cuda`; see README)"
+            ),
+            false => anyhow::anyhow!("{origin} {spec}: not available (hypersphere has no Metal build; use cpu or cuda)"),
+        }
     })
 }
 
