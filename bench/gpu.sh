@@ -47,9 +47,13 @@ PY
 }
 
 run() {
-  local out=${OUT:-$G/out} dev=${DEVICE:-cuda} shapes=${SHAPES:-128x32 512x32 1024x64}
+  # Each step's JSON goes to $work/results; at the end they are merged into $final/gpu.json
+  # (the device tool brings back at most 8 files), beside status.txt.
+  local final=${OUT:-$G/out} dev=${DEVICE:-cuda} shapes=${SHAPES:-128x32 512x32 1024x64}
   local work=${WORK:-/tmp/hypersphere-gpu}
-  mkdir -p "$out" "$work/model" "$work/books"
+  local out="$work/results"
+  rm -rf "$out"
+  mkdir -p "$final" "$out" "$work/model" "$work/books"
   export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   local bin=${BIN:-$work/hypersphere}
   if [ -z "${BIN:-}" ]; then gunzip -c "$G/hypersphere.gz" > "$bin" && chmod +x "$bin"; fi
@@ -62,19 +66,27 @@ run() {
     --set loss.w_mean=0 --set loss.mean_teacher=false)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 
-  echo "== device check (f32, the default loss with its frozen teacher)"
-  "$bin" --device "$dev" check-device --set "model.source=$work/model" --pairs 16 --seq 32 --out "$out/check-f32.json" > /dev/null
-  echo "check-device exit code $?" | tee -a "$out/status.txt"
+  local dtype
+  for dtype in f32 bf16; do
+    echo "== device check ($dtype, the default loss with its frozen teacher)"
+    "$bin" --device "$dev" check-device --set "model.source=$work/model" --set "train.dtype=\"$dtype\"" \
+      --pairs 16 --seq 32 --out "$out/check-$dtype.json" > /dev/null
+    echo "check-device $dtype exit code $?" | tee -a "$out/status.txt"
+  done
 
   local first=1
   for shape in $shapes; do
     local pairs=$((${shape%x*} / 2)) seq=${shape#*x}
-    echo "== hypersphere bench $shape"
-    local -a export=()
-    if [ $first = 1 ]; then export=(--export-inputs "$work/inputs"); first=0; fi
-    "$bin" --device "$dev" bench "${common[@]}" --set "train.batch_pairs=$pairs" --set "model.max_len=$seq" \
-      --steps 5 --mix-batches 3 --embed-sentences "${EMBED:-10000}" "${export[@]}" --out "$out/hypersphere-$shape.json" > /dev/null
-    echo "bench $shape exit code $?" | tee -a "$out/status.txt"
+    for dtype in f32 bf16; do
+      echo "== hypersphere bench $shape $dtype"
+      # The inputs and the 10,000-sentence embedding once; later runs embed a token amount.
+      local -a once=(--embed-sentences 500)
+      if [ $first = 1 ]; then once=(--export-inputs "$work/inputs" --embed-sentences "${EMBED:-10000}"); first=0; fi
+      "$bin" --device "$dev" bench "${common[@]}" --set "train.batch_pairs=$pairs" --set "model.max_len=$seq" \
+        --set "train.dtype=\"$dtype\"" --steps 5 --mix-batches 3 "${once[@]}" \
+        --out "$out/hypersphere-$shape-$dtype.json" > /dev/null
+      echo "bench $shape $dtype exit code $?" | tee -a "$out/status.txt"
+    done
   done
 
   if python3 -c "import torch, sentence_transformers" 2>/dev/null; then
@@ -89,7 +101,22 @@ run() {
   else
     echo "torch_bench: no torch and sentence-transformers here; skipped" | tee -a "$out/status.txt"
   fi
-  ls -la "$out"
+  cp "$out/status.txt" "$final/status.txt"
+  python3 - "$out" "$final/gpu.json" <<'PY'
+import json, os, sys
+src, dest = sys.argv[1], sys.argv[2]
+merged = {}
+for name in sorted(os.listdir(src)):
+    with open(os.path.join(src, name)) as f:
+        text = f.read()
+    try:
+        merged[name] = json.loads(text)
+    except ValueError:
+        merged[name] = text
+with open(dest, "w") as f:
+    json.dump(merged, f, indent=1)
+print(f"{dest}: {', '.join(merged)}")
+PY
 }
 
 case "${1:-}" in

@@ -116,6 +116,28 @@ pub struct TrainConfig {
     /// Learning-rate multiplier for the last layer's output LayerNorm bias alone: the offset
     /// every token state, and so every pooled vector, shares. Combines with `norm_lr_scale`.
     pub offset_lr_scale: f64,
+    /// The transformer layers' compute dtype: `f32`, or `bf16` (mixed precision: f32 master
+    /// weights, AdamW state, embeddings, layer norms, softmax, pooling and loss). For GPUs:
+    /// on the CPU bf16 runs the slow reference ops.
+    pub dtype: Precision,
+}
+
+/// Compute dtype of the transformer layers (`train.dtype`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 /// Model selection during training.
@@ -254,6 +276,7 @@ impl Default for TrainConfig {
             select: Select::Last,
             norm_lr_scale: 1.0,
             offset_lr_scale: 1.0,
+            dtype: Precision::F32,
         }
     }
 }

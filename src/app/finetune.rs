@@ -156,7 +156,7 @@ fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
     if split.val.is_empty() {
         bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 for the before/after report");
     }
-    let encoder = Encoder::load(&files, cfg.model.pooling, true, &res.device)?;
+    let (encoder, teacher) = super::training_encoders(&files, cfg, &res.device)?;
     if cfg.model.max_len > encoder.config.max_position_embeddings {
         bail!(
             "model.max_len {} is longer than the model's max_position_embeddings {} ({})",
@@ -166,10 +166,6 @@ fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
         );
     }
     eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
-    let teacher = match cfg.loss.mean_teacher {
-        true => Some(Encoder::load(&files, crate::model::pooling::Pooling::Mean, false, &res.device)?),
-        false => None,
-    };
     Ok(Loaded { res, run_dir, files, tokenizer, corpus, split, encoder, teacher })
 }
 

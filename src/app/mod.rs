@@ -265,11 +265,7 @@ pub fn bench(
 ) -> Result<()> {
     let (cfg, device) = (&run.cfg, &run.device);
     let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let encoder = Encoder::load(&files, cfg.model.pooling, true, device)?;
-    let teacher = match cfg.loss.mean_teacher {
-        true => Some(Encoder::load(&files, Pooling::Mean, false, device)?),
-        false => None,
-    };
+    let (encoder, teacher) = training_encoders(&files, cfg, device)?;
     // Embedding as `embed` does it: the model's own pooling (mean for sentence-transformers).
     let pooling = saved_pooling(&files).unwrap_or(Pooling::Mean);
     let inference = Encoder::load(&files, pooling, false, device)?;
@@ -296,6 +292,26 @@ pub fn bench(
         crate::atomic::write_atomic(path, text.as_bytes())?;
     }
     Ok(())
+}
+
+/// The encoder a run trains and, with `loss.mean_teacher`, its frozen teacher (mean pooling),
+/// both computing in `train.dtype`.
+pub fn training_encoders(
+    files: &ModelFiles,
+    cfg: &crate::config::RunConfig,
+    device: &Device,
+) -> Result<(Encoder, Option<Encoder>)> {
+    let mut encoder = Encoder::load(files, cfg.model.pooling, true, device)?;
+    encoder.bert.compute = cfg.train.dtype.dtype();
+    let teacher = match cfg.loss.mean_teacher {
+        true => {
+            let mut t = Encoder::load(files, Pooling::Mean, false, device)?;
+            t.bert.compute = cfg.train.dtype.dtype();
+            Some(t)
+        }
+        false => None,
+    };
+    Ok((encoder, teacher))
 }
 
 /// `check-device`: [`crate::device_check::check`] on `pairs` x `seq`, a summary on stderr, the

@@ -5,7 +5,7 @@
 //! primitive ops that autograd sees. Dropout masks come from our own seeded RNG (candle's
 //! CPU device refuses `set_seed`), and are drawn only in training.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -228,6 +228,9 @@ impl Layer {
 pub struct Bert {
     embeddings: Embeddings,
     layers: Vec<Layer>,
+    /// The transformer layers' compute dtype (`train.dtype`): F32, or BF16 for mixed precision
+    /// (weights stay f32; embeddings, layer norms, softmax and the returned states are f32).
+    pub compute: DType,
 }
 
 impl Bert {
@@ -245,7 +248,7 @@ impl Bert {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { embeddings, layers })
+        Ok(Self { embeddings, layers, compute: DType::F32 })
     }
 
     /// The token states `needs` asks for (see [`Pooling::needs`](super::pooling::Pooling::needs)):
@@ -269,7 +272,7 @@ impl Bert {
         if seq > max_pos {
             candle_core::bail!("sequence of {seq} tokens is longer than max_position_embeddings {max_pos}")
         }
-        let mut xs = self.embeddings.forward(input_ids, token_type_ids, rng.as_deref_mut())?;
+        let mut xs = self.embeddings.forward(input_ids, token_type_ids, rng.as_deref_mut())?.to_dtype(self.compute)?;
         // Built in the compute dtype with a finite negative: -inf would give NaN via 0 * -inf.
         let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 10_000.0)?;
         let mut first = None;
@@ -277,9 +280,9 @@ impl Bert {
             let queries = if !needs.all_positions && i + 1 == self.layers.len() { 1 } else { seq };
             xs = layer.forward(&xs, &mask_bias, queries, rng.as_deref_mut())?;
             if needs.first_layer && first.is_none() {
-                first = Some(xs.clone());
+                first = Some(xs.to_dtype(DType::F32)?);
             }
         }
-        Ok(States { first, last: xs })
+        Ok(States { first, last: xs.to_dtype(DType::F32)? })
     }
 }

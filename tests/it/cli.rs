@@ -600,36 +600,44 @@ fn check_device_on_the_cpu_passes_and_reports_every_parameter() {
     let model_dir = model.config.parent().unwrap().to_str().unwrap().to_string();
     let json = tmp.path().join("check.json");
     let source = format!("model.source={model_dir}");
-    let args = [
-        "check-device",
-        "--device",
-        "cpu",
-        "--set",
-        &source,
-        "--pairs",
-        "4",
-        "--seq",
-        "12",
-        "--out",
-        json.to_str().unwrap(),
-    ];
-    let out = hypersphere(&args, tmp.path());
+    let cpu = candle_core::Device::Cpu;
+    let encoder =
+        hypersphere::model::Encoder::load(&model, hypersphere::model::pooling::Pooling::Cls, true, &cpu).unwrap();
+    // f32, then bf16 mixed precision (against the f32 CPU step, with its own tolerances).
+    let mut diffs = Vec::new();
+    for (dtype, loss_tol) in [("f32", 1e-5), ("bf16", 1e-3)] {
+        let set_dtype = format!("train.dtype=\"{dtype}\"");
+        let args = ["check-device", "--device", "cpu", "--set", &source, "--set", &set_dtype, "--pairs", "4"];
+        let out = hypersphere(&[&args[..], &["--seq", "12", "--out", json.to_str().unwrap()]].concat(), tmp.path());
+        assert!(out.status.success(), "{dtype}: {}", String::from_utf8_lossy(&out.stderr));
+        let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!((c["device_kernels"].as_str(), c["dtype"].as_str()), (Some("reference"), Some(dtype)));
+        assert_eq!(c["failures"].as_array().unwrap().len(), 0);
+        // Every trained parameter compared, and the two sides really computed a loss.
+        assert_eq!(c["grads"].as_array().unwrap().len(), encoder.params.len());
+        let (a, b) = (c["loss_cpu"].as_f64().unwrap(), c["loss_device"].as_f64().unwrap());
+        assert!(a.is_finite() && a != 0.0 && (a - b).abs() <= loss_tol * a.abs().max(1.0), "{dtype}: {a} {b}");
+        diffs.push((a - b).abs());
+    }
+    // bf16 really computed in bf16: its loss is much further from f32's than f32's own rounding.
+    assert!(diffs[1] > 10.0 * diffs[0], "{diffs:?}");
+}
+
+/// `train.dtype = "bf16"` trains (mixed precision) and exports f32 weights.
+#[test]
+fn bf16_finetune_trains_and_exports_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_finetune(tmp.path(), &fixtures().join("books"), &["train.dtype=\"bf16\""]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(c["device_kernels"], "reference");
-    assert_eq!(c["failures"].as_array().unwrap().len(), 0);
-    // Every trained parameter compared, and the two sides really computed a loss.
-    let encoder = hypersphere::model::Encoder::load(
-        &model,
-        hypersphere::model::pooling::Pooling::Cls,
-        true,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    assert_eq!(c["grads"].as_array().unwrap().len(), encoder.params.len());
-    let (a, b) = (c["loss_cpu"].as_f64().unwrap(), c["loss_device"].as_f64().unwrap());
-    assert!(a.is_finite() && a != 0.0 && (a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} {b}");
-    assert!(c["grads"][0]["max_abs"].as_f64().unwrap() >= 0.0);
+    let run = tmp.path().join("runs/default");
+    let weights =
+        candle_core::safetensors::load(run.join("model/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(weights.values().all(|t| t.dtype() != candle_core::DType::BF16));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["train"]["steps"], 4);
+    assert!(report["after"]["uniformity"].as_f64().unwrap().is_finite());
+    assert!(std::fs::read_to_string(run.join("run.toml")).unwrap().contains("dtype = \"bf16\""));
 }
 
 /// An unknown `[eval]` task in a finetune config fails before the run folder is touched.
