@@ -44,13 +44,14 @@ pub struct Tolerance {
 impl Tolerance {
     pub const F32: Tolerance =
         Tolerance { loss_rel: 1e-5, grad_rel: 1e-3, grad_floor: 1e-5, weights_flipped_share: 1e-3 };
-    /// bf16 against f32: 8 bits of mantissa, rounding at every matmul's inputs and outputs.
-    /// Measured on MiniLM-L6 (32 x 32, the default loss, reference ops on the CPU): loss 9e-5
-    /// apart, every gradient within 2.7% of its largest value, the exactly-zero key-bias
-    /// gradients at up to 5e-6 of the largest gradient (two batches); these bounds leave 2x
-    /// on the gradients and 20x on the floor.
+    /// bf16 against f32: 8 bits of mantissa (a relative step of 0.4%), rounding at every
+    /// matmul's inputs and outputs. Measured on MiniLM-L6 with the default loss, reference ops
+    /// on the CPU, seeds 1-5 and 42 at 8 x 16 and 32 x 32: the loss up to 4e-3 apart, every
+    /// gradient within 4.5% of its largest value, the exactly-zero key-bias gradients at up to
+    /// 5e-6 of the largest gradient. The bounds leave about 2x; a wrong kernel or a missing
+    /// cast is off by far more.
     pub const BF16: Tolerance =
-        Tolerance { loss_rel: 1e-3, grad_rel: 0.05, grad_floor: 1e-3, weights_flipped_share: 1e-3 };
+        Tolerance { loss_rel: 1e-2, grad_rel: 0.1, grad_floor: 1e-3, weights_flipped_share: 1e-3 };
 }
 
 /// One parameter's gradient, compared.

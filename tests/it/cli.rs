@@ -605,7 +605,7 @@ fn check_device_on_the_cpu_passes_and_reports_every_parameter() {
         hypersphere::model::Encoder::load(&model, hypersphere::model::pooling::Pooling::Cls, true, &cpu).unwrap();
     // f32, then bf16 mixed precision (against the f32 CPU step, with its own tolerances).
     let mut diffs = Vec::new();
-    for (dtype, loss_tol) in [("f32", 1e-5), ("bf16", 1e-3)] {
+    for (dtype, loss_tol) in [("f32", 1e-5), ("bf16", 1e-2)] {
         let set_dtype = format!("train.dtype=\"{dtype}\"");
         let args = ["check-device", "--device", "cpu", "--set", &source, "--set", &set_dtype, "--pairs", "4"];
         let out = hypersphere(&[&args[..], &["--seq", "12", "--out", json.to_str().unwrap()]].concat(), tmp.path());
