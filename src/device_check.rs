@@ -16,7 +16,6 @@ use crate::config::{Precision, RunConfig};
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
 use crate::model::ops::Kernels;
-use crate::model::pooling::Pooling;
 use crate::model::source::ModelFiles;
 use crate::model::Encoder;
 use crate::optim::AdamW;
@@ -123,16 +122,7 @@ struct Side {
 
 impl Side {
     fn load(files: &ModelFiles, cfg: &RunConfig, device: &Device, kernels: Kernels, compute: DType) -> Result<Self> {
-        let mut encoder = Encoder::load_with(files, cfg.model.pooling, true, device, kernels)?;
-        encoder.bert.compute = compute;
-        let teacher = match cfg.loss.mean_teacher {
-            true => {
-                let mut t = Encoder::load_with(files, Pooling::Mean, false, device, kernels)?;
-                t.bert.compute = compute;
-                Some(t)
-            }
-            false => None,
-        };
+        let (encoder, teacher) = crate::train::load_encoders(files, cfg, device, kernels, compute)?;
         Ok(Self { encoder, teacher })
     }
 

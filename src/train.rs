@@ -110,6 +110,24 @@ fn mean_rows(mean: Option<Tensor>, views: usize) -> candle_core::Result<Option<T
     .transpose()
 }
 
+/// The encoder a run trains and, with `loss.mean_teacher`, its frozen teacher (mean pooling),
+/// both with `kernels` and computing in `compute`.
+pub fn load_encoders(
+    files: &crate::model::source::ModelFiles,
+    cfg: &RunConfig,
+    device: &Device,
+    kernels: crate::model::ops::Kernels,
+    compute: candle_core::DType,
+) -> Result<(Encoder, Option<Encoder>)> {
+    let load = |pooling, trainable| -> Result<Encoder> {
+        let mut e = Encoder::load_with(files, pooling, trainable, device, kernels)?;
+        e.bert.compute = compute;
+        Ok(e)
+    };
+    let teacher = cfg.loss.mean_teacher.then(|| load(crate::model::pooling::Pooling::Mean, false)).transpose()?;
+    Ok((load(cfg.model.pooling, true)?, teacher))
+}
+
 /// Loss and gradients of one batch given as micro-batches (each laid out by [`step_texts`]).
 ///
 /// One micro-batch: an ordinary forward and backward. Several: GradCache (Gao et al. 2021),

@@ -294,24 +294,14 @@ pub fn bench(
     Ok(())
 }
 
-/// The encoder a run trains and, with `loss.mean_teacher`, its frozen teacher (mean pooling),
-/// both computing in `train.dtype`.
+/// The encoder a run trains and its frozen teacher, with the device's ops in `train.dtype`.
 pub fn training_encoders(
     files: &ModelFiles,
     cfg: &crate::config::RunConfig,
     device: &Device,
 ) -> Result<(Encoder, Option<Encoder>)> {
-    let mut encoder = Encoder::load(files, cfg.model.pooling, true, device)?;
-    encoder.bert.compute = cfg.train.dtype.dtype();
-    let teacher = match cfg.loss.mean_teacher {
-        true => {
-            let mut t = Encoder::load(files, Pooling::Mean, false, device)?;
-            t.bert.compute = cfg.train.dtype.dtype();
-            Some(t)
-        }
-        false => None,
-    };
-    Ok((encoder, teacher))
+    let kernels = crate::model::ops::Kernels::for_device(device);
+    Ok(crate::train::load_encoders(files, cfg, device, kernels, cfg.train.dtype.dtype())?)
 }
 
 /// `check-device`: [`crate::device_check::check`] on `pairs` x `seq`, a summary on stderr, the
