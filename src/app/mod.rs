@@ -44,13 +44,14 @@ pub fn device(spec: &str, origin: &str) -> Result<Device> {
     // candle's device errors carry a backtrace after the first line.
     device.map_err(|e| {
         let why = e.to_string().lines().next().unwrap_or_default().to_string();
-        // Only CUDA has a feature here; metal is always missing.
-        match kind == "cuda" && cfg!(feature = "cuda") {
-            true => anyhow::anyhow!("{origin} {spec}: no usable device ({why}); check the driver and the device index"),
-            false if kind == "cuda" => anyhow::anyhow!(
+        if kind != "cuda" {
+            anyhow::anyhow!("{origin} {spec}: not available (hypersphere has no Metal build; use cpu or cuda)")
+        } else if cfg!(feature = "cuda") {
+            anyhow::anyhow!("{origin} {spec}: no usable device ({why}); check the driver and the device index")
+        } else {
+            anyhow::anyhow!(
                 "{origin} {spec}: not available (this build has the CPU only unless built with `--features cuda`; see README)"
-            ),
-            false => anyhow::anyhow!("{origin} {spec}: not available (hypersphere has no Metal build; use cpu or cuda)"),
+            )
         }
     })
 }
