@@ -10,20 +10,21 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::data::batch::{Batch, TextTokenizer};
 use crate::data::order::EpochOrder;
-use crate::data::prepared::PairView;
+use crate::data::source::{PairIds, PairSource};
 use crate::error::{Error, Result};
-use crate::export::write_atomic;
+use crate::io::write_atomic;
 use crate::model::bert::BertConfig;
 use crate::model::pooling::Pooling;
 use crate::model::{embed_texts, Encoder};
 use crate::optim::AdamW;
-use crate::train::{step_batches, train_step, StepOutcome, StepStats};
+use crate::progress::Progress;
+use crate::train::step::{train_step, StepModel, StepOutcome, StepStats};
 
 /// What to run.
 pub struct BenchOptions {
@@ -152,24 +153,6 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Random word pieces of exactly `seq` tokens per row ([CLS] ... [SEP]), no padding.
-pub fn synthetic_batch(rows: usize, seq: usize, vocab: usize, rng: &mut StdRng, device: &Device) -> Result<Batch> {
-    // Ordinary word pieces: above BERT's special and unused ids (below 1000) where there are any.
-    let low = (vocab as u32 / 2).min(1000);
-    let mut ids = Vec::with_capacity(rows * seq);
-    for _ in 0..rows {
-        ids.push(101u32.min(vocab as u32 - 1));
-        ids.extend((0..seq.saturating_sub(2)).map(|_| rng.gen_range(low..vocab as u32)));
-        ids.push(102u32.min(vocab as u32 - 1));
-    }
-    Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (rows, seq), device)?,
-        token_type_ids: Tensor::zeros((rows, seq), candle_core::DType::U32, device)?,
-        attention_mask: Tensor::ones((rows, seq), candle_core::DType::F32, device)?,
-        lengths: vec![seq; rows],
-    })
-}
-
 /// A bench step must update: a skipped one would time nothing.
 fn updated(o: StepOutcome) -> Result<StepStats> {
     match o {
@@ -182,36 +165,38 @@ fn step_s(s: &StepStats) -> f64 {
     s.forward_s + s.backward_s + s.optimizer_s
 }
 
-/// Everything `hypersphere bench` measures. `pairs` are the corpus pairs for the mix workload,
-/// `sentences` the corpus sentences to sample the embedding workload from; with `export` the
-/// exact inputs go there as `mix_batches.json` and `sentences.txt`.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    cfg: &RunConfig,
-    encoder: &Encoder,
-    teacher: Option<&Encoder>,
-    inference: &Encoder,
-    tokenizer: &TextTokenizer,
-    embed_tokenizer: &TextTokenizer,
-    pairs: PairView,
-    sentences: &[String],
-    opts: &BenchOptions,
-    export: Option<&Path>,
-    device: &Device,
-) -> Result<BenchReport> {
-    eprintln!("gemm 2048^3 ...");
-    let gemm = Gemm { n: 2048, gflops: gemm_gflops(2048, device)? };
-    eprintln!("  {:.1} GFLOP/s", gemm.gflops);
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let train_fixed = train_fixed(cfg, encoder, teacher, opts, &mut rng, device)?;
-    let train_mix = train_mix(cfg, encoder, teacher, tokenizer, pairs, opts, export, &mut rng, device)?;
-    let embed = embed(cfg, inference, embed_tokenizer, sentences, opts, export, device)?;
+/// What `hypersphere bench` runs on: the training step's model (encoder, teacher, objective,
+/// layout), the inference encoder, the tokenizers, the corpus pairs for the mix workload and
+/// the corpus sentences to sample the embedding workload from.
+pub struct BenchInputs<'a> {
+    pub cfg: &'a RunConfig,
+    pub model: StepModel<'a>,
+    pub inference: &'a Encoder,
+    pub tokenizer: &'a TextTokenizer,
+    pub embed_tokenizer: &'a TextTokenizer,
+    pub pairs: &'a dyn PairSource,
+    pub sentences: &'a [String],
+    pub device: &'a Device,
+    pub progress: &'a dyn Progress,
+}
+
+/// Everything `hypersphere bench` measures; with `export` the exact inputs go there as
+/// `mix_batches.json` and `sentences.txt`.
+pub fn run(inp: &BenchInputs, opts: &BenchOptions, export: Option<&Path>) -> Result<BenchReport> {
+    inp.progress.line("gemm 2048^3 ...");
+    let gemm = Gemm { n: 2048, gflops: gemm_gflops(2048, inp.device)? };
+    inp.progress.line(&format!("  {:.1} GFLOP/s", gemm.gflops));
+    let mut rng = StdRng::seed_from_u64(inp.cfg.seed);
+    let train_fixed = train_fixed(inp, opts, &mut rng)?;
+    let train_mix = train_mix(inp, opts, export, &mut rng)?;
+    let embed = embed(inp, opts, export)?;
+    let encoder = inp.model.encoder;
     Ok(BenchReport {
         implementation: "hypersphere",
         model: encoder.files.spec.clone(),
         threads: rayon::current_num_threads(),
         pooling: encoder.pooling,
-        mean_teacher: teacher.is_some(),
+        mean_teacher: inp.model.teacher.is_some(),
         gemm,
         train_fixed,
         train_mix,
@@ -221,16 +206,9 @@ pub fn run(
 }
 
 /// One training step, which must have updated (a bench input never gives a non-finite loss).
-fn bench_step(
-    cfg: &RunConfig,
-    encoder: &Encoder,
-    teacher: Option<&Encoder>,
-    opt: &mut AdamW,
-    batch: &Batch,
-    rng: &mut StdRng,
-) -> Result<StepStats> {
+fn bench_step(inp: &BenchInputs, opt: &mut AdamW, batch: &Batch, rng: &mut StdRng) -> Result<StepStats> {
     let micro = std::slice::from_ref(batch);
-    updated(train_step(encoder, teacher, opt, micro, &cfg.loss, cfg.train.max_grad_norm, Some(rng))?)
+    updated(train_step(inp.model, opt, micro, inp.cfg.train.max_grad_norm, Some(rng))?)
 }
 
 /// Matmul FLOPs of one step on `rows x seq` (nominal, executed): forward and backward (twice
@@ -243,27 +221,22 @@ fn step_flop(encoder: &Encoder, teacher: bool, rows: usize, seq: usize) -> (f64,
 
 /// (a) A fixed shape: `batch_pairs` pairs of `max_len` random word pieces, median of the steps
 /// after a warm-up step.
-fn train_fixed(
-    cfg: &RunConfig,
-    encoder: &Encoder,
-    teacher: Option<&Encoder>,
-    opts: &BenchOptions,
-    rng: &mut StdRng,
-    device: &Device,
-) -> Result<TrainFixed> {
+fn train_fixed(inp: &BenchInputs, opts: &BenchOptions, rng: &mut StdRng) -> Result<TrainFixed> {
+    let (cfg, encoder) = (inp.cfg, inp.model.encoder);
     let mut opt = AdamW::new(encoder.vars(), cfg.train.adamw())?;
     let (n_pairs, seq) = (cfg.train.batch_pairs, cfg.model.max_len);
-    let rows = crate::loss::views(&cfg.loss) * n_pairs;
-    let batch = synthetic_batch(rows, seq, encoder.config.vocab_size, rng, device)?;
+    let rows = inp.model.layout.views() * n_pairs;
+    let batch = Batch::random(rows, seq, encoder.config.vocab_size, false, rng, inp.device)?;
     let mut stats = Vec::new();
     for i in 0..=opts.steps.max(1) {
-        let s = bench_step(cfg, encoder, teacher, &mut opt, &batch, rng)?;
-        eprintln!("train {n_pairs}x{seq} step {i}{}: {:.3}s", if i == 0 { " (warm-up)" } else { "" }, step_s(&s));
+        let s = bench_step(inp, &mut opt, &batch, rng)?;
+        let warm = if i == 0 { " (warm-up)" } else { "" };
+        inp.progress.line(&format!("train {n_pairs}x{seq} step {i}{warm}: {:.3}s", step_s(&s)));
         if i > 0 {
             stats.push(s);
         }
     }
-    let (nominal, executed) = step_flop(encoder, teacher.is_some(), rows, seq);
+    let (nominal, executed) = step_flop(encoder, inp.model.teacher.is_some(), rows, seq);
     let step = median(stats.iter().map(step_s).collect());
     Ok(TrainFixed {
         pairs: n_pairs,
@@ -280,40 +253,38 @@ fn train_fixed(
     })
 }
 
-/// (b) The realistic mix: the trainer's own length-bucketed batches of corpus pairs, summed.
-#[allow(clippy::too_many_arguments)]
-fn train_mix(
-    cfg: &RunConfig,
-    encoder: &Encoder,
-    teacher: Option<&Encoder>,
-    tokenizer: &TextTokenizer,
-    pairs: PairView,
-    opts: &BenchOptions,
-    export: Option<&Path>,
-    rng: &mut StdRng,
-    device: &Device,
-) -> Result<TrainMix> {
-    let n_pairs = cfg.train.batch_pairs;
+/// The trainer's own length-bucketed batches of corpus pairs: `mix_batches` of them.
+fn mix_batches(inp: &BenchInputs, opts: &BenchOptions) -> Result<Vec<Batch>> {
+    let (n_pairs, pairs) = (inp.cfg.train.batch_pairs, inp.pairs);
     if pairs.len() < n_pairs {
         return Err(Error::Invalid(format!("only {} pairs for batches of {n_pairs}", pairs.len())));
     }
-    let order = EpochOrder::new(pairs.len(), n_pairs, cfg.seed);
+    let order = EpochOrder::new(pairs.len(), n_pairs, inp.cfg.seed);
     let mut batches = Vec::new();
     for j in 0..opts.mix_batches.max(1).min(order.len()) {
-        let ids: Vec<[Vec<u32>; 2]> = order.batch(j, &|k| pairs.max_tokens(k)).iter().map(|&k| pairs.ids(k)).collect();
-        batches.extend(step_batches(&ids, 0, &cfg.loss, tokenizer, device)?);
+        let batch = order.batch(j, &|k| pairs.max_tokens(k))?;
+        let ids = batch.iter().map(|&k| pairs.ids(k)).collect::<Result<Vec<PairIds>>>()?;
+        batches.extend(inp.model.layout.batches(&ids, None, inp.tokenizer, inp.device)?);
     }
+    Ok(batches)
+}
+
+/// (b) The realistic mix: the trainer's own length-bucketed batches of corpus pairs, summed.
+fn train_mix(inp: &BenchInputs, opts: &BenchOptions, export: Option<&Path>, rng: &mut StdRng) -> Result<TrainMix> {
+    let (cfg, encoder, teacher) = (inp.cfg, inp.model.encoder, inp.model.teacher);
+    let n_pairs = cfg.train.batch_pairs;
+    let batches = mix_batches(inp, opts)?;
     if let Some(dir) = export {
         export_batches(dir, &batches)?;
     }
     let mut opt = AdamW::new(encoder.vars(), cfg.train.adamw())?;
-    bench_step(cfg, encoder, teacher, &mut opt, &batches[0], rng)?;
+    bench_step(inp, &mut opt, &batches[0], rng)?;
     let mut m = TrainMix { batches: batches.len(), pairs: batches.len() * n_pairs, ..TrainMix::default() };
     let mut padded = 0;
     for (i, b) in batches.iter().enumerate() {
-        let s = bench_step(cfg, encoder, teacher, &mut opt, b, rng)?;
+        let s = bench_step(inp, &mut opt, b, rng)?;
         let (rows, len) = b.input_ids.dims2()?;
-        eprintln!("train mix batch {i} ({rows} x {len}): {:.3}s", step_s(&s));
+        inp.progress.line(&format!("train mix batch {i} ({rows} x {len}): {:.3}s", step_s(&s)));
         (m.forward_s, m.backward_s, m.optimizer_s) =
             (m.forward_s + s.forward_s, m.backward_s + s.backward_s, m.optimizer_s + s.optimizer_s);
         m.tokens += b.lengths.iter().sum::<usize>();
@@ -330,17 +301,10 @@ fn train_mix(
 
 /// (c) Embedding: corpus sentences, no gradients, length-sorted dynamic batches, after a
 /// warm-up on 256 of them.
-fn embed(
-    cfg: &RunConfig,
-    inference: &Encoder,
-    tokenizer: &TextTokenizer,
-    sentences: &[String],
-    opts: &BenchOptions,
-    export: Option<&Path>,
-    device: &Device,
-) -> Result<Embed> {
-    let mut sample: Vec<&str> = sentences.iter().map(String::as_str).collect();
-    sample.shuffle(&mut StdRng::seed_from_u64(cfg.seed));
+fn embed(inp: &BenchInputs, opts: &BenchOptions, export: Option<&Path>) -> Result<Embed> {
+    let (inference, tokenizer, device) = (inp.inference, inp.embed_tokenizer, inp.device);
+    let mut sample: Vec<&str> = inp.sentences.iter().map(String::as_str).collect();
+    sample.shuffle(&mut StdRng::seed_from_u64(inp.cfg.seed));
     sample.truncate(opts.embed_sentences);
     if let Some(dir) = export {
         let text: String = sample.iter().map(|s| format!("{}\n", s.replace(['\n', '\r'], " "))).collect();
@@ -350,7 +314,7 @@ fn embed(
     let t = Instant::now();
     embed_texts(inference, tokenizer, &sample, opts.embed_batch, device)?;
     let seconds = t.elapsed().as_secs_f64();
-    eprintln!("embedded {} sentences in {seconds:.2}s", sample.len());
+    inp.progress.line(&format!("embedded {} sentences in {seconds:.2}s", sample.len()));
     Ok(Embed {
         sentences: sample.len(),
         batch_size: opts.embed_batch,
@@ -370,7 +334,7 @@ fn export_batches(dir: &Path, batches: &[Batch]) -> Result<()> {
             b.attention_mask.to_vec2::<f32>()?.into_iter().map(|r| r.into_iter().map(|m| m as u32).collect()).collect();
         out.push(serde_json::json!({"input_ids": b.input_ids.to_vec2::<u32>()?, "attention_mask": mask}));
     }
-    let text =
-        serde_json::to_string(&serde_json::json!({ "batches": out })).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&dir.join("mix_batches.json"), text.as_bytes())
+    let path = dir.join("mix_batches.json");
+    let text = serde_json::to_string(&serde_json::json!({ "batches": out })).map_err(|e| Error::json(&path, e))?;
+    write_atomic(&path, text.as_bytes())
 }

@@ -10,6 +10,8 @@ use hypersphere::app::compare::TextArgs;
 use hypersphere::app::embed::{ModelArgs, OutDtype};
 use hypersphere::app::finetune::{Finetune, Interrupt, Outcome};
 use hypersphere::bench::BenchOptions;
+use hypersphere::config::resolved::parse_device;
+use hypersphere::config::resolved::Resolved;
 use hypersphere::config::RunConfig;
 use hypersphere::eval::UserSts;
 use hypersphere::model::pooling::Pooling;
@@ -56,6 +58,13 @@ pub enum Command {
         /// The folder to write (created; a finished one with the same settings is kept).
         #[arg(long)]
         out: PathBuf,
+        /// Prepare again from scratch, replacing a prepared folder (a damaged one, or one whose
+        /// books changed without a change of size or time).
+        #[arg(long)]
+        force: bool,
+        /// Afterwards, read every sentence and pair once and check what every read checks.
+        #[arg(long)]
+        verify: bool,
     },
     /// Build training pairs from a corpus and print statistics or samples.
     Pairs {
@@ -206,12 +215,12 @@ pub struct RunArgs {
 impl RunArgs {
     /// The config (with overrides and `corpus`, if given) resolved against the data folder and
     /// the `--device` flag.
-    fn resolve(&self, corpus: Option<PathBuf>, device: Option<&str>) -> Result<app::Resolved> {
+    fn resolve(&self, corpus: Option<PathBuf>, device: Option<&str>) -> Result<Resolved> {
         let mut cfg = RunConfig::load(self.config.as_deref(), &self.overrides)?;
         if let Some(c) = corpus {
             cfg.data.corpus = c.to_string_lossy().into_owned();
         }
-        app::Resolved::new(cfg, self.data.as_deref(), device)
+        Ok(Resolved::new(cfg, self.data.as_deref(), device)?)
     }
 }
 
@@ -219,17 +228,24 @@ impl RunArgs {
 pub fn run(cli: Cli) -> Result<bool> {
     let flag = cli.device.as_deref();
     // Commands without a run config: the flag, else the CPU.
-    let device = || app::device(flag.unwrap_or("cpu"), "--device");
+    let device = || parse_device(flag.unwrap_or("cpu"), "--device");
     match cli.command {
         Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), flag),
-        Command::Prepare { run, corpus, out } => app::prepare(&run.resolve(Some(corpus), flag)?, &out).map(|_| true),
+        Command::Prepare { run, corpus, out, force, verify } => {
+            let res = run.resolve(Some(corpus), flag)?;
+            if force {
+                hypersphere::data::books::build::clear_for_rebuild(&out)?;
+            }
+            app::prepare(&res, &out, verify)?;
+            Ok(true)
+        }
         Command::Pairs { run, corpus, stats, sample } => {
-            app::pairs(&run.resolve(corpus, flag)?, stats, sample).map(|_| true)
+            app::pairs(&run.resolve(corpus, flag)?, stats, sample)?;
+            Ok(true)
         }
         Command::Eval { model, tasks, sts, data, quick, out, seed, no_cache } => {
             let default = if sts.is_empty() { "all" } else { "" };
-            let tasks =
-                hypersphere::eval::parse_tasks(&[tasks.unwrap_or(default.into())]).map_err(anyhow::Error::msg)?;
+            let tasks = hypersphere::eval::parse_tasks(&[tasks.unwrap_or(default.into())])?;
             let root = match (data, tasks.is_empty()) {
                 (Some(d), _) => d,
                 (None, true) => PathBuf::new(),
@@ -240,16 +256,19 @@ pub fn run(cli: Cli) -> Result<bool> {
             let mut opts = app::eval_options(root, tasks, quick, seed, !no_cache);
             // Every user file is read before anything is embedded.
             opts.user_sts = sts.iter().map(|s| UserSts::parse(s)).collect::<hypersphere::Result<Vec<_>>>()?;
-            app::evaluate(&model, &opts, &out, &device()?).map(|_| true)
+            app::evaluate(&model, &opts, &out, &device()?)?;
+            Ok(true)
         }
         Command::Embed { model, input, sentences, out, dtype, whiten } => {
-            app::embed::embed(&model, &input, sentences, &out, dtype, whiten.as_deref(), &device()?).map(|_| true)
+            app::embed::embed(&model, &input, sentences, &out, dtype, whiten.as_deref(), &device()?)?;
+            Ok(true)
         }
         Command::Compare { inputs, text, out, whiten, pooling, max_len } => {
-            app::compare::compare(&inputs, &text, &out, whiten, pooling, max_len, &device()?).map(|_| true)
+            app::compare::compare(&inputs, &text, &out, whiten, pooling, max_len, &device()?)?;
+            Ok(true)
         }
         Command::Fetch { models, force } => {
-            let opts = SourceOptions { verify_hashes: true, refetch: force, ..SourceOptions::from_env() };
+            let opts = SourceOptions { verify_hashes: true, refetch: force, ..app::sources() };
             for spec in models {
                 let files = resolve(&spec, &opts)?;
                 println!("{spec}: {}", files.weights.parent().unwrap_or(Path::new(".")).display());
@@ -259,12 +278,13 @@ pub fn run(cli: Cli) -> Result<bool> {
         Command::CheckDevice { run, pairs, seq, out } => {
             // Only the model and the loss matter: no corpus or data folder is resolved.
             let cfg = RunConfig::load(run.config.as_deref(), &run.overrides)?;
-            let device = app::device(flag.unwrap_or(&cfg.model.device), "--device")?;
-            app::check_device(&cfg, &device, pairs, seq, out.as_deref())
+            let device = parse_device(flag.unwrap_or(&cfg.model.device), "--device")?;
+            Ok(app::check_device(&cfg, &device, pairs, seq, out.as_deref())?)
         }
         Command::Bench { run, steps, mix_batches, embed_sentences, out, export_inputs } => {
             let opts = BenchOptions { steps, mix_batches, embed_sentences, embed_batch: 64, embed_max_len: 128 };
-            app::bench(&run.resolve(None, flag)?, &opts, out.as_deref(), export_inputs.as_deref()).map(|_| true)
+            app::bench(&run.resolve(None, flag)?, &opts, out.as_deref(), export_inputs.as_deref())?;
+            Ok(true)
         }
     }
 }

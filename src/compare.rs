@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::export::{write_atomic, write_json};
+use crate::io::{write_atomic, write_json};
 use crate::metrics::{anisotropy, covariance_spectrum, normalize_rows, Anisotropy, Embeddings};
 use crate::plot::{circle_panels, histogram, spectrum, Series};
 
@@ -72,7 +72,7 @@ fn measure(col: &Column, seed: u64) -> Result<(ColumnResult, Shapes)> {
     let pairs = col.pairs.as_ref().map(|(a, b)| (emb(a, dim), emb(b, dim)));
     let metrics =
         anisotropy(emb(&col.sentences, dim), pairs).map_err(|e| Error::Invalid(format!("{}: {e}", col.name)))?;
-    let unit = normalize_rows(&col.sentences, dim).map_err(Error::Invalid)?;
+    let unit = normalize_rows(&col.sentences, dim)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let cosines = (0..COSINE_PAIRS.min(n * (n - 1) / 2))
         .map(|_| {
@@ -83,8 +83,7 @@ fn measure(col: &Column, seed: u64) -> Result<(ColumnResult, Shapes)> {
         .collect();
     let distances = match &col.pairs {
         Some((a, b)) => {
-            let (a, b) =
-                (normalize_rows(a, dim).map_err(Error::Invalid)?, normalize_rows(b, dim).map_err(Error::Invalid)?);
+            let (a, b) = (normalize_rows(a, dim)?, normalize_rows(b, dim)?);
             let dist = |(x, y): (&[f64], &[f64])| x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum::<f64>().sqrt();
             Some(a.chunks_exact(dim).zip(b.chunks_exact(dim)).map(dist).collect())
         }
@@ -108,7 +107,7 @@ fn measure(col: &Column, seed: u64) -> Result<(ColumnResult, Shapes)> {
 
 /// The four plots (SVG and PNG each): cosine and alignment histograms, circle panels, spectra.
 fn plots(columns: &[Column], shapes: &[Shapes], out: &Path) -> Result<Vec<PathBuf>> {
-    let plot_err = |e: String| Error::Invalid(format!("plot: {e}"));
+    let plot_err = |e: Error| Error::Context { msg: "plot".into(), inner: Box::new(e) };
     let series = |f: &dyn Fn(&Shapes) -> Option<&Vec<f64>>| -> Vec<Series> {
         columns.iter().zip(shapes).filter_map(|(c, s)| f(s).map(|values| Series { name: &c.name, values })).collect()
     };

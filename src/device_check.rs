@@ -9,17 +9,18 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::config::{Precision, RunConfig};
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
+use crate::loss::objective::Objective;
 use crate::model::ops::Kernels;
 use crate::model::source::ModelFiles;
-use crate::model::Encoder;
+use crate::model::{load_encoders, Encoder};
 use crate::optim::AdamW;
-use crate::train::{batch_gradients, load_encoders};
+use crate::train::step::{batch_gradients, StepLayout, StepModel};
 
 /// What counts as agreement. f32 on both sides: the same arithmetic in another order (other
 /// reduction trees, other GEMM blockings) differs by a few ulps per operation.
@@ -89,31 +90,6 @@ impl DeviceCheck {
     }
 }
 
-/// A batch of `rows` random word-piece rows of at most `seq` tokens, every other row padded
-/// to a shorter length, on `device`. The same `seed` gives the same batch on every device.
-pub fn padded_batch(rows: usize, seq: usize, vocab: usize, seed: u64, device: &Device) -> Result<Batch> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let low = (vocab as u32 / 2).min(1000);
-    let (mut ids, mut mask, mut lengths) = (Vec::with_capacity(rows * seq), Vec::new(), Vec::new());
-    for r in 0..rows {
-        let len = if r % 2 == 0 { seq } else { rng.gen_range(3.min(seq)..=seq) };
-        ids.push(101u32.min(vocab as u32 - 1));
-        ids.extend((1..len.saturating_sub(1)).map(|_| rng.gen_range(low..vocab as u32)));
-        if len > 1 {
-            ids.push(102u32.min(vocab as u32 - 1));
-        }
-        ids.extend(std::iter::repeat_n(0, seq - len));
-        mask.extend((0..seq).map(|i| if i < len { 1f32 } else { 0. }));
-        lengths.push(len);
-    }
-    Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (rows, seq), device)?,
-        token_type_ids: Tensor::zeros((rows, seq), DType::U32, device)?,
-        attention_mask: Tensor::from_vec(mask, (rows, seq), device)?,
-        lengths,
-    })
-}
-
 /// Loss and gradients, then one AdamW step: (loss, gradients, updated weights on the host).
 fn step(
     (encoder, teacher): &(Encoder, Option<Encoder>),
@@ -121,7 +97,10 @@ fn step(
     batch: &Batch,
 ) -> Result<(f64, GradStore, Vec<Vec<f32>>)> {
     let micro = std::slice::from_ref(batch);
-    let g = batch_gradients(encoder, teacher.as_ref(), micro, &cfg.loss, None)?
+    let objective = Objective::new(&cfg.loss);
+    let layout = StepLayout::new(&objective);
+    let model = StepModel { encoder, teacher: teacher.as_ref(), objective: &objective, layout: &layout };
+    let g = batch_gradients(model, micro, None)?
         .map_err(|e| Error::Invalid(format!("the check's step is not finite: {}", e.0)))?;
     let mut opt = AdamW::new(encoder.vars(), cfg.train.adamw())?;
     opt.step(&g.grads, 1.0)?;
@@ -179,11 +158,13 @@ pub fn check(files: &ModelFiles, cfg: &RunConfig, device: &Device, rows: usize, 
         Precision::Bf16 => (Tolerance::BF16, "bf16"),
     };
     let kernels = if device.is_cpu() { Kernels::Reference } else { Kernels::for_device(device) };
-    let cpu = load_encoders(files, cfg, &Device::Cpu, Kernels::Fused, DType::F32)?;
-    let dev = load_encoders(files, cfg, device, kernels, cfg.train.dtype.dtype())?;
+    let (pooling, teacher) = (cfg.model.pooling, cfg.loss.mean_teacher);
+    let cpu = load_encoders(files, pooling, teacher, &Device::Cpu, Kernels::Fused, DType::F32)?;
+    let dev = load_encoders(files, pooling, teacher, device, kernels, cfg.train.dtype.dtype())?;
     let vocab = cpu.0.config.vocab_size;
-    let (loss_cpu, g_cpu, w_cpu) = step(&cpu, cfg, &padded_batch(rows, seq, vocab, cfg.seed, &Device::Cpu)?)?;
-    let (loss_dev, g_dev, w_dev) = step(&dev, cfg, &padded_batch(rows, seq, vocab, cfg.seed, device)?)?;
+    let batch = |d: &Device| Batch::random(rows, seq, vocab, true, &mut StdRng::seed_from_u64(cfg.seed), d);
+    let (loss_cpu, g_cpu, w_cpu) = step(&cpu, cfg, &batch(&Device::Cpu)?)?;
+    let (loss_dev, g_dev, w_dev) = step(&dev, cfg, &batch(device)?)?;
     let grads = compare_grads(&cpu.0.params, &g_cpu, &dev.0.params, &g_dev, &tol)?;
     let floor = tol.grad_floor * grads.iter().fold(0f64, |m, p| m.max(p.max_abs));
     let (mut weights_max_abs_diff, mut flipped, mut total) = (0f64, 0usize, 0usize);
@@ -235,19 +216,6 @@ pub fn check(files: &ModelFiles, cfg: &RunConfig, device: &Device, rows: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn padded_batch_is_seeded_and_padded() {
-        let a = padded_batch(6, 9, 500, 3, &Device::Cpu).unwrap();
-        let b = padded_batch(6, 9, 500, 3, &Device::Cpu).unwrap();
-        assert_eq!(a.input_ids.to_vec2::<u32>().unwrap(), b.input_ids.to_vec2::<u32>().unwrap());
-        assert_eq!(a.lengths, b.lengths);
-        assert!(a.lengths.iter().any(|&l| l < 9), "no padded row: {:?}", a.lengths);
-        let mask = a.attention_mask.to_vec2::<f32>().unwrap();
-        for (row, &len) in mask.iter().zip(&a.lengths) {
-            assert_eq!(row.iter().sum::<f32>() as usize, len);
-        }
-    }
 
     /// A gradient that differs beyond the tolerance is caught, and equal ones are not.
     #[test]

@@ -10,16 +10,14 @@ use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 
-use crate::config::LossConfig;
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
-use crate::model::Encoder;
-use crate::train::{objective_of, split_views};
+use crate::train::step::StepModel;
 
 /// What rank `rank` contributes: its shard's embeddings, as all-gathered ([views * n, d] in the
-/// layout of [`crate::train::step_texts`], no graph).
-pub fn gather_rows(encoder: &Encoder, shard: &Batch, dropout: Option<&mut StdRng>) -> Result<Tensor> {
-    Ok(encoder.embed(shard, dropout)?.detach())
+/// layout of [`crate::train::step::StepLayout`], no graph).
+pub fn gather_rows(model: StepModel, shard: &Batch, dropout: Option<&mut StdRng>) -> Result<Tensor> {
+    Ok(model.encoder.embed(shard, dropout)?.detach())
 }
 
 /// Rank `rank`'s gradients for the global batch whose shards' embeddings are `gathered` (one
@@ -27,31 +25,29 @@ pub fn gather_rows(encoder: &Encoder, shard: &Batch, dropout: Option<&mut StdRng
 /// stream as when it was gathered), the global loss is taken, and its own rows carry the
 /// gradient. Returns the global loss and this rank's parameter gradients.
 pub fn rank_gradients(
-    encoder: &Encoder,
+    model: StepModel,
     shard: &Batch,
     rank: usize,
     gathered: &[Tensor],
-    cfg: &LossConfig,
     dropout: Option<&mut StdRng>,
 ) -> Result<(f32, GradStore)> {
-    if cfg.needs_mean_view() {
-        return Err(Error::Invalid("the data-parallel simulation does not gather mean-pooled views yet".into()));
+    if model.objective.needs_mean_view() {
+        return Err(Error::invalid("the data-parallel simulation does not gather mean-pooled views yet"));
     }
     if rank >= gathered.len() {
-        return Err(Error::Invalid(format!("rank {rank} of {} ranks", gathered.len())));
+        return Err(Error::invalid(format!("rank {rank} of {} ranks", gathered.len())));
     }
-    let views = crate::loss::views(cfg);
-    let own = encoder.embed(shard, dropout)?;
+    let own = model.encoder.embed(shard, dropout)?;
     let per_rank = gathered
         .iter()
         .enumerate()
-        .map(|(k, g)| split_views(if k == rank { &own } else { g }, views))
+        .map(|(k, g)| model.layout.split(if k == rank { &own } else { g }))
         .collect::<candle_core::Result<Vec<_>>>()?;
     // View block v of the global batch: every rank's block v, in rank order.
-    let blocks = (0..views)
+    let blocks = (0..model.layout.views())
         .map(|v| Tensor::cat(&per_rank.iter().map(|r| &r[v]).collect::<Vec<_>>(), 0))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let parts = objective_of(&blocks, None, cfg)?;
+    let parts = model.loss(&blocks, None)?;
     let loss = parts.total.to_scalar::<f32>()?;
     Ok((loss, parts.total.backward()?))
 }

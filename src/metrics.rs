@@ -10,6 +10,8 @@
 
 use nalgebra::{DMatrix, DMatrixView, SymmetricEigen};
 
+use crate::error::{Error, Result};
+
 /// Rows per block for the GEMM-based Gram / scatter computations.
 const BLOCK: usize = 256;
 /// Total variance (trace of the covariance of unit rows, which lies in [0, 1]) at or below
@@ -51,21 +53,21 @@ pub struct Anisotropy {
 
 /// L2-normalises each row of a row-major matrix into f64. Errors on dim 0, a length that is
 /// not a multiple of `dim`, non-finite values and zero rows.
-pub fn normalize_rows(data: &[f32], dim: usize) -> Result<Vec<f64>, String> {
+pub fn normalize_rows(data: &[f32], dim: usize) -> Result<Vec<f64>> {
     if dim == 0 {
-        return Err("dim must be positive, got 0".into());
+        return Err(Error::invalid("dim must be positive, got 0"));
     }
     if !data.len().is_multiple_of(dim) {
-        return Err(format!("{} values are not a whole number of rows of dim {dim}", data.len()));
+        return Err(Error::Invalid(format!("{} values are not a whole number of rows of dim {dim}", data.len())));
     }
     let mut out = Vec::with_capacity(data.len());
     for (r, row) in data.chunks_exact(dim).enumerate() {
         if let Some(c) = row.iter().position(|v| !v.is_finite()) {
-            return Err(format!("non-finite value {} at row {r}, column {c}", row[c]));
+            return Err(Error::Invalid(format!("non-finite value {} at row {r}, column {c}", row[c])));
         }
         let norm = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
         if norm == 0.0 {
-            return Err(format!("row {r} is a zero vector and cannot be normalised"));
+            return Err(Error::Invalid(format!("row {r} is a zero vector and cannot be normalised")));
         }
         out.extend(row.iter().map(|&v| f64::from(v) / norm));
     }
@@ -186,34 +188,43 @@ fn isotropy(x: &[f64], dim: usize) -> f64 {
 }
 
 /// Validates shape and values of one embedding matrix and returns its normalised rows.
-fn checked(e: &Embeddings, what: &str, min_rows: usize) -> Result<Vec<f64>, String> {
+fn checked(e: &Embeddings, what: &str, min_rows: usize) -> Result<Vec<f64>> {
     if e.dim == 0 {
-        return Err(format!("{what}: dim must be positive, got 0"));
+        return Err(Error::Invalid(format!("{what}: dim must be positive, got 0")));
     }
     if e.n < min_rows {
-        return Err(format!("{what}: need at least {min_rows} rows, got {}", e.n));
+        return Err(Error::Invalid(format!("{what}: need at least {min_rows} rows, got {}", e.n)));
     }
-    let expected = e.n.checked_mul(e.dim).ok_or_else(|| format!("{what}: {} x {} overflows", e.n, e.dim))?;
+    let expected =
+        e.n.checked_mul(e.dim).ok_or_else(|| Error::Invalid(format!("{what}: {} x {} overflows", e.n, e.dim)))?;
     if e.data.len() != expected {
-        return Err(format!("{what}: {} rows of dim {} expected {expected} values, got {}", e.n, e.dim, e.data.len()));
+        return Err(Error::Invalid(format!(
+            "{what}: {} rows of dim {} expected {expected} values, got {}",
+            e.n,
+            e.dim,
+            e.data.len()
+        )));
     }
-    normalize_rows(e.data, e.dim).map_err(|err| format!("{what}: {err}"))
+    normalize_rows(e.data, e.dim).map_err(|err| Error::Invalid(format!("{what}: {err}")))
 }
 
 /// All metrics of `x` (at least 2 rows), plus alignment when positive `pairs` are given
 /// (two matrices of equal shape, same dim as `x`, at least one row; row i of a pairs with row
 /// i of b). All rows are L2-normalised first.
-pub fn anisotropy(x: Embeddings, pairs: Option<(Embeddings, Embeddings)>) -> Result<Anisotropy, String> {
+pub fn anisotropy(x: Embeddings, pairs: Option<(Embeddings, Embeddings)>) -> Result<Anisotropy> {
     let xs = checked(&x, "embeddings", 2)?;
     let (n, dim) = (x.n, x.dim);
     let alignment = match pairs {
         None => None,
         Some((a, b)) => {
             if (a.n, a.dim) != (b.n, b.dim) {
-                return Err(format!("pairs: shapes differ, a is {}x{} and b is {}x{}", a.n, a.dim, b.n, b.dim));
+                return Err(Error::Invalid(format!(
+                    "pairs: shapes differ, a is {}x{} and b is {}x{}",
+                    a.n, a.dim, b.n, b.dim
+                )));
             }
             if a.dim != dim {
-                return Err(format!("pairs: dim {} differs from embeddings dim {dim}", a.dim));
+                return Err(Error::Invalid(format!("pairs: dim {} differs from embeddings dim {dim}", a.dim)));
             }
             let (au, bu) = (checked(&a, "pairs a", 1)?, checked(&b, "pairs b", 1)?);
             Some(alignment(&au, &bu, dim, 2.0))
@@ -250,6 +261,44 @@ pub fn anisotropy(x: Embeddings, pairs: Option<(Embeddings, Embeddings)>) -> Res
     })
 }
 
+/// What validation measures on held-out pairs during training (t from the run's loss).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    /// `mean_i ||x_i - y_i||²`.
+    pub align: f64,
+    /// `(U(x) + U(y)) / 2` at temperature `t`, as the loss computes it.
+    pub uniform: f64,
+    /// Mean cosine of distinct anchors.
+    pub mean_cos: f64,
+    /// Share of (i, j != i) with `x_i . y_i > x_i . y_j`: how often an anchor is closer to its own
+    /// positive than to another pair's (1 = always, 0.5 = chance).
+    pub pos_auc: f64,
+}
+
+/// [`Geometry`] of anchors `x` and their positives `y` (equal shapes, at least 2 rows).
+pub fn held_out_geometry(x: Embeddings, y: Embeddings, t: f64) -> Result<Geometry> {
+    if (x.n, x.dim) != (y.n, y.dim) {
+        return Err(Error::Invalid(format!("held-out pairs: {}x{} anchors, {}x{} positives", x.n, x.dim, y.n, y.dim)));
+    }
+    let (xs, ys) = (checked(&x, "held-out anchors", 2)?, checked(&y, "held-out positives", 2)?);
+    let (n, dim) = (x.n, x.dim);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+    fn row(m: &[f64], i: usize, dim: usize) -> &[f64] {
+        &m[i * dim..(i + 1) * dim]
+    }
+    let mut closer = 0usize;
+    for i in 0..n {
+        let own = dot(row(&xs, i, dim), row(&ys, i, dim));
+        closer += (0..n).filter(|&j| j != i && dot(row(&xs, i, dim), row(&ys, j, dim)) < own).count();
+    }
+    let sum: Vec<f64> = (0..dim).map(|c| (0..n).map(|i| xs[i * dim + c]).sum()).collect();
+    Ok(Geometry {
+        align: alignment(&xs, &ys, dim, 2.0),
+        uniform: (uniformity(&xs, n, dim, t) + uniformity(&ys, n, dim, t)) / 2.0,
+        mean_cos: (dot(&sum, &sum) - n as f64) / (n as f64 * (n as f64 - 1.0)),
+        pos_auc: closer as f64 / (n * (n - 1)) as f64,
+    })
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,7 +564,7 @@ mod tests {
     #[test]
     fn errors() {
         let ok = [1.0f32, 0.0, 0.0, 1.0];
-        let err = |x: Embeddings, p| anisotropy(x, p).unwrap_err();
+        let err = |x: Embeddings, p| anisotropy(x, p).unwrap_err().to_string();
         assert!(err(emb(&ok[..2], 1, 2), None).contains("at least 2 rows, got 1"));
         assert!(err(emb(&[], 2, 0), None).contains("dim must be positive"));
         assert_eq!(err(emb(&[0.0; 11], 3, 4), None), "embeddings: 3 rows of dim 4 expected 12 values, got 11");
@@ -529,20 +578,38 @@ mod tests {
         assert!(e.contains("dim 4 differs from embeddings dim 2"), "{e}");
         let e = err(emb(&ok, 2, 2), Some((emb(&ok, 2, 2), emb(&[1.0, 0.0, 0.0, 0.0], 2, 2))));
         assert!(e.starts_with("pairs b: row 1 is a zero vector"), "{e}");
-        assert!(normalize_rows(&[1.0, 2.0, 3.0], 2).unwrap_err().contains("not a whole number"));
+        assert!(normalize_rows(&[1.0, 2.0, 3.0], 2).unwrap_err().to_string().contains("not a whole number"));
     }
 
+    /// The held-out geometry against plain loops over the same rows.
     #[test]
-    #[ignore = "timing; run with --release -- --ignored --nocapture"]
-    fn timing_n2000_dim384() {
-        let (n, d) = (2000, 384);
-        let mut rng = StdRng::seed_from_u64(1);
-        let data: Vec<f32> = (0..n * d).map(|_| gauss(&mut rng) as f32).collect();
-        let t0 = std::time::Instant::now();
-        let x = normalize_rows(&data, d).unwrap();
-        let u = uniformity(&x, n, d, 2.0);
-        let t1 = t0.elapsed();
-        let r = anisotropy(emb(&data, n, d), None).unwrap();
-        println!("uniformity {u:.4} in {t1:?}; full anisotropy in {:?}: {r:?}", t0.elapsed() - t1);
+    fn held_out_geometry_matches_loops() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (n, d) = (30, 6);
+        let xd: Vec<f32> = (0..n * d).map(|_| gauss(&mut rng) as f32 + 0.5).collect();
+        let yd: Vec<f32> = xd.iter().map(|v| v + 0.3 * gauss(&mut rng) as f32).collect();
+        let g = held_out_geometry(emb(&xd, n, d), emb(&yd, n, d), 0.5).unwrap();
+        let (xr, yr) = (unit_rows(&xd, d), unit_rows(&yd, d));
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+        let uni = |r: &[Vec<f64>]| {
+            let (mut s, mut c) = (0.0, 0.0);
+            for i in 0..n {
+                for j in i + 1..n {
+                    s += (-0.5 * (2.0 - 2.0 * dot(&r[i], &r[j]))).exp();
+                    c += 1.0;
+                }
+            }
+            (s / c).ln()
+        };
+        close(g.uniform, (uni(&xr) + uni(&yr)) / 2.0, 1e-9);
+        close(g.align, (0..n).map(|i| 2.0 - 2.0 * dot(&xr[i], &yr[i])).sum::<f64>() / n as f64, 1e-9);
+        close(g.mean_cos, naive_pairs(&xr).0, 1e-9);
+        let closer = (0..n)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .filter(|&(i, j)| i != j && dot(&xr[i], &yr[j]) < dot(&xr[i], &yr[i]))
+            .count();
+        close(g.pos_auc, closer as f64 / (n * (n - 1)) as f64, 1e-12);
+        assert!(g.pos_auc > 0.9, "noisy copies are closest to their own anchor: {}", g.pos_auc);
+        assert!(held_out_geometry(emb(&xd, n, d), emb(&yd[..d * 2], 2, d), 0.5).is_err());
     }
 }

@@ -15,6 +15,8 @@ use std::f64::consts::PI;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::error::{Error, Result};
+
 /// One named data set; the name becomes its legend entry.
 pub struct Series<'a> {
     pub name: &'a str,
@@ -52,12 +54,12 @@ pub fn histogram(
     lo: f64,
     hi: f64,
     bins: usize,
-) -> Result<Vec<PathBuf>, String> {
+) -> Result<Vec<PathBuf>> {
     if !(lo.is_finite() && hi.is_finite() && lo < hi) || bins == 0 {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "histogram {}: need finite lo < hi and bins > 0, got [{lo}, {hi}] with {bins} bins",
             path_stem.display()
-        ));
+        )));
     }
     check_nonempty(path_stem, series.len())?;
     let dens: Vec<Vec<f64>> = series.iter().map(|s| histogram_density(s.values, lo, hi, bins)).collect();
@@ -75,9 +77,12 @@ pub fn circle_panels(
     title: &str,
     panels: &[(&str, &[[f64; 2]])],
     kappa: f64,
-) -> Result<Vec<PathBuf>, String> {
+) -> Result<Vec<PathBuf>> {
     if !(kappa.is_finite() && kappa >= 0.0) {
-        return Err(format!("circle plot {}: kappa must be finite and >= 0, got {kappa}", path_stem.display()));
+        return Err(Error::Invalid(format!(
+            "circle plot {}: kappa must be finite and >= 0, got {kappa}",
+            path_stem.display()
+        )));
     }
     check_nonempty(path_stem, panels.len())?;
     let grid: Vec<f64> = (0..=ANGLE_STEPS).map(|i| -PI + 2.0 * PI * i as f64 / ANGLE_STEPS as f64).collect();
@@ -105,7 +110,7 @@ pub fn circle_panels(
 
 /// Eigenvalue spectra: each series is sorted descending and normalised to sum 1 and drawn against
 /// its rank on a log y axis. Non-positive and non-finite values (numerical noise) are left out.
-pub fn spectrum(path_stem: &Path, title: &str, series: &[Series]) -> Result<Vec<PathBuf>, String> {
+pub fn spectrum(path_stem: &Path, title: &str, series: &[Series]) -> Result<Vec<PathBuf>> {
     check_nonempty(path_stem, series.len())?;
     let norm: Vec<Vec<f64>> = series
         .iter()
@@ -189,15 +194,15 @@ enum Fig<'a> {
     Spectrum { title: &'a str, series: &'a [Series<'a>], norm: &'a [Vec<f64>] },
 }
 
-fn check_nonempty(stem: &Path, n: usize) -> Result<(), String> {
+fn check_nonempty(stem: &Path, n: usize) -> Result<()> {
     if n == 0 {
-        return Err(format!("plot {}: nothing to draw", stem.display()));
+        return Err(Error::Invalid(format!("plot {}: nothing to draw", stem.display())));
     }
     Ok(())
 }
 
 /// Draws `fig` once as SVG and once as PNG and writes both atomically.
-fn render(stem: &Path, (w, h): (u32, u32), fig: &Fig) -> Result<Vec<PathBuf>, String> {
+fn render(stem: &Path, (w, h): (u32, u32), fig: &Fig) -> Result<Vec<PathBuf>> {
     let [svg_path, png_path] = [".svg", ".png"].map(|ext| {
         let mut s = stem.as_os_str().to_owned();
         s.push(ext);
@@ -222,32 +227,37 @@ fn render(stem: &Path, (w, h): (u32, u32), fig: &Fig) -> Result<Vec<PathBuf>, St
         enc.set_depth(png::BitDepth::Eight);
         enc.write_header()
             .and_then(|mut wr| wr.write_image_data(&rgb))
-            .map_err(|e| format!("cannot encode {}: {e}", png_path.display()))?;
+            .map_err(|e| Error::data(&png_path, format!("cannot encode: {e}")))?;
     }
     write_atomic(&svg_path, svg.as_bytes())?;
     write_atomic(&png_path, &png_bytes)?;
     Ok(vec![svg_path, png_path])
 }
 
-fn ctx(p: &Path) -> impl Fn(String) -> String + '_ {
-    move |e| format!("cannot draw {}: {e}", p.display())
+fn ctx(p: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| Error::data(p, format!("cannot draw: {e}"))
 }
 
-fn err<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
+fn err<E: std::fmt::Display>(e: E) -> Error {
+    Error::Invalid(e.to_string())
 }
 
 /// Writes to a temporary name in the same folder, then renames, so readers never see half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create folder for {}: {e}", path.display()))?;
-    crate::atomic::write_atomic(path, bytes).map_err(|e| format!("cannot write {e}"))
+    std::fs::create_dir_all(dir).map_err(|e| Error::data(path, format!("cannot create its folder: {e}")))?;
+    crate::io::write_atomic(path, bytes)
 }
 
 /// Registers a system TrueType font once per process for all plot text.
-fn ensure_font() -> Result<(), String> {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(register_system_font).clone()
+fn ensure_font() -> Result<()> {
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    match FOUND.get_or_init(register_system_font) {
+        true => Ok(()),
+        false => Err(Error::invalid(
+            "no TrueType font found for plot text (install fonts-dejavu-core or set HYPERSPHERE_FONT to a .ttf file)",
+        )),
+    }
 }
 
 const FONT_PATHS: [&str; 11] = [
@@ -264,8 +274,9 @@ const FONT_PATHS: [&str; 11] = [
     "C:\\Windows\\Fonts\\arial.ttf",
 ];
 
-/// Tries `HYPERSPHERE_FONT`, then well-known paths, then any regular font under the usual folders.
-fn register_system_font() -> Result<(), String> {
+/// Tries `HYPERSPHERE_FONT`, then well-known paths, then any regular font under the usual
+/// folders; whether one was registered.
+fn register_system_font() -> bool {
     let register = |path: &PathBuf| {
         // plotters keeps fonts for the whole process, hence the leak (once per process).
         std::fs::read(path).is_ok_and(|bytes| {
@@ -275,18 +286,13 @@ fn register_system_font() -> Result<(), String> {
     };
     let env = std::env::var_os("HYPERSPHERE_FONT").map(PathBuf::from);
     if env.iter().chain(&FONT_PATHS.map(PathBuf::from)).any(register) {
-        return Ok(());
+        return true;
     }
     let mut found = Vec::new();
     for root in ["/usr/share/fonts", "/usr/local/share/fonts"] {
         find_fonts(Path::new(root), 4, &mut found);
     }
-    if found.iter().any(register) {
-        return Ok(());
-    }
-    Err("no TrueType font found for plot text \
-         (install fonts-dejavu-core or set HYPERSPHERE_FONT to a .ttf file)"
-        .into())
+    found.iter().any(register)
 }
 
 fn find_fonts(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
@@ -307,7 +313,7 @@ fn find_fonts(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Fig) -> Result<(), String> {
+fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Fig) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     match *fig {
         Fig::Hist { title, x_label, series, dens, lo, hi } => {
@@ -374,7 +380,7 @@ fn cartesian<'a, 'b, DB: DrawingBackend>(root: &'a DrawingArea<DB, Shift>, title
     b
 }
 
-fn mesh<'a, DB, X, Y>(chart: &mut Chart<'a, DB, X, Y>, x: &str, y: &str) -> Result<(), String>
+fn mesh<'a, DB, X, Y>(chart: &mut Chart<'a, DB, X, Y>, x: &str, y: &str) -> Result<()>
 where
     DB: DrawingBackend + 'a,
     X: Ranged<ValueType = f64> + ValueFormatter<f64>,
@@ -402,7 +408,7 @@ where
         .map_err(err)
 }
 
-fn line<'a, DB, X, Y>(chart: &mut Chart<'a, DB, X, Y>, pts: Vec<(f64, f64)>, name: &str, i: usize) -> Result<(), String>
+fn line<'a, DB, X, Y>(chart: &mut Chart<'a, DB, X, Y>, pts: Vec<(f64, f64)>, name: &str, i: usize) -> Result<()>
 where
     DB: DrawingBackend + 'a,
     X: Ranged<ValueType = f64>,
@@ -417,7 +423,7 @@ where
     Ok(())
 }
 
-fn legend<'a, DB, X, Y>(chart: &mut Chart<'a, DB, X, Y>, pos: SeriesLabelPosition) -> Result<(), String>
+fn legend<'a, DB, X, Y>(chart: &mut Chart<'a, DB, X, Y>, pos: SeriesLabelPosition) -> Result<()>
 where
     DB: DrawingBackend + 'a,
     X: Ranged<ValueType = f64>,
@@ -441,7 +447,7 @@ fn circle_panel<DB: DrawingBackend>(
     grid: &[f64],
     dmax: f64,
     c: RGBColor,
-) -> Result<(), String> {
+) -> Result<()> {
     let area = area.titled(p.name, (FONT, 18)).map_err(err)?;
     let (w, h) = area.dim_in_pixel();
     let s = w.min(h).saturating_sub(8);
@@ -477,7 +483,7 @@ fn angle_panel<DB: DrawingBackend>(
     kappa: f64,
     c: RGBColor,
     first: bool,
-) -> Result<(), String> {
+) -> Result<()> {
     let mut chart = ChartBuilder::on(area)
         .margin(10)
         .x_label_area_size(44)
@@ -633,7 +639,7 @@ mod tests {
     fn invalid_arguments_are_errors_naming_the_file() {
         let stem = Path::new("/nonexistent/x/plot");
         let s = [Series { name: "a", values: &[0.5] }];
-        assert!(histogram(stem, "t", "x", &s, 1.0, 1.0, 10).unwrap_err().contains("/nonexistent/x/plot"));
+        assert!(histogram(stem, "t", "x", &s, 1.0, 1.0, 10).unwrap_err().to_string().contains("/nonexistent/x/plot"));
         assert!(histogram(stem, "t", "x", &s, 0.0, 1.0, 0).is_err());
         assert!(histogram(stem, "t", "x", &[], 0.0, 1.0, 10).is_err());
         assert!(circle_panels(stem, "t", &[("a", &[[1.0, 0.0]])], f64::NAN).is_err());
@@ -641,7 +647,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
-        let e = histogram(&file.join("plot"), "t", "x", &s, 0.0, 1.0, 10).unwrap_err();
+        let e = histogram(&file.join("plot"), "t", "x", &s, 0.0, 1.0, 10).unwrap_err().to_string();
         assert!(e.contains("cannot") && e.contains("plot.svg"), "{e}");
     }
 }

@@ -8,9 +8,8 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::data::batch::TextTokenizer;
-use crate::data::pairs::Pair;
-use crate::data::prepared::PairView;
-use crate::error::{Error, Result};
+use crate::data::source::{Pair, PairSource};
+use crate::error::Result;
 use crate::metrics::{anisotropy, Anisotropy, Embeddings};
 use crate::model::{embed_texts, Encoder};
 
@@ -25,13 +24,13 @@ impl Sample {
     /// Up to `n_sentences` sentences (the first sentences of as many random pairs: distinct
     /// sentences, whatever their text) and `n_pairs` random pairs from `pairs`, seeded. Reads
     /// only what it draws, so a held-out set of any size costs nothing.
-    pub fn draw(pairs: PairView, n_sentences: usize, n_pairs: usize, seed: u64) -> Self {
+    pub fn draw(pairs: &dyn PairSource, n_sentences: usize, n_pairs: usize, seed: u64) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
         let n = pairs.len();
         let firsts = rand::seq::index::sample(&mut rng, n, n_sentences.min(n));
-        let sentences = firsts.into_iter().map(|k| pairs.pair(k).anchor).collect();
+        let sentences = firsts.into_iter().map(|k| Ok(pairs.pair(k)?.anchor)).collect::<Result<_>>()?;
         let chosen = rand::seq::index::sample(&mut rng, n, n_pairs.min(n));
-        Self { sentences, pairs: chosen.into_iter().map(|k| pairs.pair(k)).collect() }
+        Ok(Self { sentences, pairs: chosen.into_iter().map(|k| pairs.pair(k)).collect::<Result<_>>()? })
     }
 }
 
@@ -44,7 +43,7 @@ pub fn measure(encoder: &Encoder, tokenizer: &TextTokenizer, sample: &Sample, de
     let b = embed(sample.pairs.iter().map(|p| &*p.positive).collect())?;
     let m = sample.pairs.len();
     let pairs = (m > 0).then(|| (Embeddings { data: &a, n: m, dim }, Embeddings { data: &b, n: m, dim }));
-    anisotropy(Embeddings { data: &x, n: sample.sentences.len(), dim }, pairs).map_err(Error::Invalid)
+    anisotropy(Embeddings { data: &x, n: sample.sentences.len(), dim }, pairs)
 }
 
 /// Rows of the before/after table: (name, before, after, better when).

@@ -1,8 +1,6 @@
 //! A run folder (`runs/<name>/`): one writer at a time, a fresh start that sets an old run
 //! aside before writing anything, and resumes that may change only what keeps the run whole.
 
-use std::fs::File;
-use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use crate::config::RunConfig;
@@ -24,51 +22,20 @@ pub const RESUMABLE: [&str; 7] = [
     "train.max_bad_steps",
 ];
 
-/// An exclusive OS lock on a run folder, held until dropped (the OS releases it if the process
-/// dies, so a crash leaves no stale lock).
-#[derive(Debug)]
-pub struct RunLock {
-    _file: File,
-}
+/// The exclusive lock on a run folder, held until dropped.
+pub type RunLock = crate::io::Lock;
 
 /// Lock `dir` (created if missing) for this process, or fail naming the process that holds it.
 pub fn lock(dir: &Path) -> Result<RunLock> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(LOCK);
-    let mut file = lock_file(&path)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let who = match pid.trim() {
-                "" => "another process".to_string(),
-                p => format!("process {p}"),
-            };
-            return Err(Error::data(
-                dir,
-                format!("run folder in use by {who} (another finetune); wait for it to finish or stop it, or pick another name (--set name=...)"),
-            ));
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
-    }
-    let pid = std::process::id().to_string();
-    file.set_len(0)
-        .and_then(|_| file.rewind())
-        .and_then(|_| file.write_all(pid.as_bytes()))
-        .map_err(|e| Error::io(&path, e))?;
-    Ok(RunLock { _file: file })
-}
-
-/// A lock file, opened (created if missing) for reading and writing, its contents kept.
-pub(crate) fn lock_file(path: &Path) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| Error::io(path, e))
+    crate::io::Lock::try_take(&path)?.ok_or_else(|| {
+        let who = crate::io::Lock::holder(&path);
+        Error::data(
+            dir,
+            format!("run folder in use by {who} (another finetune); wait for it to finish or stop it, or pick another name (--set name=...)"),
+        )
+    })
 }
 
 /// Whether `dir` holds anything besides its lock file.
@@ -99,6 +66,15 @@ pub fn start_fresh(dir: &Path, force: bool) -> Result<(RunLock, Option<PathBuf>)
     Ok((lock(dir)?, Some(aside)))
 }
 
+/// `dir` is a run folder written by finetune (it has `run.toml`); checked without touching it.
+pub fn check_resumable(dir: &Path) -> Result<()> {
+    let path = dir.join("run.toml");
+    match path.is_file() {
+        true => Ok(()),
+        false => Err(Error::data(&path, "not found: --resume takes a run folder written by finetune")),
+    }
+}
+
 /// One setting a resume changed: key, old value, new value (TOML).
 pub type Change = (String, String, String);
 
@@ -106,10 +82,8 @@ pub type Change = (String, String, String);
 /// keys outside [`RESUMABLE`] are refused; allowed ones are written to `run.toml` (with a
 /// comment recording them), so the next resume reads the config that actually ran.
 pub fn resume_config(dir: &Path, overrides: &[String]) -> Result<(RunConfig, Vec<Change>)> {
+    check_resumable(dir)?;
     let path = dir.join("run.toml");
-    if !path.is_file() {
-        return Err(Error::data(&path, "not found: --resume takes a run folder written by finetune"));
-    }
     let saved = RunConfig::load(Some(&path), &[])?;
     let cfg = RunConfig::load(Some(&path), overrides)?;
     let changes = diff(&saved, &cfg)?;
@@ -133,7 +107,7 @@ pub fn resume_config(dir: &Path, overrides: &[String]) -> Result<(RunConfig, Vec
         let header: String = text.lines().take_while(|l| l.starts_with('#')).map(|l| format!("{l}\n")).collect();
         let note: String = changes.iter().map(|(k, a, b)| format!("# resumed with {k} = {b} (was {a})\n")).collect();
         let body = toml::to_string_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::export::write_atomic(&path, format!("{header}{note}{body}").as_bytes())?;
+        crate::io::write_atomic(&path, format!("{header}{note}{body}").as_bytes())?;
     }
     Ok((cfg, changes))
 }

@@ -4,8 +4,12 @@
 //! the narrow cone of raw BERT embeddings that alignment/uniformity fine-tuning also targets, so it
 //! is the natural point of comparison.
 
+use std::path::Path;
+
 use nalgebra::{DMatrix, SymmetricEigen};
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
 
 /// Eigenvalues get `EPS_REL * mean eigenvalue + EPS_ABS` added before `1/sqrt`, so a singular
 /// covariance (fewer rows than dimensions, constant features) still gives finite weights. The
@@ -30,14 +34,14 @@ impl Whitening {
     /// Fit on `n` rows of `dim` values (row-major). The covariance uses the unbiased `1/(n-1)`
     /// normalisation (as `np.cov` in the reference code), so at least 2 rows are needed.
     /// `k = None` keeps all dims; `k = 0` or `k > dim` is an error.
-    pub fn fit(data: &[f32], n: usize, dim: usize, k: Option<usize>) -> Result<Self, String> {
+    pub fn fit(data: &[f32], n: usize, dim: usize, k: Option<usize>) -> Result<Self> {
         check_shape(data, n, dim)?;
         if n < 2 {
-            return Err(format!("whitening needs at least 2 rows to estimate a covariance, got {n}"));
+            return Err(Error::Invalid(format!("whitening needs at least 2 rows to estimate a covariance, got {n}")));
         }
         let k = k.unwrap_or(dim);
         if k == 0 || k > dim {
-            return Err(format!("whitening k must be in 1..={dim}, got {k}"));
+            return Err(Error::Invalid(format!("whitening k must be in 1..={dim}, got {k}")));
         }
         // Column r of the dim x n matrix is row r of the input.
         let mut x = DMatrix::<f64>::from_iterator(dim, n, data.iter().map(|&v| v as f64));
@@ -57,23 +61,23 @@ impl Whitening {
             w.extend(order[..k].iter().zip(&scale).map(|(&j, s)| (eig.eigenvectors[(i, j)] * s) as f32));
         }
         if w.iter().any(|v| !v.is_finite()) {
-            return Err("whitening fit produced non-finite weights (non-finite input?)".into());
+            return Err(Error::invalid("whitening fit produced non-finite weights (non-finite input?)"));
         }
         Ok(Self { mu: mu.iter().map(|&v| v as f32).collect(), w, dim, k })
     }
 
     /// Apply to `n` rows of `dim` values, returning `n x k` row-major; with `normalize`, each
     /// output row is scaled to unit L2 norm (an all-zero row stays zero).
-    pub fn apply(&self, data: &[f32], n: usize, normalize: bool) -> Result<Vec<f32>, String> {
+    pub fn apply(&self, data: &[f32], n: usize, normalize: bool) -> Result<Vec<f32>> {
         check_shape(data, n, self.dim)?;
         if self.mu.len() != self.dim || self.w.len() != self.dim * self.k {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "whitening parameters are inconsistent: dim {}, k {}, mu {} values, w {} values",
                 self.dim,
                 self.k,
                 self.mu.len(),
                 self.w.len()
-            ));
+            )));
         }
         // Column-major dim x n view of the row-major input, centred; then out^T = W^T (x - mu).
         let mut x = DMatrix::<f32>::from_column_slice(self.dim, n, data);
@@ -95,14 +99,50 @@ impl Whitening {
     }
 }
 
-fn check_shape(data: &[f32], n: usize, dim: usize) -> Result<(), String> {
+fn check_shape(data: &[f32], n: usize, dim: usize) -> Result<()> {
     if dim == 0 {
-        return Err("whitening needs dim > 0".into());
+        return Err(Error::invalid("whitening needs dim > 0"));
     }
     if n.checked_mul(dim) != Some(data.len()) {
-        return Err(format!("whitening input has {} values, expected {n} rows x {dim} = {}", data.len(), n * dim));
+        return Err(Error::Invalid(format!(
+            "whitening input has {} values, expected {n} rows x {dim} = {}",
+            data.len(),
+            n * dim
+        )));
     }
     Ok(())
+}
+
+/// Save whitening parameters as safetensors: `mu` [dim] and `w` [dim, k].
+pub fn save(w: &Whitening, path: &Path) -> Result<()> {
+    let dev = candle_core::Device::Cpu;
+    let tensors = [
+        ("mu".to_string(), candle_core::Tensor::from_slice(&w.mu, w.dim, &dev)?),
+        ("w".to_string(), candle_core::Tensor::from_slice(&w.w, (w.dim, w.k), &dev)?),
+    ];
+    crate::io::save_safetensors(&tensors.into_iter().collect(), path)
+}
+
+/// Load parameters written by [`save`] (`compare --whiten`).
+pub fn load(path: &Path) -> Result<Whitening> {
+    let bad = |m: String| Error::data(path, m);
+    let t = crate::io::load_safetensors(path)?;
+    let (mu, w) = match (t.get("mu"), t.get("w")) {
+        (Some(mu), Some(w)) => (mu, w),
+        _ => {
+            return Err(bad("expected tensors `mu` [dim] and `w` [dim, k] (write them with `compare --whiten`)".into()))
+        }
+    };
+    let (dim, k) = w.dims2().map_err(|_| bad(format!("`w` has shape {:?}, expected [dim, k]", w.dims())))?;
+    if mu.dims() != [dim] {
+        return Err(bad(format!("`mu` has shape {:?}, expected [{dim}]", mu.dims())));
+    }
+    Ok(Whitening {
+        mu: mu.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+        w: w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?,
+        dim,
+        k,
+    })
 }
 
 #[cfg(test)]
@@ -215,15 +255,15 @@ mod tests {
     #[test]
     fn shape_errors() {
         let x = vec![0.0f32; 12];
-        assert!(Whitening::fit(&x, 3, 5, None).unwrap_err().contains("expected 3 rows x 5"));
-        assert!(Whitening::fit(&x, 1, 12, None).unwrap_err().contains("at least 2 rows"));
-        assert!(Whitening::fit(&x, 4, 3, Some(4)).unwrap_err().contains("k must be in 1..=3"));
+        assert!(Whitening::fit(&x, 3, 5, None).unwrap_err().to_string().contains("expected 3 rows x 5"));
+        assert!(Whitening::fit(&x, 1, 12, None).unwrap_err().to_string().contains("at least 2 rows"));
+        assert!(Whitening::fit(&x, 4, 3, Some(4)).unwrap_err().to_string().contains("k must be in 1..=3"));
         assert!(Whitening::fit(&x, 4, 3, Some(0)).is_err());
         assert!(Whitening::fit(&[], 0, 0, None).is_err());
         let wh = Whitening::fit(&sample(10, 3, 1), 10, 3, Some(2)).unwrap();
-        assert!(wh.apply(&x[..7], 2, false).unwrap_err().contains("expected 2 rows x 3"));
+        assert!(wh.apply(&x[..7], 2, false).unwrap_err().to_string().contains("expected 2 rows x 3"));
         let mut broken = wh.clone();
         broken.w.pop();
-        assert!(broken.apply(&x[..6], 2, false).unwrap_err().contains("inconsistent"));
+        assert!(broken.apply(&x[..6], 2, false).unwrap_err().to_string().contains("inconsistent"));
     }
 }

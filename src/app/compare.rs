@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -10,9 +9,12 @@ use rand::SeedableRng;
 
 use super::embed::read_lines;
 use super::load_model;
+use crate::bail;
+use crate::compare::Column;
 use crate::data::batch::TextTokenizer;
-use crate::data::pairs::PairOptions;
-use crate::data::prepared::PairView;
+use crate::data::books::pairs::PairOptions;
+use crate::data::books::BookPairs;
+use crate::error::{Context, Result};
 use crate::model::pooling::Pooling;
 use crate::model::{embed_texts, Encoder};
 use crate::report::Sample;
@@ -53,9 +55,8 @@ pub fn compare_text(t: &TextArgs, first_model: Option<(&Path, &TextTokenizer)>) 
             let (file, tok) =
                 first_model.context("--corpus needs at least one model input (its tokenizer filters sentences)")?;
             let prepared = super::open_corpus(corpus, file, tok, &PairOptions::default(), false)?;
-            let all = prepared.split(0, 0.0, t.seed);
-            let sample =
-                Sample::draw(PairView { corpus: &prepared, ranges: &all.train }, t.sentences, t.num_pairs, t.seed);
+            let all = prepared.split(None, 0.0, t.seed);
+            let sample = Sample::draw(&BookPairs::new(&prepared, &all.train), t.sentences, t.num_pairs, t.seed)?;
             let pairs = sample.pairs.iter().map(|p| (p.anchor.to_string(), p.positive.to_string())).collect();
             (sample.sentences.iter().map(|s| s.to_string()).collect(), pairs)
         }
@@ -81,6 +82,68 @@ pub fn compare_text(t: &TextArgs, first_model: Option<(&Path, &TextTokenizer)>) 
     Ok((sentences, pairs))
 }
 
+/// One input of `compare`: an embeddings file, or a model (its label, encoder, tokenizer and
+/// tokenizer file).
+enum Input {
+    File(crate::embedding_file::EmbeddingFile),
+    Model(String, Box<(Encoder, TextTokenizer, PathBuf)>),
+}
+
+/// Read every input: embedding files, and models loaded for inference.
+fn load_inputs(
+    inputs: &[String],
+    pooling: Option<Pooling>,
+    max_len: Option<usize>,
+    device: &Device,
+) -> Result<Vec<Input>> {
+    let mut loaded = Vec::new();
+    for spec in inputs {
+        if spec.ends_with(".safetensors") {
+            loaded.push(Input::File(crate::embedding_file::read_embeddings(Path::new(spec))?));
+        } else {
+            let (files, enc, tok) = load_model(spec, pooling, max_len, device)?;
+            let label = if spec.contains('@') { spec.clone() } else { format!("{spec}@{}", enc.pooling.as_str()) };
+            loaded.push(Input::Model(label, Box::new((enc, tok, files.tokenizer))));
+        }
+    }
+    Ok(loaded)
+}
+
+/// A model's column: its embeddings of the sentences and of both sides of the pairs.
+fn model_column(label: &str, enc: &Encoder, tok: &TextTokenizer, texts: &Texts, device: &Device) -> Result<Column> {
+    let (sentences, pairs) = texts;
+    eprintln!("embedding {} sentences and {} pairs with {label}", sentences.len(), pairs.len());
+    let embed = |texts: Vec<&str>| embed_texts(enc, tok, &texts, crate::model::EMBED_BATCH, device);
+    let s = embed(sentences.iter().map(String::as_str).collect())?;
+    let p = match pairs.is_empty() {
+        true => None,
+        false => Some((
+            embed(pairs.iter().map(|(a, _)| a.as_str()).collect())?,
+            embed(pairs.iter().map(|(_, b)| b.as_str()).collect())?,
+        )),
+    };
+    Ok(Column { name: label.to_string(), dim: enc.config.hidden_size, sentences: s, pairs: p })
+}
+
+/// BERT-whitening fitted on the first column's sentences, keeping `k` dimensions (all: 0), as
+/// a column of its own; its parameters are saved in `out/whitening.safetensors`.
+fn whitened(base: &Column, k: usize, out: &Path) -> Result<Column> {
+    let w = crate::whiten::Whitening::fit(&base.sentences, base.n(), base.dim, (k > 0).then_some(k))?;
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    crate::whiten::save(&w, &out.join("whitening.safetensors"))?;
+    let apply = |d: &[f32]| w.apply(d, d.len() / base.dim, true);
+    let pairs = match &base.pairs {
+        Some((a, b)) => Some((apply(a)?, apply(b)?)),
+        None => None,
+    };
+    Ok(Column {
+        name: format!("{} + whitening({})", base.name, w.k),
+        dim: w.k,
+        sentences: apply(&base.sentences)?,
+        pairs,
+    })
+}
+
 /// Measure every input (models, embedding files) on the same sentences; tables, JSON and plots in `out`.
 pub fn compare(
     inputs: &[String],
@@ -91,71 +154,25 @@ pub fn compare(
     max_len: Option<usize>,
     device: &Device,
 ) -> Result<()> {
-    use crate::compare::{compare as measure_all, table as compare_table, Column};
-    use crate::export::{read_embeddings, save_whitening};
-    use crate::whiten::Whitening;
-    enum Input {
-        File(crate::export::EmbeddingFile),
-        Model(String, Box<(Encoder, TextTokenizer, PathBuf)>),
-    }
-    let mut loaded = Vec::new();
-    for spec in inputs {
-        if spec.ends_with(".safetensors") {
-            loaded.push(Input::File(read_embeddings(Path::new(spec))?));
-        } else {
-            let (files, enc, tok) = load_model(spec, pooling, max_len, device)?;
-            let label = if spec.contains('@') { spec.clone() } else { format!("{spec}@{}", enc.pooling.as_str()) };
-            loaded.push(Input::Model(label, Box::new((enc, tok, files.tokenizer))));
-        }
-    }
+    use crate::compare::{compare as measure_all, table as compare_table};
+    let loaded = load_inputs(inputs, pooling, max_len, device)?;
     let first_tok = loaded.iter().find_map(|i| match i {
         Input::Model(_, m) => Some((m.2.as_path(), &m.1)),
         Input::File(_) => None,
     });
-    let (sentences, pairs) = compare_text(text, first_tok)?;
-    let has_model = first_tok.is_some();
-    if has_model && sentences.len() < 2 {
+    let texts = compare_text(text, first_tok)?;
+    if first_tok.is_some() && texts.0.len() < 2 {
         bail!("model inputs need sentences: pass --corpus DIR or --input FILE");
     }
     let mut columns = Vec::new();
     for (input, spec) in loaded.iter().zip(inputs) {
         columns.push(match input {
             Input::File(f) => Column { name: spec.clone(), dim: f.dim, sentences: f.data.clone(), pairs: None },
-            Input::Model(label, m) => {
-                let (enc, tok) = (&m.0, &m.1);
-                eprintln!("embedding {} sentences and {} pairs with {label}", sentences.len(), pairs.len());
-                let embed = |texts: Vec<&str>| embed_texts(enc, tok, &texts, crate::model::EMBED_BATCH, device);
-                let s = embed(sentences.iter().map(String::as_str).collect())?;
-                let p = if pairs.is_empty() {
-                    None
-                } else {
-                    Some((
-                        embed(pairs.iter().map(|(a, _)| a.as_str()).collect())?,
-                        embed(pairs.iter().map(|(_, b)| b.as_str()).collect())?,
-                    ))
-                };
-                Column { name: label.clone(), dim: enc.config.hidden_size, sentences: s, pairs: p }
-            }
+            Input::Model(label, m) => model_column(label, &m.0, &m.1, &texts, device)?,
         });
     }
     if let Some(k) = whiten {
-        let base = &columns[0];
-        let n = base.n();
-        let w = Whitening::fit(&base.sentences, n, base.dim, (k > 0).then_some(k)).map_err(anyhow::Error::msg)?;
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        save_whitening(&w, &out.join("whitening.safetensors"))?;
-        let apply = |d: &[f32]| w.apply(d, d.len() / base.dim, true).map_err(anyhow::Error::msg);
-        let pairs = match &base.pairs {
-            Some((a, b)) => Some((apply(a)?, apply(b)?)),
-            None => None,
-        };
-        let column = Column {
-            name: format!("{} + whitening({})", base.name, w.k),
-            dim: w.k,
-            sentences: apply(&base.sentences)?,
-            pairs,
-        };
-        columns.push(column);
+        columns.push(whitened(&columns[0], k, out)?);
     }
     let (results, files) = measure_all(&columns, out, text.seed)?;
     println!("{}", compare_table(&results));

@@ -3,13 +3,16 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
 use candle_core::Device;
 
+use super::console::Console;
 use super::load_model;
-use crate::eval::runner::sha256_file;
+use crate::bail;
+use crate::error::Result;
+use crate::io::sha256_file;
 use crate::model::embed_texts;
 use crate::model::pooling::Pooling;
+use crate::progress::Progress;
 
 /// Which model to embed with, and how.
 #[derive(clap::Args, Debug)]
@@ -72,6 +75,52 @@ pub fn read_lines(path: &Path) -> Result<(Vec<(usize, String)>, usize)> {
     Ok((lines, empty))
 }
 
+/// The rows to embed: (input line or sentence number, text), and how many empty lines were
+/// skipped. Lines of a file, or with `sentences` the sentences of the books (or the prepared
+/// corpus) in it.
+fn input_rows(input: &Path, sentences: bool) -> Result<(Vec<(usize, String)>, usize)> {
+    use crate::data::books::{corpus, prepared};
+    if sentences && prepared::is_prepared(input) {
+        let corpus = prepared::Prepared::open_any(input)?;
+        let rows = (0..corpus.sentences()).map(|i| Ok((i as usize, corpus.text(i)?))).collect::<Result<_>>()?;
+        return Ok((rows, 0));
+    }
+    if !sentences {
+        return read_lines(input);
+    }
+    let mut rows = Vec::new();
+    for file in corpus::list_book_files(input)? {
+        let book = corpus::read_book(&file)?;
+        let sents = book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten());
+        rows.extend(sents.map(|s| s.to_string()));
+    }
+    Ok((rows.into_iter().enumerate().collect(), 0))
+}
+
+/// What the embeddings file records of how it was made.
+fn metadata(
+    files: &crate::model::source::ModelFiles,
+    encoder: &crate::model::Encoder,
+    max_len: usize,
+    input: &Path,
+    rows: usize,
+    empty: usize,
+    whiten: Option<&Path>,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("model".to_string(), resolved_spec(&files.spec));
+    meta.insert("weights_sha256".to_string(), sha256_file(&files.weights)?);
+    meta.insert("pooling".to_string(), encoder.pooling.as_str().to_string());
+    meta.insert("normalized".to_string(), "true".to_string());
+    meta.insert("whitening".to_string(), whiten.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
+    meta.insert("count".to_string(), rows.to_string());
+    meta.insert("empty_lines".to_string(), empty.to_string());
+    meta.insert("max_len".to_string(), max_len.to_string());
+    meta.insert("input_sha256".to_string(), if input.is_file() { sha256_file(input)? } else { "folder".into() });
+    meta.insert("hypersphere_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    Ok(meta)
+}
+
 /// Embed `input` (lines, or with `sentences` the sentences of the books in it) into `out`.
 pub fn embed(
     m: &ModelArgs,
@@ -82,25 +131,12 @@ pub fn embed(
     whiten: Option<&Path>,
     device: &Device,
 ) -> Result<()> {
-    use crate::export::{load_whitening, EmbeddingWriter};
+    use crate::embedding_file::EmbeddingWriter;
     // Before any work: a folder in the way would otherwise fail only at the final rename.
-    crate::export::check_output_file(out)?;
-    let whitening = whiten.map(load_whitening).transpose()?;
+    crate::io::check_output_file(out)?;
+    let whitening = whiten.map(crate::whiten::load).transpose()?;
     let (files, encoder, tokenizer) = load_model(&m.model, m.pooling, m.max_len, device)?;
-    let (rows, empty): (Vec<(usize, String)>, usize) = if sentences && crate::data::prepared::is_prepared(input) {
-        let corpus = crate::data::prepared::Prepared::open_any(input)?;
-        ((0..corpus.sentences()).map(|i| (i as usize, corpus.text(i))).collect(), 0)
-    } else if sentences {
-        let mut rows = Vec::new();
-        for file in crate::data::corpus::list_book_files(input)? {
-            let book = crate::data::corpus::read_book(&file)?;
-            let sents = book.chapters.iter().flat_map(|c| c.paragraphs.iter().flatten());
-            rows.extend(sents.map(|s| (rows.len(), s.to_string())).collect::<Vec<_>>());
-        }
-        (rows.into_iter().enumerate().map(|(i, (_, s))| (i, s)).collect(), 0)
-    } else {
-        read_lines(input)?
-    };
+    let (rows, empty) = input_rows(input, sentences)?;
     if empty > 0 {
         eprintln!(
             "warning: {} has {empty} empty lines; they get no row (the `line` tensor maps rows to input lines)",
@@ -109,39 +145,28 @@ pub fn embed(
     }
     let hidden = encoder.config.hidden_size;
     let dim = whitening.as_ref().map(|w| w.k).unwrap_or(hidden);
-    if let Some(w) = &whitening {
-        if w.dim != hidden {
-            bail!("whitening parameters are for dim {}, the model gives {hidden}", w.dim);
-        }
+    if let Some(w) = whitening.as_ref().filter(|w| w.dim != hidden) {
+        bail!("whitening parameters are for dim {}, the model gives {hidden}", w.dim);
     }
-    let mut meta = std::collections::BTreeMap::new();
-    meta.insert("model".to_string(), resolved_spec(&files.spec));
-    meta.insert("weights_sha256".to_string(), sha256_file(&files.weights)?);
-    meta.insert("pooling".to_string(), encoder.pooling.as_str().to_string());
-    meta.insert("normalized".to_string(), "true".to_string());
-    meta.insert("whitening".to_string(), whiten.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
-    meta.insert("count".to_string(), rows.len().to_string());
-    meta.insert("empty_lines".to_string(), empty.to_string());
-    meta.insert("max_len".to_string(), tokenizer.max_len.to_string());
-    meta.insert("input_sha256".to_string(), if input.is_file() { sha256_file(input)? } else { "folder".into() });
-    meta.insert("hypersphere_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    let meta = metadata(&files, &encoder, tokenizer.max_len, input, rows.len(), empty, whiten)?;
     let mut writer = EmbeddingWriter::create(out, rows.len(), dim, dtype == OutDtype::F16, &meta)?;
-    let pb = indicatif::ProgressBar::new(rows.len() as u64);
+    let console = Console::default();
+    console.start("embedding", 0, rows.len() as u64);
     let start = Instant::now();
     // Chunks bound memory; inside a chunk, batches are sorted by length.
-    for chunk in rows.chunks(4096) {
+    for (k, chunk) in rows.chunks(4096).enumerate() {
         let texts: Vec<&str> = chunk.iter().map(|(_, s)| s.as_str()).collect();
         let mut flat = embed_texts(&encoder, &tokenizer, &texts, m.batch_size, device)?;
         if let Some(w) = &whitening {
-            flat = w.apply(&flat, texts.len(), true).map_err(anyhow::Error::msg)?;
+            flat = w.apply(&flat, texts.len(), true)?;
         }
         for ((line, _), row) in chunk.iter().zip(flat.chunks_exact(dim)) {
             writer.push(row, *line)?;
         }
-        pb.inc(chunk.len() as u64);
+        console.advance((k * 4096 + chunk.len()) as u64, "sentences");
     }
     writer.finish()?;
-    pb.finish_and_clear();
+    console.finish();
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "embedded {} sentences in {secs:.1}s ({:.0}/s) -> {}",

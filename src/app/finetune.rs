@@ -6,23 +6,29 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::{eval_options, run_eval, tokenizer_and_corpus, Resolved};
+use super::console::Console;
+use super::{eval_options, run_eval, sources, tokenizer_and_corpus};
+use crate::bail;
+use crate::config::resolved::Resolved;
 use crate::config::{RunConfig, Select};
 use crate::data::batch::TextTokenizer;
-use crate::data::pairs::Pair;
-use crate::data::prepared::{PairView, Prepared, Split};
+use crate::data::books::prepared::{Prepared, Split};
+use crate::data::books::BookPairs;
+use crate::data::source::{Pair, PairSource};
+use crate::error::{Context, Result};
+use crate::eval::dev::DevSet;
 use crate::eval::runner::{tables, EvalOptions, Evaluated};
-use crate::export::{write_atomic, write_json, write_model};
+use crate::io::{write_atomic, write_json};
 use crate::metrics::Anisotropy;
-use crate::model::source::{declared_max_len, resolve, ModelFiles, SourceOptions};
+use crate::model::source::{resolve, ModelFiles};
+use crate::model::st_layout::{declared_max_len, write_model};
 use crate::model::Encoder;
 use crate::report::{measure, table, Report, Sample, SampleInfo};
 use crate::run_dir::RunLock;
-use crate::train::{train, DevSet, TrainInputs, TrainSummary};
+use crate::train::{train, TrainInputs, TrainSummary};
 
 /// What to run: a new run from a config (with overrides), or `resume` of a run folder.
 pub struct Finetune<'a> {
@@ -94,8 +100,8 @@ pub fn finetune(req: &Finetune) -> Result<Outcome> {
     if req.resume.is_none() {
         write_run_toml(&run)?;
     }
-    let cfg = &run.res.cfg;
-    let sample = Sample::draw(run.val(), cfg.report.sentences, cfg.report.pairs, cfg.seed);
+    let cfg = run.res.cfg();
+    let sample = Sample::draw(&run.val(), cfg.report.sentences, cfg.report.pairs, cfg.seed)?;
     let eval = eval_setup(&run)?;
     let before = before(&run, &sample, &eval, req.resume.is_some())?;
     let summary = train_run(&run, &eval, req)?;
@@ -117,6 +123,9 @@ fn open_run(req: &Finetune) -> Result<(Resolved, PathBuf, RunLock)> {
     };
     match req.resume {
         Some(dir) => {
+            // Before the lock, which would create the folder: a folder that is not a run is
+            // left untouched.
+            crate::run_dir::check_resumable(dir)?;
             let lock = crate::run_dir::lock(dir)?;
             let (cfg, changes) = crate::run_dir::resume_config(dir, req.overrides)?;
             let res = resolve(cfg)?;
@@ -127,7 +136,7 @@ fn open_run(req: &Finetune) -> Result<(Resolved, PathBuf, RunLock)> {
         }
         None => {
             let res = resolve(RunConfig::load(req.config, req.overrides)?)?;
-            let run_dir = res.cfg.out_dir.join(&res.cfg.name);
+            let run_dir = res.cfg().out_dir.join(&res.cfg().name);
             let (lock, aside) = crate::run_dir::start_fresh(&run_dir, req.force)?;
             if let Some(old) = aside {
                 eprintln!("--force: moved the earlier run to {} (delete it when no longer needed)", old.display());
@@ -140,10 +149,10 @@ fn open_run(req: &Finetune) -> Result<(Resolved, PathBuf, RunLock)> {
 /// The model files, the corpus's pairs and the trainable encoder.
 fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
     let t0 = Instant::now();
-    let cfg = &res.cfg;
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+    let cfg = res.cfg();
+    let files = resolve(&cfg.model.source, &sources())?;
     let (tokenizer, corpus, split) = tokenizer_and_corpus(&res, &files)?;
-    let stats = corpus.stats(cfg.data.max_books);
+    let stats = corpus.stats(res.max_books());
     eprintln!(
         "corpus: {} books, {} sentences -> {} train pairs, {} validation pairs ({} held-out books) in {:.1}s",
         stats.books,
@@ -156,7 +165,7 @@ fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
     if split.val.is_empty() {
         bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 for the before/after report");
     }
-    let (encoder, teacher) = super::training_encoders(&files, cfg, &res.device)?;
+    let (encoder, teacher) = super::training_encoders(&files, &res)?;
     if cfg.model.max_len > encoder.config.max_position_embeddings {
         bail!(
             "model.max_len {} is longer than the model's max_position_embeddings {} ({})",
@@ -170,32 +179,34 @@ fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
 }
 
 fn write_run_toml(run: &Loaded) -> Result<()> {
-    let resolved = toml::to_string_pretty(&run.res.cfg).context("serializing the config")?;
+    let resolved = toml::to_string_pretty(run.res.cfg()).map_err(|e| crate::Error::invalid(e.to_string()))?;
     let header = format!(
         "# resolved config of this run; hypersphere {}; model weights {}\n",
         env!("CARGO_PKG_VERSION"),
         run.files.weights.display()
     );
-    Ok(write_atomic(&run.run_dir.join("run.toml"), (header + &resolved).as_bytes())?)
+    write_atomic(&run.run_dir.join("run.toml"), (header + &resolved).as_bytes())
 }
 
 /// `[eval]` options (None without tasks) and the tokenizer at the evaluation length (the
 /// model's declared length unless `eval.max_len` is set).
 fn eval_setup(run: &Loaded) -> Result<EvalSetup> {
-    let (res, cfg) = (&run.res, &run.res.cfg);
-    let opts = match res.tasks.is_empty() {
+    let (res, cfg) = (&run.res, run.res.cfg());
+    let opts = match res.tasks().is_empty() {
         true => None,
-        false => Some(eval_options(res.data_dir()?.to_path_buf(), res.tasks.clone(), cfg.eval.quick, cfg.seed, true)),
+        false => {
+            Some(eval_options(res.data_dir()?.to_path_buf(), res.tasks().to_vec(), cfg.eval.quick, cfg.seed, true))
+        }
     };
     let positions = run.encoder.config.max_position_embeddings;
-    let len = if cfg.eval.max_len == 0 { declared_max_len(&run.files, positions) } else { cfg.eval.max_len };
-    Ok(EvalSetup { opts, tokenizer: TextTokenizer::load(&run.files.tokenizer, len.min(positions))? })
+    let len = res.eval_max_len(declared_max_len(&run.files, positions), positions);
+    Ok(EvalSetup { opts, tokenizer: TextTokenizer::load(&run.files.tokenizer, len)? })
 }
 
 /// The model before training: read from `before.json` on resume, else measured (and `[eval]`
 /// run) and saved there.
 fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool) -> Result<Before> {
-    let device = &run.res.device;
+    let device = run.res.device();
     eprintln!(
         "measuring the model before training on {} held-out sentences, {} pairs...",
         sample.sentences.len(),
@@ -217,7 +228,7 @@ fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool) -> Resu
         (Some(_), Some(saved)) => Some(saved),
         (Some(o), None) => {
             eprintln!("evaluating the model before training on {} tasks", o.tasks.len());
-            Some(run_eval(&run.encoder, &eval.tokenizer, &run.files.weights, o, device)?)
+            Some(run_eval(&run.encoder, &eval.tokenizer, &run.files.weights, o, device, &mut |_| Ok(()))?)
         }
         (None, _) => None,
     };
@@ -227,48 +238,47 @@ fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool) -> Resu
 }
 
 impl Loaded {
-    fn train(&self) -> PairView<'_> {
-        PairView { corpus: &self.corpus, ranges: &self.split.train }
+    fn train(&self) -> BookPairs<'_> {
+        BookPairs::new(&self.corpus, &self.split.train)
     }
 
-    fn val(&self) -> PairView<'_> {
-        PairView { corpus: &self.corpus, ranges: &self.split.val }
+    fn val(&self) -> BookPairs<'_> {
+        BookPairs::new(&self.corpus, &self.split.val)
     }
 }
 
 /// Held-out pairs for validation during training: a fixed random choice among the validation
 /// books' pairs.
-fn val_pairs(run: &Loaded) -> Vec<Pair> {
-    let val = run.val();
-    let mut rng = StdRng::seed_from_u64(run.res.cfg.seed ^ 0x5eed);
-    let chosen = rand::seq::index::sample(&mut rng, val.len(), run.res.cfg.train.val_pairs.min(val.len()));
+fn val_pairs(run: &Loaded) -> Result<Vec<Pair>> {
+    let (val, cfg) = (run.val(), run.res.cfg());
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
+    let chosen = rand::seq::index::sample(&mut rng, val.len(), cfg.train.val_pairs.min(val.len()));
     chosen.into_iter().map(|k| val.pair(k)).collect()
 }
 
 /// Train, with STS-B dev loaded when selecting on it; `interrupt.phase` says so meanwhile.
 fn train_run(run: &Loaded, eval: &EvalSetup, req: &Finetune) -> Result<TrainSummary> {
-    let dev = match run.res.cfg.train.select {
+    let dev = match run.res.cfg().train.select {
         Select::Last => None,
         Select::StsbDev => Some(DevSet::stsb(run.res.data_dir()?, eval.tokenizer.clone())?),
     };
-    let val = val_pairs(run);
+    let val = val_pairs(run)?;
     req.interrupt.phase.store(Interrupt::TRAINING, SeqCst);
     let summary = train(&TrainInputs {
         encoder: &run.encoder,
-        tokenizer: &run.tokenizer,
-        cfg: &run.res.cfg,
-        train: run.train(),
         teacher: run.teacher.as_ref(),
+        tokenizer: &run.tokenizer,
+        run: &run.res,
+        train: &run.train(),
         val_pairs: &val,
         dev: dev.as_ref(),
         run_dir: &run.run_dir,
-        device: &run.res.device,
         resume: req.resume.is_some(),
         stop: &req.interrupt.stop,
-        observer: &Console::default(),
+        progress: &Console::default(),
     });
     req.interrupt.phase.store(Interrupt::AFTER, SeqCst);
-    Ok(summary?)
+    summary
 }
 
 /// Why the run stopped, and what is left: nothing after a collapse, else the last checkpoint.
@@ -286,7 +296,7 @@ fn stopped_message(run_dir: &Path, summary: &TrainSummary, why: &str) -> String 
 /// After training: measure, export the model (at the base model's declared length, so Python
 /// gets the same vectors), run `[eval]` on the exported weights, write the report.
 fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summary: &TrainSummary) -> Result<()> {
-    let device = &run.res.device;
+    let device = run.res.device();
     eprintln!(
         "trained {} of {} steps in {:.1}s ({:.1} pairs/s{}); keeping the weights of step {} ({})",
         summary.steps,
@@ -304,16 +314,12 @@ fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summ
     println!("\nheld-out books: {}", run.split.val_books.join(", "));
     println!("{}", table(&before.anisotropy, &after));
     let model_dir = run.run_dir.join("model");
-    write_model(
-        &run.encoder,
-        &model_dir,
-        declared_max_len(&run.files, run.encoder.config.max_position_embeddings),
-        device,
-    )?;
+    write_model(&run.encoder, &model_dir, declared_max_len(&run.files, run.encoder.config.max_position_embeddings))?;
     let eval_after = match &eval.opts {
         Some(o) => {
             eprintln!("evaluating the trained model on {} tasks", o.tasks.len());
-            let after = run_eval(&run.encoder, &eval.tokenizer, &model_dir.join("model.safetensors"), o, device)?;
+            let weights = model_dir.join("model.safetensors");
+            let after = run_eval(&run.encoder, &eval.tokenizer, &weights, o, device, &mut |_| Ok(()))?;
             let (text, md) = tables(&after, before.eval.as_deref());
             println!("{text}");
             write_atomic(&run.run_dir.join("eval.md"), md.as_bytes())?;
@@ -323,7 +329,7 @@ fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summ
     };
     let report = Report {
         model: &run.files.spec,
-        pooling: run.res.cfg.model.pooling.as_str(),
+        pooling: run.res.cfg().model.pooling.as_str(),
         sample: SampleInfo {
             val_books: run.split.val_books.clone(),
             sentences: sample.sentences.len(),
@@ -337,53 +343,4 @@ fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summ
     write_json(&run.run_dir.join("report.json"), &report)?;
     println!("wrote {}/{{model/, report.json, log.jsonl, run.toml, checkpoints/}}", run.run_dir.display());
     Ok(())
-}
-
-/// A progress bar on stderr with lines above it; without a terminal (a log file, CI), a plain
-/// line every 10 steps with the time left instead of the bar.
-pub struct Console {
-    pb: indicatif::ProgressBar,
-    started: std::sync::Mutex<Option<(Instant, usize)>>,
-}
-
-impl Default for Console {
-    fn default() -> Self {
-        let pb = indicatif::ProgressBar::new(0);
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
-        {
-            pb.set_style(style.progress_chars("=> "));
-        }
-        Self { pb, started: std::sync::Mutex::new(None) }
-    }
-}
-
-impl crate::train::Observer for Console {
-    fn start(&self, step: usize, total: usize) {
-        self.pb.set_length(total as u64);
-        self.pb.set_position(step as u64);
-        if let Ok(mut s) = self.started.lock() {
-            *s = Some((Instant::now(), step));
-        }
-        if self.pb.is_hidden() {
-            eprintln!("training from step {step} of {total}");
-        }
-    }
-    fn step(&self, step: usize, total: usize, brief: &str) {
-        self.pb.set_position(step as u64);
-        self.pb.set_message(brief.to_string());
-        if self.pb.is_hidden() && step.is_multiple_of(10) {
-            let started = self.started.lock().ok().and_then(|s| *s);
-            let eta = started.map_or(0.0, |(t, first)| {
-                t.elapsed().as_secs_f64() / step.saturating_sub(first).max(1) as f64 * (total - step) as f64
-            });
-            eprintln!("step {step}/{total}: {brief} | ETA {eta:.0}s");
-        }
-    }
-    fn line(&self, text: &str) {
-        self.pb.suspend(|| eprintln!("{text}"));
-    }
-    fn finish(&self) {
-        self.pb.finish_and_clear();
-    }
 }

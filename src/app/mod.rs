@@ -1,73 +1,52 @@
 //! The pipelines behind each command, callable from tests and other front ends: the CLI parses
-//! arguments into these calls and prints what they return.
+//! arguments into these calls and prints what they return. The only place besides `cli.rs`
+//! and `main.rs` that prints.
 
 pub mod compare;
+pub mod console;
 pub mod embed;
 pub mod finetune;
-pub mod resolved;
-
-pub use resolved::Resolved;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use candle_core::Device;
-
-use crate::data::batch::TextTokenizer;
-use crate::data::pairs::PairOptions;
-use crate::data::prepared::{PairView, Prepared, Recipe, Split};
-use crate::eval::runner::{sha256_file, EvalOptions, Evaluated};
-use crate::eval::Task;
-use crate::model::pooling::Pooling;
-use crate::model::source::{declared_max_len, resolve, saved_pooling, ModelFiles, SourceOptions};
-use crate::model::Encoder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-/// The device a spec names: `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `metal` (candle's; this
-/// crate has no `metal` feature). Devices this build does not support are an error that says
-/// how to get them; `origin` names the setting
-/// (`--device`, `model.device`) in it.
-pub fn device(spec: &str, origin: &str) -> Result<Device> {
-    let (kind, index) = match spec.split_once(':') {
-        Some((k, n)) => {
-            (k, n.parse::<usize>().with_context(|| format!("{origin} {spec}: expected cuda:N with N a number"))?)
-        }
-        None => (spec, 0),
-    };
-    let device = match kind {
-        "cpu" if spec == "cpu" => return Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(index),
-        "metal" => Device::new_metal(index),
-        _ => bail!("{origin} {spec}: expected cpu, cuda, cuda:N or metal"),
-    };
-    // candle's device errors carry a backtrace after the first line.
-    device.map_err(|e| {
-        let why = e.to_string().lines().next().unwrap_or_default().to_string();
-        if kind != "cuda" {
-            anyhow::anyhow!("{origin} {spec}: not available (hypersphere has no Metal build; use cpu or cuda)")
-        } else if cfg!(feature = "cuda") {
-            anyhow::anyhow!("{origin} {spec}: no usable device ({why}); check the driver and the device index")
-        } else {
-            anyhow::anyhow!(
-                "{origin} {spec}: not available (this build has the CPU only unless built with `--features cuda`; see README)"
-            )
-        }
-    })
+use crate::bail;
+use crate::config::resolved::Resolved;
+use crate::data::batch::TextTokenizer;
+use crate::data::books::pairs::PairOptions;
+use crate::data::books::prepared::{Prepared, Recipe, Split};
+use crate::data::books::BookPairs;
+use crate::data::source::PairSource;
+use crate::error::Result;
+use crate::eval::runner::{EvalOptions, Evaluated};
+use crate::eval::Task;
+use crate::io::sha256_file;
+use crate::model::pooling::Pooling;
+use crate::model::source::{resolve, ModelFiles, SourceOptions};
+use crate::model::st_layout::{declared_max_len, saved_pooling};
+use crate::model::Encoder;
+use console::Console;
+
+/// Where models come from, as the environment says, with notes on stderr.
+pub fn sources() -> SourceOptions {
+    SourceOptions { note: |m| eprintln!("{m}"), ..SourceOptions::from_env() }
 }
 
 /// The training tokenizer (at `model.max_len`), the run's corpus prepared (see
 /// [`open_corpus`]) and its book-level split.
 pub fn tokenizer_and_corpus(run: &Resolved, files: &ModelFiles) -> Result<(TextTokenizer, Prepared, Split)> {
-    let cfg = &run.cfg;
+    let cfg = run.cfg();
     let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
-    let corpus = open_corpus(&run.corpus, &files.tokenizer, &tokenizer, &cfg.data.pair_options(), true)?;
-    let split = corpus.split(cfg.data.max_books, cfg.data.val_fraction, cfg.seed);
+    let corpus = open_corpus(run.corpus(), &files.tokenizer, &tokenizer, &cfg.data.pair_options(), true)?;
+    let split = corpus.split(run.max_books(), cfg.data.val_fraction, cfg.seed);
     if split.train.is_empty() {
-        let s = corpus.stats(cfg.data.max_books);
+        let s = corpus.stats(run.max_books());
         bail!(
             "{}: no training pairs: {} sentences in {} books, none pairs within {}..={} tokens; check data.min_tokens/max_tokens",
-            run.corpus.display(),
+            run.corpus().display(),
             s.sentences,
             s.books,
             cfg.data.min_tokens,
@@ -80,7 +59,8 @@ pub fn tokenizer_and_corpus(run: &Resolved, files: &ModelFiles) -> Result<(TextT
 /// `corpus` as a prepared corpus: the folder itself when it is one (with `strict`, it must
 /// have been made with this tokenizer and `opts`), else prepared once into the cache
 /// (`<cache>/corpora/`, keyed by the path, the tokenizer and the options; made again when a
-/// book file changes). Links the corpus walk skipped are noted on stderr.
+/// book file changes). Its ids are checked against the tokenizer's vocabulary. Links the
+/// corpus walk skipped are noted on stderr.
 pub fn open_corpus(
     corpus: &Path,
     tokenizer_file: &Path,
@@ -89,24 +69,17 @@ pub fn open_corpus(
     strict: bool,
 ) -> Result<Prepared> {
     let recipe = Recipe::new(sha256_file(tokenizer_file)?, opts);
-    let prepared = if crate::data::prepared::is_prepared(corpus) {
+    let prepared = if crate::data::books::prepared::is_prepared(corpus) {
         match strict {
             true => Prepared::open(corpus, &recipe)?,
             false => Prepared::open_any(corpus)?,
         }
     } else {
         let abs = std::fs::canonicalize(corpus).map_err(|e| crate::Error::io(corpus, e))?;
-        let key = crate::data::prepared::cache_key(&abs, &recipe);
+        let key = crate::data::books::prepared::cache_key(&abs, &recipe);
         let dir = SourceOptions::from_env().cache_dir.join("corpora").join(key);
         let encode = tokenizer.encoder()?;
-        let mut last = std::time::Instant::now();
-        let mut progress = |done: usize, all: usize| {
-            if last.elapsed().as_secs_f64() > 5.0 || done == all {
-                eprintln!("preparing {}: {done}/{all} books", corpus.display());
-                last = std::time::Instant::now();
-            }
-        };
-        crate::data::prepared::prepare(&abs, &dir, &recipe, opts, &encode, &mut progress)?;
+        crate::data::books::build::prepare(&abs, &dir, &recipe, opts, &encode, &Console::default())?;
         Prepared::open(&dir, &recipe)?
     };
     let skipped = &prepared.manifest.skipped;
@@ -119,7 +92,7 @@ pub fn open_corpus(
             if skipped.len() > 5 { ", ..." } else { "" }
         );
     }
-    Ok(prepared)
+    Ok(prepared.with_vocab(tokenizer.vocab_size()))
 }
 
 /// A model spec with an optional `@pooling` suffix, resolved and loaded for inference at
@@ -138,7 +111,8 @@ pub fn load_model(
         },
         None => (spec, pooling),
     };
-    let files = resolve(spec, &SourceOptions::from_env())?;
+    let files = resolve(spec, &sources())?;
+    crate::model::st_layout::check_weights(&files)?;
     let pooling = pooling.or_else(|| saved_pooling(&files)).unwrap_or(Pooling::Mean);
     let encoder = Encoder::load(&files, pooling, false, device)?;
     let positions = encoder.config.max_position_embeddings;
@@ -153,53 +127,40 @@ pub fn eval_options(root: PathBuf, tasks: Vec<Task>, quick: bool, seed: u64, cac
     EvalOptions { root, tasks, quick, seed, cache_dir, user_sts: Vec::new() }
 }
 
-/// Evaluate the encoder whose weights are in `weights`, progress on stderr.
+/// Evaluate the encoder whose weights are in `weights`, progress on stderr, handing the results
+/// so far to `finished` after each task.
 pub fn run_eval(
     encoder: &Encoder,
     tokenizer: &TextTokenizer,
     weights: &Path,
     opts: &EvalOptions,
     device: &Device,
-) -> Result<Vec<Evaluated>> {
-    run_eval_saving(encoder, tokenizer, weights, opts, device, &mut |_| Ok(()))
-}
-
-/// [`run_eval`], handing the results so far to `finished` after each task.
-pub fn run_eval_saving(
-    encoder: &Encoder,
-    tokenizer: &TextTokenizer,
-    weights: &Path,
-    opts: &EvalOptions,
-    device: &Device,
-    finished: &mut dyn FnMut(&[Evaluated]) -> crate::Result<()>,
+    finished: &mut dyn FnMut(&[Evaluated]) -> Result<()>,
 ) -> Result<Vec<Evaluated>> {
     let sha = sha256_file(weights)?;
-    Ok(crate::eval::runner::evaluate(encoder, tokenizer, &sha, opts, device, &mut |m| eprintln!("  {m}"), finished)?)
+    let console = Console::default();
+    crate::eval::runner::evaluate(encoder, tokenizer, &sha, opts, device, &console, finished)
 }
 
 /// `prepare`: the run's corpus split and tokenized into `out` with the run's model tokenizer
-/// and pairing options; a summary on stdout.
-pub fn prepare(run: &Resolved, out: &Path) -> Result<()> {
-    let cfg = &run.cfg;
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+/// and pairing options; a summary on stdout. With `verify`, every read is checked afterwards.
+pub fn prepare(run: &Resolved, out: &Path, verify: bool) -> Result<()> {
+    let cfg = run.cfg();
+    let files = resolve(&cfg.model.source, &sources())?;
     let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
     let opts = cfg.data.pair_options();
     let recipe = Recipe::new(sha256_file(&files.tokenizer)?, &opts);
     let encode = tokenizer.encoder()?;
     let t0 = std::time::Instant::now();
-    let mut last = t0;
-    let mut progress = |done: usize, all: usize| {
-        if last.elapsed().as_secs_f64() > 10.0 || done == all {
-            eprintln!("{done}/{all} books ({:.0}s)", t0.elapsed().as_secs_f64());
-            last = std::time::Instant::now();
-        }
-    };
-    let m = crate::data::prepared::prepare(&run.corpus, out, &recipe, &opts, &encode, &mut progress)?;
-    let corpus = Prepared::open(out, &recipe)?;
-    let s = corpus.stats(0);
+    let m = crate::data::books::build::prepare(run.corpus(), out, &recipe, &opts, &encode, &Console::default())?;
+    let corpus = Prepared::open(out, &recipe)?.with_vocab(tokenizer.vocab_size());
+    if verify {
+        corpus.verify()?;
+    }
+    let s = corpus.stats(None);
     let pairs = m.books.last().map_or(0, |b| b.pairs[1]);
     println!(
-        "{}: {} books, {} sentences, {} pairs ({}, {}..={} word pieces per sentence), {:.1} MB, in {:.1}s",
+        "{}: {} books, {} sentences, {} pairs ({}, {}..={} word pieces per sentence), {:.1} MB, in {:.1}s{}",
         out.display(),
         s.books,
         s.sentences,
@@ -208,52 +169,60 @@ pub fn prepare(run: &Resolved, out: &Path) -> Result<()> {
         opts.min_tokens,
         opts.max_tokens,
         corpus.disk_bytes() as f64 / 1e6,
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        if verify { "; every read checked" } else { "" }
     );
     Ok(())
 }
 
-/// `pairs`: the corpus statistics and a length histogram, and/or `sample` random training pairs.
+/// `pairs`: the corpus statistics and a length histogram (after checking every read of the
+/// prepared corpus), and/or `sample` random training pairs.
 pub fn pairs(run: &Resolved, stats: bool, sample: Option<usize>) -> Result<()> {
-    let cfg = &run.cfg;
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
+    let files = resolve(&run.cfg().model.source, &sources())?;
     let (_, corpus, set) = tokenizer_and_corpus(run, &files)?;
     if stats || sample.is_none() {
-        let s = corpus.stats(cfg.data.max_books);
-        println!("books       {}", s.books);
-        println!("chapters    {}", s.chapters);
-        println!("paragraphs  {}", s.paragraphs);
-        println!("sentences   {}", s.sentences);
-        println!(
-            "pairs       {} ({} train, {} validation from {} held-out books)",
-            set.train.len() + set.val.len(),
-            set.train.len(),
-            set.val.len(),
-            set.val_books.len()
-        );
-        println!(
-            "\nsentence length in word pieces (all sentences; pairs keep {}..={}):",
-            cfg.data.min_tokens, cfg.data.max_tokens
-        );
-        let mut bins = std::collections::BTreeMap::<usize, usize>::new();
-        for (&len, &n) in &corpus.manifest.token_lengths {
-            *bins.entry((len / 8).min(16)).or_default() += n;
-        }
-        let peak = bins.values().copied().max().unwrap_or(1).max(1);
-        for (bin, n) in bins {
-            let label = if bin == 16 { ">=128".to_string() } else { format!("{:>3}-{:<3}", bin * 8, bin * 8 + 7) };
-            println!("{label:>8} {n:>8} {}", "#".repeat((n * 50).div_ceil(peak)));
-        }
+        corpus.verify()?;
+        print_stats(run, &corpus, &set);
     }
     if let Some(n) = sample {
-        let train = PairView { corpus: &corpus, ranges: &set.train };
-        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let train = BookPairs::new(&corpus, &set.train);
+        let mut rng = StdRng::seed_from_u64(run.cfg().seed);
         for k in rand::seq::index::sample(&mut rng, train.len(), n.min(train.len())) {
-            let p = train.pair(k);
+            let p = train.pair(k)?;
             println!("\nA: {}\nB: {}", p.anchor, p.positive);
         }
     }
     Ok(())
+}
+
+/// Books, chapters, paragraphs, sentences, pairs and a histogram of sentence lengths.
+fn print_stats(run: &Resolved, corpus: &Prepared, set: &Split) {
+    let cfg = run.cfg();
+    let s = corpus.stats(run.max_books());
+    println!("books       {}", s.books);
+    println!("chapters    {}", s.chapters);
+    println!("paragraphs  {}", s.paragraphs);
+    println!("sentences   {}", s.sentences);
+    println!(
+        "pairs       {} ({} train, {} validation from {} held-out books)",
+        set.train.len() + set.val.len(),
+        set.train.len(),
+        set.val.len(),
+        set.val_books.len()
+    );
+    println!(
+        "\nsentence length in word pieces (all sentences; pairs keep {}..={}):",
+        cfg.data.min_tokens, cfg.data.max_tokens
+    );
+    let mut bins = std::collections::BTreeMap::<usize, usize>::new();
+    for (&len, &n) in &corpus.manifest.token_lengths {
+        *bins.entry((len / 8).min(16)).or_default() += n;
+    }
+    let peak = bins.values().copied().max().unwrap_or(1).max(1);
+    for (bin, n) in bins {
+        let label = if bin == 16 { ">=128".to_string() } else { format!("{:>3}-{:<3}", bin * 8, bin * 8 + 7) };
+        println!("{label:>8} {n:>8} {}", "#".repeat((n * 50).div_ceil(peak)));
+    }
 }
 
 /// `bench`: time the config's training steps and embedding; the JSON report is printed and
@@ -264,45 +233,50 @@ pub fn bench(
     out: Option<&Path>,
     export: Option<&Path>,
 ) -> Result<()> {
-    let (cfg, device) = (&run.cfg, &run.device);
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let (encoder, teacher) = training_encoders(&files, cfg, device)?;
+    let (cfg, device) = (run.cfg(), run.device());
+    let files = resolve(&cfg.model.source, &sources())?;
+    let (encoder, teacher) = training_encoders(&files, run)?;
     // Embedding as `embed` does it: the model's own pooling (mean for sentence-transformers).
     let pooling = saved_pooling(&files).unwrap_or(Pooling::Mean);
     let inference = Encoder::load(&files, pooling, false, device)?;
     let embed_tokenizer = TextTokenizer::load(&files.tokenizer, opts.embed_max_len)?;
     eprintln!("reading the corpus for the length mix and the embedding sentences");
     let (tokenizer, corpus, set) = tokenizer_and_corpus(run, &files)?;
-    let sentences: Vec<String> = (0..corpus.sentences()).map(|i| corpus.text(i)).collect();
-    let report = crate::bench::run(
+    let sentences = (0..corpus.sentences()).map(|i| corpus.text(i)).collect::<Result<Vec<String>>>()?;
+    let layout = crate::train::step::StepLayout::new(run.objective());
+    let model = crate::train::step::StepModel {
+        encoder: &encoder,
+        teacher: teacher.as_ref(),
+        objective: run.objective(),
+        layout: &layout,
+    };
+    let inputs = crate::bench::BenchInputs {
         cfg,
-        &encoder,
-        teacher.as_ref(),
-        &inference,
-        &tokenizer,
-        &embed_tokenizer,
-        PairView { corpus: &corpus, ranges: &set.train },
-        &sentences,
-        opts,
-        export,
+        model,
+        inference: &inference,
+        tokenizer: &tokenizer,
+        embed_tokenizer: &embed_tokenizer,
+        pairs: &BookPairs::new(&corpus, &set.train),
+        sentences: &sentences,
         device,
-    )?;
-    let text = serde_json::to_string_pretty(&report)?;
+        progress: &Console::default(),
+    };
+    let report = crate::bench::run(&inputs, opts, export)?;
+    let path = out.unwrap_or(Path::new("bench.json"));
+    let text = serde_json::to_string_pretty(&report).map_err(|e| crate::Error::json(path, e))?;
     println!("{text}");
     if let Some(path) = out {
-        crate::atomic::write_atomic(path, text.as_bytes())?;
+        crate::io::write_atomic(path, text.as_bytes())?;
     }
     Ok(())
 }
 
 /// The encoder a run trains and its frozen teacher, with the device's ops in `train.dtype`.
-pub fn training_encoders(
-    files: &ModelFiles,
-    cfg: &crate::config::RunConfig,
-    device: &Device,
-) -> Result<(Encoder, Option<Encoder>)> {
+pub fn training_encoders(files: &ModelFiles, run: &Resolved) -> Result<(Encoder, Option<Encoder>)> {
+    let (cfg, device) = (run.cfg(), run.device());
     let kernels = crate::model::ops::Kernels::for_device(device);
-    Ok(crate::train::load_encoders(files, cfg, device, kernels, cfg.train.dtype.dtype())?)
+    let teacher = cfg.loss.mean_teacher;
+    crate::model::load_encoders(files, cfg.model.pooling, teacher, device, kernels, cfg.train.dtype.dtype())
 }
 
 /// `check-device`: [`crate::device_check::check`] on `pairs` x `seq`, a summary on stderr, the
@@ -314,8 +288,9 @@ pub fn check_device(
     seq: usize,
     out: Option<&Path>,
 ) -> Result<bool> {
-    let files = resolve(&cfg.model.source, &SourceOptions::from_env())?;
-    let rows = crate::loss::views(&cfg.loss) * pairs;
+    let files = resolve(&cfg.model.source, &sources())?;
+    let objective = crate::loss::objective::Objective::new(&cfg.loss);
+    let rows = crate::train::step::StepLayout::new(&objective).views() * pairs;
     eprintln!("one step of {rows} x {seq} on the CPU (fused ops) and on {device:?}");
     let c = crate::device_check::check(&files, cfg, device, rows, seq)?;
     eprintln!("loss: CPU {:.7} device {:.7} (relative difference {:.2e})", c.loss_cpu, c.loss_device, c.loss_rel_diff);
@@ -330,10 +305,11 @@ pub fn check_device(
         c.weights_max_abs_diff,
         100.0 * c.weights_flipped_share
     );
-    let text = serde_json::to_string_pretty(&c)?;
+    let path = out.unwrap_or(Path::new("check-device.json"));
+    let text = serde_json::to_string_pretty(&c).map_err(|e| crate::Error::json(path, e))?;
     println!("{text}");
     if let Some(path) = out {
-        crate::atomic::write_atomic(path, text.as_bytes())?;
+        crate::io::write_atomic(path, text.as_bytes())?;
     }
     match c.passed() {
         true => eprintln!("passed: every value within tolerance ({} parameters)", c.grads.len()),
@@ -353,20 +329,20 @@ pub fn evaluate(model: &embed::ModelArgs, opts: &EvalOptions, out: &Path, device
         opts.tasks.len(),
         opts.user_sts.len()
     );
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let json = out.join("eval.json");
     let save = |results: &[Evaluated], complete: bool| {
         let pooling = encoder.pooling.as_str();
-        crate::export::write_json(
+        crate::io::write_json(
             &json,
             &serde_json::json!({"model": files.spec, "pooling": pooling, "quick": opts.quick, "complete": complete, "results": results}),
         )
     };
-    let results = run_eval_saving(&encoder, &tokenizer, &files.weights, opts, device, &mut |r| save(r, false))?;
+    let results = run_eval(&encoder, &tokenizer, &files.weights, opts, device, &mut |r| save(r, false))?;
     let (text, md) = crate::eval::runner::tables(&results, None);
     println!("{text}");
     save(&results, true)?;
-    crate::atomic::write_atomic(&out.join("eval.md"), md.as_bytes())?;
+    crate::io::write_atomic(&out.join("eval.md"), md.as_bytes())?;
     println!("wrote {}/eval.json and eval.md", out.display());
     Ok(results)
 }

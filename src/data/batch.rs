@@ -9,6 +9,9 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{Tokenizer, TruncationParams};
 
+use rand::rngs::StdRng;
+use rand::Rng;
+
 use crate::error::{Error, Result};
 
 /// Token tensors of one padded batch.
@@ -22,6 +25,40 @@ pub struct Batch {
     pub attention_mask: Tensor,
     /// Real length of each row, [CLS] and [SEP] included.
     pub lengths: Vec<usize>,
+}
+
+impl Batch {
+    /// `rows` rows of random word pieces ([CLS] ... [SEP]) of `seq` tokens, drawn from `rng`
+    /// above BERT's special and unused ids; with `padded`, every other row is padded to a
+    /// random shorter length, so the attention mask is exercised. For benchmarks and checks.
+    pub fn random(
+        rows: usize,
+        seq: usize,
+        vocab: usize,
+        padded: bool,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let low = (vocab as u32 / 2).min(1000);
+        let (mut ids, mut mask, mut lengths) = (Vec::with_capacity(rows * seq), Vec::new(), Vec::new());
+        for r in 0..rows {
+            let len = if padded && r % 2 == 1 { rng.gen_range(3.min(seq)..=seq) } else { seq };
+            ids.push(101u32.min(vocab as u32 - 1));
+            ids.extend((1..len.saturating_sub(1)).map(|_| rng.gen_range(low..vocab as u32)));
+            if len > 1 {
+                ids.push(102u32.min(vocab as u32 - 1));
+            }
+            ids.extend(std::iter::repeat_n(0, seq - len));
+            mask.extend((0..seq).map(|i| if i < len { 1f32 } else { 0. }));
+            lengths.push(len);
+        }
+        Ok(Batch {
+            input_ids: Tensor::from_vec(ids, (rows, seq), device)?,
+            token_type_ids: Tensor::zeros((rows, seq), candle_core::DType::U32, device)?,
+            attention_mask: Tensor::from_vec(mask, (rows, seq), device)?,
+            lengths,
+        })
+    }
 }
 
 /// A BERT word-piece tokenizer with truncation at `max_len` and per-batch padding.
@@ -66,6 +103,11 @@ impl TextTokenizer {
         let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0);
         let specials = tokenizer.token_to_id("[CLS]").zip(tokenizer.token_to_id("[SEP]"));
         Ok(Self { tokenizer, pad_id, specials, max_len })
+    }
+
+    /// Ids are below this.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
     }
 
     /// Counts word pieces without special tokens or truncation (for the length filter).
@@ -130,5 +172,28 @@ impl TextTokenizer {
             attention_mask: Tensor::from_vec(mask, (b, seq), device)?,
             lengths,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn random_batches_are_seeded_and_padded() {
+        let make = |padded| Batch::random(6, 9, 500, padded, &mut StdRng::seed_from_u64(3), &Device::Cpu).unwrap();
+        let (a, b) = (make(true), make(true));
+        assert_eq!(a.input_ids.to_vec2::<u32>().unwrap(), b.input_ids.to_vec2::<u32>().unwrap());
+        assert_eq!(a.lengths, b.lengths);
+        assert!(a.lengths.iter().any(|&l| l < 9), "no padded row: {:?}", a.lengths);
+        let mask = a.attention_mask.to_vec2::<f32>().unwrap();
+        for (row, &len) in mask.iter().zip(&a.lengths) {
+            assert_eq!(row.iter().sum::<f32>() as usize, len);
+        }
+        let full = make(false);
+        assert!(full.lengths.iter().all(|&l| l == 9));
+        let ids = full.input_ids.to_vec2::<u32>().unwrap();
+        assert!(ids.iter().all(|r| r[0] == 101 && r[8] == 102 && r[1..8].iter().all(|&t| t >= 250)));
     }
 }

@@ -1,11 +1,9 @@
-//! Book text: loading, sentence splitting, training pairs and the book-level split.
+//! The data flow's first stages: pair sources (books, files) -> the epoch order -> batches.
 
 pub mod batch;
-pub mod corpus;
+pub mod books;
 pub mod order;
-pub mod pairs;
-pub mod prepared;
-pub mod sentences;
+pub mod source;
 
 use std::path::Path;
 

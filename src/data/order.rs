@@ -1,6 +1,8 @@
 //! The order pairs are trained in: per epoch, a seeded random order cut into length-sorted
 //! batches, computed one batch at a time so that a corpus of any size costs no memory.
 
+use crate::error::Result;
+
 /// Batches of this many consecutive (shuffled) batches are sorted by length together: padding
 /// drops while batches stay random.
 pub const BUCKET_BATCHES: usize = 50;
@@ -80,15 +82,20 @@ impl EpochOrder {
         self.len() == 0
     }
 
-    /// The `j`-th batch (`j < len()`), its pairs sorted by `len_of`.
-    pub fn batch(&self, j: usize, len_of: &dyn Fn(usize) -> usize) -> Vec<usize> {
+    /// The `j`-th batch (`j < len()`), its pairs sorted by `len_of` (a stable sort).
+    pub fn batch(&self, j: usize, len_of: &dyn Fn(usize) -> Result<usize>) -> Result<Vec<usize>> {
         let b = self.batches.at(j as u64) as usize;
         let (window, chunk) = (b / BUCKET_BATCHES, b % BUCKET_BATCHES);
         let size = self.batch * BUCKET_BATCHES;
         let span = window * size..((window + 1) * size).min(self.n);
-        let mut idx: Vec<usize> = span.map(|p| self.pairs.at(p as u64) as usize).collect();
-        idx.sort_by_key(|&i| len_of(i));
-        idx[chunk * self.batch..(chunk + 1) * self.batch].to_vec()
+        let mut keyed = span
+            .map(|p| {
+                let i = self.pairs.at(p as u64) as usize;
+                Ok((len_of(i)?, i))
+            })
+            .collect::<Result<Vec<(usize, usize)>>>()?;
+        keyed.sort_by_key(|&(len, _)| len);
+        Ok(keyed[chunk * self.batch..(chunk + 1) * self.batch].iter().map(|&(_, i)| i).collect())
     }
 }
 
@@ -118,7 +125,7 @@ mod tests {
     fn batches_are_full_disjoint_and_bucketed() {
         let lens: Vec<usize> = (0..1000).map(|i| (i * 37) % 101).collect();
         let order = EpochOrder::new(1000, 8, 1);
-        let batches: Vec<Vec<usize>> = (0..order.len()).map(|j| order.batch(j, &|i| lens[i])).collect();
+        let batches: Vec<Vec<usize>> = (0..order.len()).map(|j| order.batch(j, &|i| Ok(lens[i])).unwrap()).collect();
         assert_eq!(batches.len(), 1000 / 8);
         assert!(batches.iter().all(|b| b.len() == 8));
         let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
@@ -137,12 +144,12 @@ mod tests {
         assert!(spread < 10.0, "mean in-batch spread {spread}");
         // Same seed, same order; another seed, another.
         let again = EpochOrder::new(1000, 8, 1);
-        assert!((0..again.len()).all(|j| again.batch(j, &|i| lens[i]) == batches[j]));
+        assert!((0..again.len()).all(|j| again.batch(j, &|i| Ok(lens[i])).unwrap() == batches[j]));
         let other = EpochOrder::new(1000, 8, 2);
-        assert_ne!(other.batch(0, &|i| lens[i]), batches[0]);
+        assert_ne!(other.batch(0, &|i| Ok(lens[i])).unwrap(), batches[0]);
         // A remainder: 1003 pairs in batches of 8 leave 3 out, every batch still full.
         let odd = EpochOrder::new(1003, 8, 3);
-        let all: Vec<usize> = (0..odd.len()).flat_map(|j| odd.batch(j, &|i| i % 7)).collect();
+        let all: Vec<usize> = (0..odd.len()).flat_map(|j| odd.batch(j, &|i| Ok(i % 7)).unwrap()).collect();
         assert_eq!(all.len(), 1000);
     }
 }

@@ -155,7 +155,7 @@ fn best(scores: &[f64]) -> usize {
 }
 
 /// How a train/test protocol picks its penalty.
-pub enum Select<'a> {
+pub enum Penalty<'a> {
     /// Use this λ.
     Fixed(f64),
     /// Stratified k-fold CV on the training set.
@@ -181,18 +181,18 @@ pub fn train_test(
     y: &[usize],
     classes: usize,
     test: &[&[f32]],
-    select: Select,
+    select: Penalty,
     seed: u64,
 ) -> Result<Fit> {
     let design = Design::new(train, y, classes)?;
     let (model, lambda, dev_accuracy) = match select {
-        Select::Fixed(lambda) => (design.fit(lambda, None)?, lambda, None),
-        Select::KFold(k) => {
+        Penalty::Fixed(lambda) => (design.fit(lambda, None)?, lambda, None),
+        Penalty::KFold(k) => {
             let scores = cv_penalties(train, y, classes, k, seed)?;
             let b = best(&scores);
             (design.fit(PENALTIES[b], None)?, PENALTIES[b], Some(scores[b]))
         }
-        Select::Dev(dx, dy) => {
+        Penalty::Dev(dx, dy) => {
             let models = path(&design)?;
             let scores = models.iter().map(|m| Ok(accuracy(&m.predict(dx)?, dy))).collect::<Result<Vec<f64>>>()?;
             let b = best(&scores);
@@ -233,7 +233,7 @@ pub fn cross_validate(
         &folds,
         |&f| -> Result<(f64, Fit)> {
             let (tr, te) = split(&fold, f);
-            let select = inner.map_or(Select::Fixed(QUICK_PENALTY), Select::KFold);
+            let select = inner.map_or(Penalty::Fixed(QUICK_PENALTY), Penalty::KFold);
             let fit = train_test(&pick(rows, &tr), &pick(y, &tr), classes, &pick(rows, &te), select, subseed(seed, f))?;
             Ok((accuracy(&fit.pred, &pick(y, &te)), fit))
         },
@@ -322,7 +322,7 @@ mod tests {
         assert!(a.accuracy > 0.75 && a.dev_accuracy.unwrap() > 0.75, "{a:?}");
         let (tx, ty) = noisy(200, 2);
         let test: Vec<&[f32]> = tx.iter().map(|r| r.as_slice()).collect();
-        for select in [Select::Fixed(1.0), Select::KFold(4), Select::Dev(&test[..100], &ty[..100])] {
+        for select in [Penalty::Fixed(1.0), Penalty::KFold(4), Penalty::Dev(&test[..100], &ty[..100])] {
             let fit = train_test(&rows, &y, 2, &test, select, 3).unwrap();
             assert!(accuracy(&fit.pred, &ty) > 0.75);
         }

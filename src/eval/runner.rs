@@ -10,9 +10,10 @@ use serde::Serialize;
 
 use super::{run_task, task_sentences, Task, TaskResult, UserSts};
 use crate::data::batch::TextTokenizer;
+use crate::embedding_file::{read_embeddings, EmbeddingWriter};
 use crate::error::Result;
-use crate::export::{read_embeddings, EmbeddingWriter};
 use crate::model::{embed_texts, Encoder, EMBED_BATCH};
+use crate::progress::Progress;
 
 pub struct EvalOptions {
     /// The data root holding `senteval/` and `sts/`.
@@ -36,18 +37,9 @@ pub struct Evaluated {
     pub cached: bool,
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| crate::Error::io(path, e))?;
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
 /// Evaluate `encoder` (whose weights file hashes to `weights_sha256`) on every task, then on
 /// the user's STS sets. Every task's files are read first, so a missing or malformed file stops
-/// the run before anything is embedded. `progress` receives one-line status messages;
+/// the run before anything is embedded. `progress` hears status lines and each embedding's progress;
 /// `finished` receives the results so far after each task, so a caller can keep them.
 pub fn evaluate(
     encoder: &Encoder,
@@ -55,7 +47,7 @@ pub fn evaluate(
     weights_sha256: &str,
     opts: &EvalOptions,
     device: &Device,
-    progress: &mut dyn FnMut(&str),
+    progress: &dyn Progress,
     finished: &mut dyn FnMut(&[Evaluated]) -> Result<()>,
 ) -> Result<Vec<Evaluated>> {
     let all_sentences =
@@ -77,7 +69,8 @@ pub fn evaluate(
         let embedded =
             embed_cached(encoder, tokenizer, task.name(), &sentences, cache_file.as_deref(), device, progress)?;
         let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
-        let result = run_task(task, &opts.root, opts.quick, &|s| lookup.get(s).copied(), opts.seed, progress)?;
+        let embed = |s: &str| lookup.get(s).copied();
+        let result = run_task(task, &opts.root, opts.quick, &embed, opts.seed, &mut |m| progress.line(m))?;
         out.push(embedded.done(result, sentences.len(), progress));
         finished(&out)?;
     }
@@ -110,8 +103,8 @@ impl Embedded {
         sentences.iter().zip(self.flat.chunks_exact(dim)).map(|(s, row)| (s.as_str(), row)).collect()
     }
 
-    fn done(&self, result: TaskResult, sentences: usize, progress: &mut dyn FnMut(&str)) -> Evaluated {
-        progress(&format!(
+    fn done(&self, result: TaskResult, sentences: usize, progress: &dyn Progress) -> Evaluated {
+        progress.line(&format!(
             "{}: done in {:.1}s (embedding {:.1}s{}, scoring {:.1}s)",
             result.task,
             self.seconds + result.seconds,
@@ -131,7 +124,7 @@ fn embed_cached(
     sentences: &[String],
     cache_file: Option<&Path>,
     device: &Device,
-    progress: &mut dyn FnMut(&str),
+    progress: &dyn Progress,
 ) -> Result<Embedded> {
     let dim = encoder.config.hidden_size;
     let start = Instant::now();
@@ -142,24 +135,15 @@ fn embed_cached(
     if let Some(flat) = cached {
         return Ok(Embedded { flat, cached: true, seconds: 0.0 });
     }
-    progress(&format!("{label}: embedding {} sentences", sentences.len()));
+    progress.line(&format!("{label}: embedding {} sentences", sentences.len()));
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
     let mut flat = Vec::with_capacity(texts.len() * dim);
-    let pb = indicatif::ProgressBar::new(texts.len() as u64);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{prefix:>6} [{bar:30}] {pos}/{len} sentences, {per_sec}, ETA {eta}")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_prefix(label.to_string());
-    for (i, chunk) in texts.chunks(512).enumerate() {
+    progress.start(label, 0, texts.len() as u64);
+    for chunk in texts.chunks(512) {
         flat.extend(embed_texts(encoder, tokenizer, chunk, EMBED_BATCH, device)?);
-        pb.inc(chunk.len() as u64);
-        if pb.is_hidden() && (i + 1) % 8 == 0 {
-            progress(&format!("{label}: {}/{} sentences", i * 512 + chunk.len(), texts.len()));
-        }
+        progress.advance((flat.len() / dim) as u64, "sentences");
     }
-    pb.finish_and_clear();
+    progress.finish();
     if let Some(f) = cache_file {
         write_cache(f, &flat, sentences.len(), dim)?;
     }

@@ -189,11 +189,6 @@ pub fn scored_pairs(path: &Path) -> Result<Scored> {
     Ok(out)
 }
 
-/// Read a task's files under the data folder `root` (see [`super::TASKS`]).
-pub fn load(task: super::Task, root: &Path) -> Result<TaskData> {
-    (task.spec().load)(root)
-}
-
 fn senteval(root: &Path, dir: &str, file: &str) -> PathBuf {
     root.join("senteval").join(dir).join(file)
 }
@@ -258,17 +253,8 @@ pub(crate) mod tests {
     use super::*;
     use crate::eval::Task;
 
-    /// The real data folder: `$HYPERSPHERE_DATA`, else `../shared/data` from the crate root.
-    pub(crate) fn data_root() -> Option<PathBuf> {
-        let root = std::env::var_os("HYPERSPHERE_DATA")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-        if root.join("senteval").is_dir() {
-            Some(root)
-        } else {
-            eprintln!("note: data folder {} not found; skipping real-data test", root.display());
-            None
-        }
+    fn load(task: Task, root: &Path) -> Result<TaskData> {
+        (task.spec().load)(root)
     }
 
     /// A fresh temporary folder laid out as a data root.
@@ -287,7 +273,7 @@ pub(crate) mod tests {
 
     #[test]
     fn real_data_counts() {
-        let Some(root) = data_root() else { return };
+        let root = crate::test_data::root();
         let cv = |t| match load(t, &root).unwrap() {
             TaskData::CrossVal { data, .. } => {
                 (data.y.iter().filter(|&&c| c == 1).count(), data.y.iter().filter(|&&c| c == 0).count())

@@ -2,8 +2,10 @@
 
 pub mod bert;
 pub mod ops;
+pub mod pip;
 pub mod pooling;
 pub mod source;
+pub mod st_layout;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -115,15 +117,36 @@ impl Encoder {
     }
 
     /// The checkpoint's tensors with the trained parameters written over them, so the output
-    /// keeps every key of the input (pooler, position ids) under the same names.
-    pub fn state_dict(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
-        let mut all = candle_core::safetensors::load(&self.files.weights, device)
-            .map_err(|e| Error::data(&self.files.weights, e.to_string()))?;
+    /// keeps every key of the input (pooler, position ids) under the same names; on the CPU.
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        let mut all = crate::io::load_safetensors(&self.files.weights)?;
         for (name, var) in &self.params {
             let dtype = all.get(name).map(|t| t.dtype()).unwrap_or(DType::F32);
-            all.insert(name.clone(), var.as_tensor().detach().to_dtype(dtype)?);
+            all.insert(name.clone(), var.as_tensor().detach().to_dtype(dtype)?.to_device(&Device::Cpu)?);
         }
         Ok(all)
+    }
+
+    /// The parameters' current values, by name (what checkpoints and kept best weights save).
+    pub fn weights(&self) -> HashMap<String, Tensor> {
+        self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect()
+    }
+
+    /// Set every parameter from `tensors` (a checkpoint's or kept weights; `path` names them in
+    /// errors). Everything is checked before anything is set.
+    pub fn set_weights(&self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        let mut values = Vec::with_capacity(self.params.len());
+        for (name, var) in &self.params {
+            let t = tensors.get(name).ok_or_else(|| Error::data(path, format!("missing tensor {name}")))?;
+            if t.shape() != var.shape() {
+                return Err(Error::data(path, format!("{name} has shape {:?}, the model {:?}", t.dims(), var.dims())));
+            }
+            values.push(t);
+        }
+        for ((_, var), value) in self.params.iter().zip(values) {
+            var.set(&value.to_device(var.device())?)?;
+        }
+        Ok(())
     }
 
     /// Number of scalar parameters the encoder trains.
@@ -167,58 +190,24 @@ impl SimpleBackend for ParamStore {
     }
 }
 
-/// Save tensors as safetensors through a temp file and a rename, with `{"format": "pt"}`
-/// metadata (what transformers expects) and the ordinary file mode (candle's own writer
-/// leaves 0600, which other users cannot load).
-pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let raw = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.as_str(), RawTensor::new(t)?)))
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(|e| Error::data(path, e.to_string()))?;
-    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    let bytes = safetensors::serialize(raw, &meta).map_err(|e| Error::data(path, e.to_string()))?;
-    crate::export::write_atomic(path, &bytes)
-}
-
-/// A tensor's little-endian bytes, for the safetensors writer.
-struct RawTensor {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl RawTensor {
-    fn new(t: &Tensor) -> candle_core::Result<Self> {
-        use safetensors::Dtype as S;
-        let flat = t.flatten_all()?;
-        let (dtype, data): (S, Vec<u8>) = match t.dtype() {
-            DType::F32 => (S::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::F64 => (S::F64, flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::F16 => (S::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::BF16 => (S::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::I64 => (S::I64, flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::U32 => (S::U32, flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::U8 => (S::U8, flat.to_vec1::<u8>()?),
-            other => candle_core::bail!("cannot save a {other:?} tensor"),
-        };
-        Ok(Self { dtype, shape: t.dims().to_vec(), data })
-    }
-}
-
-impl safetensors::View for RawTensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
+/// The encoder a run trains (`pooling`, trainable) and, with `teacher`, a frozen copy of the
+/// starting model with mean pooling (`loss.mean_teacher`), both with `kernels` and computing in
+/// `compute`.
+pub fn load_encoders(
+    files: &ModelFiles,
+    pooling: Pooling,
+    teacher: bool,
+    device: &Device,
+    kernels: ops::Kernels,
+    compute: DType,
+) -> Result<(Encoder, Option<Encoder>)> {
+    let load = |pooling, trainable| -> Result<Encoder> {
+        let mut e = Encoder::load_with(files, pooling, trainable, device, kernels)?;
+        e.bert.compute = compute;
+        Ok(e)
+    };
+    let teacher = teacher.then(|| load(Pooling::Mean, false)).transpose()?;
+    Ok((load(pooling, true)?, teacher))
 }
 
 /// Embed many sentences without gradients: batches of sentences sorted by their token count

@@ -351,7 +351,7 @@ fn real_model_three_step_run() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let e = hypersphere::export::read_embeddings(&tmp.path().join("s.safetensors")).unwrap();
+    let e = hypersphere::embedding_file::read_embeddings(&tmp.path().join("s.safetensors")).unwrap();
     assert_eq!(e.metadata.get("max_len").map(String::as_str), Some("256"));
 }
 
@@ -387,7 +387,7 @@ fn bad_input_classes_across_commands() {
         d,
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(hypersphere::export::read_embeddings(&d.join("long.safetensors")).unwrap().n, 1);
+    assert_eq!(hypersphere::embedding_file::read_embeddings(&d.join("long.safetensors")).unwrap().n, 1);
     one_line_error(&hypersphere(&["pairs", "--set", &src, "--corpus", "long.txt"], d), "no training pairs");
 }
 
@@ -481,7 +481,7 @@ fn first_last_avg_export_declares_mean_and_records_the_pooling() {
     assert_eq!(read("hypersphere.json")["pooling"], "first-last-avg");
     let files = hypersphere::model::source::local_files(model.to_str().unwrap(), &model).unwrap();
     assert_eq!(
-        hypersphere::model::source::saved_pooling(&files),
+        hypersphere::model::st_layout::saved_pooling(&files),
         Some(hypersphere::model::pooling::Pooling::FirstLastAvg)
     );
 }

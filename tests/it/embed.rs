@@ -3,7 +3,7 @@ use std::process::{Command, Output};
 
 use candle_core::Device;
 use hypersphere::data::batch::TextTokenizer;
-use hypersphere::export::read_embeddings;
+use hypersphere::embedding_file::read_embeddings;
 use hypersphere::model::pooling::Pooling;
 use hypersphere::model::{embed_texts, Encoder};
 
@@ -187,7 +187,7 @@ fn embeddings_name_their_model_by_absolute_path() {
     tiny_model(&tmp.path().join("tiny"), 3, "");
     std::fs::write(tmp.path().join("in.txt"), LINES).unwrap();
     ok(&run(&["embed", "--model", "tiny@cls", "--input", "in.txt", "--out", "e.safetensors"], tmp.path()));
-    let e = hypersphere::export::read_embeddings(&tmp.path().join("e.safetensors")).unwrap();
+    let e = hypersphere::embedding_file::read_embeddings(&tmp.path().join("e.safetensors")).unwrap();
     let want = std::fs::canonicalize(tmp.path().join("tiny")).unwrap().display().to_string();
     assert_eq!((e.metadata["model"].as_str(), e.metadata["pooling"].as_str()), (want.as_str(), "cls"));
 }

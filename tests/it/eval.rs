@@ -161,7 +161,7 @@ fn user_sts_sets_match_embed_and_an_independent_spearman() {
         tmp.path(),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let e = hypersphere::export::read_embeddings(&tmp.path().join("e.safetensors")).unwrap();
+    let e = hypersphere::embedding_file::read_embeddings(&tmp.path().join("e.safetensors")).unwrap();
     let row = |i: usize| &e.data[i * e.dim..(i + 1) * e.dim];
     let cos: Vec<f64> = (0..pairs.len()).map(|i| cosine(row(2 * i), row(2 * i + 1)) as f64).collect();
     let gold: Vec<f64> = pairs.iter().map(|p| p.2).collect();
@@ -225,7 +225,7 @@ fn each_finished_task_is_handed_over_as_it_completes() {
         user_sts: Vec::new(),
     };
     let mut seen = Vec::new();
-    let all = evaluate(&enc, &tok, "x", &opts, &candle_core::Device::Cpu, &mut |_| {}, &mut |r| {
+    let all = evaluate(&enc, &tok, "x", &opts, &candle_core::Device::Cpu, &hypersphere::progress::Quiet, &mut |r| {
         seen.push(r.iter().map(|e| e.result.task.clone()).collect::<Vec<_>>());
         Ok(())
     })
@@ -235,7 +235,7 @@ fn each_finished_task_is_handed_over_as_it_completes() {
         vec![vec![all[0].result.task.clone()], vec![all[0].result.task.clone(), all[1].result.task.clone()]]
     );
     let mut calls = 0;
-    let e = evaluate(&enc, &tok, "x", &opts, &candle_core::Device::Cpu, &mut |_| {}, &mut |_| {
+    let e = evaluate(&enc, &tok, "x", &opts, &candle_core::Device::Cpu, &hypersphere::progress::Quiet, &mut |_| {
         calls += 1;
         Err(hypersphere::Error::Invalid("disk full".into()))
     });

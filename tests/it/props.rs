@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use hypersphere::config::RunConfig;
-use hypersphere::data::corpus::parse_book;
-use hypersphere::data::sentences::split_sentences;
+use hypersphere::data::books::corpus::parse_book;
+use hypersphere::data::books::sentences::split_sentences;
 use proptest::prelude::*;
 
 /// Text that looks like fiction: words, titles, initials, quotes, dashes, ellipses, newlines.
@@ -134,7 +134,7 @@ proptest! {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let r = root.clone();
-        std::thread::spawn(move || { let _ = tx.send(hypersphere::data::corpus::walk_books(&r)); });
+        std::thread::spawn(move || { let _ = tx.send(hypersphere::data::books::corpus::walk_books(&r)); });
         let walk = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the walk did not end in 20 s");
         match walk {
             Ok(w) => {

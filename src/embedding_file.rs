@@ -1,93 +1,17 @@
-//! Writing results: the fine-tuned model in Hugging Face + sentence-transformers layout, and
-//! small files, always through a temp name and a rename so a crash never leaves half a file.
+//! The embeddings file `embed` writes and `compare` reads: safetensors with `embeddings`
+//! [n, dim] (F32 or F16) and `line` [n] (I64), streamed so memory does not grow with n.
 
 use std::path::Path;
 
-use candle_core::Device;
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::model::{save_safetensors, Encoder};
-
-pub use crate::atomic::write_atomic;
-
-/// Fail before any work when `path` cannot take an output file: a folder is in the way, or the
-/// folder it goes in is missing.
-pub fn check_output_file(path: &Path) -> Result<()> {
-    if path.is_dir() {
-        return Err(Error::data(path, "is a folder; give a file name for the output, e.g. out.safetensors"));
-    }
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) if !dir.is_dir() => Err(Error::data(dir, "no such folder for the output file; create it first")),
-        _ => Ok(()),
-    }
-}
-
-pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(path, (text + "\n").as_bytes())
-}
-
-/// The model folder: config.json, model.safetensors and tokenizer files (HF layout), plus
-/// modules.json, sentence_bert_config.json, 1_Pooling/ and 2_Normalize/ so that Python's
-/// `SentenceTransformer(dir)` loads it with the pooling used in training.
-///
-/// Written into `<dir>.partial` and renamed over `dir` at the end.
-pub fn write_model(encoder: &Encoder, dir: &Path, max_len: usize, device: &Device) -> Result<()> {
-    let tmp = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    let mkdir = |p: &Path| std::fs::create_dir_all(p).map_err(|e| Error::io(p, e));
-    mkdir(&tmp.join("1_Pooling"))?;
-    mkdir(&tmp.join("2_Normalize"))?;
-    save_safetensors(&encoder.state_dict(device)?, &tmp.join("model.safetensors"))?;
-    let src_dir = encoder.files.config.parent().unwrap_or(Path::new("."));
-    let tokenizer_name = encoder.files.tokenizer.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    for name in ["config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"] {
-        let src = src_dir.join(name);
-        if src.is_file() {
-            std::fs::copy(&src, tmp.join(name)).map_err(|e| Error::io(&src, e))?;
-        }
-    }
-    std::fs::copy(&encoder.files.config, tmp.join("config.json")).map_err(|e| Error::io(&encoder.files.config, e))?;
-    std::fs::copy(&encoder.files.tokenizer, tmp.join(&tokenizer_name))
-        .map_err(|e| Error::io(&encoder.files.tokenizer, e))?;
-    let pooling = encoder.pooling.as_str();
-    write_json(
-        &tmp.join("modules.json"),
-        &json!([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-        ]),
-    )?;
-    write_json(&tmp.join("sentence_bert_config.json"), &json!({"max_seq_length": max_len, "do_lower_case": false}))?;
-    write_json(
-        &tmp.join("1_Pooling/config.json"),
-        &json!({
-            "word_embedding_dimension": encoder.config.hidden_size,
-            "pooling_mode_cls_token": pooling == "cls",
-            // first-last-avg has no sentence-transformers mode: the nearest, mean, is declared
-            // (hypersphere.json records the real pooling).
-            "pooling_mode_mean_tokens": pooling != "cls",
-            "pooling_mode_max_tokens": false,
-            "pooling_mode_mean_sqrt_len_tokens": false,
-            "pooling_mode_weightedmean_tokens": false,
-            "pooling_mode_lasttoken": false,
-            "include_prompt": true
-        }),
-    )?;
-    write_json(
-        &tmp.join("hypersphere.json"),
-        &json!({"pooling": pooling, "base_model": encoder.files.spec, "version": env!("CARGO_PKG_VERSION")}),
-    )?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
-}
+use crate::io::{check_output_file, clean_stale, temp_path};
 
 /// Streams `[n, dim]` embeddings into a safetensors file: the header (with `n` known from a
 /// first pass) goes first, then rows as they come, so memory does not grow with `n`. Tensors:
 /// `embeddings` [n, dim] (F32 or F16) and `line` [n] (I64, the 0-based input line of each row).
-/// Written to a temporary name ([`crate::atomic::temp_path`]) and renamed by
+/// Written to a temporary name ([`temp_path`]) and renamed by
 /// [`EmbeddingWriter::finish`]; dropped unfinished (an error), the temporary file is removed.
 pub struct EmbeddingWriter {
     out: std::io::BufWriter<std::fs::File>,
@@ -115,13 +39,13 @@ impl EmbeddingWriter {
             "embeddings": {"dtype": if f16 { "F16" } else { "F32" }, "shape": [n, dim], "data_offsets": [0, emb_bytes]},
             "line": {"dtype": "I64", "shape": [n], "data_offsets": [emb_bytes, emb_bytes + 8 * n]},
         });
-        let mut header = serde_json::to_string(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut header = serde_json::to_string(&header).map_err(|e| Error::json(path, e))?;
         while header.len() % 8 != 0 {
             header.push(' ');
         }
         check_output_file(path)?;
-        crate::atomic::clean_stale(path);
-        let tmp = crate::atomic::temp_path(path);
+        clean_stale(path);
+        let tmp = temp_path(path);
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut out = std::io::BufWriter::new(file);
         out.write_all(&(header.len() as u64).to_le_bytes())
@@ -204,39 +128,6 @@ pub fn read_embeddings(path: &Path) -> Result<EmbeddingFile> {
     };
     let metadata = meta.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
     Ok(EmbeddingFile { data, n: *n, dim: *dim, metadata })
-}
-
-/// Save whitening parameters as safetensors: `mu` [dim] and `w` [dim, k].
-pub fn save_whitening(w: &crate::whiten::Whitening, path: &Path) -> Result<()> {
-    let dev = Device::Cpu;
-    let tensors = [
-        ("mu".to_string(), candle_core::Tensor::from_slice(&w.mu, w.dim, &dev)?),
-        ("w".to_string(), candle_core::Tensor::from_slice(&w.w, (w.dim, w.k), &dev)?),
-    ];
-    save_safetensors(&tensors.into_iter().collect(), path)
-}
-
-/// Load parameters written by [`save_whitening`] (`compare --whiten`).
-pub fn load_whitening(path: &Path) -> Result<crate::whiten::Whitening> {
-    let bad = |m: String| Error::data(path, m);
-    let t =
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(format!("cannot read safetensors: {e}")))?;
-    let (mu, w) = match (t.get("mu"), t.get("w")) {
-        (Some(mu), Some(w)) => (mu, w),
-        _ => {
-            return Err(bad("expected tensors `mu` [dim] and `w` [dim, k] (write them with `compare --whiten`)".into()))
-        }
-    };
-    let (dim, k) = w.dims2().map_err(|_| bad(format!("`w` has shape {:?}, expected [dim, k]", w.dims())))?;
-    if mu.dims() != [dim] {
-        return Err(bad(format!("`mu` has shape {:?}, expected [{dim}]", mu.dims())));
-    }
-    Ok(crate::whiten::Whitening {
-        mu: mu.to_dtype(candle_core::DType::F32)?.to_vec1()?,
-        w: w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?,
-        dim,
-        k,
-    })
 }
 
 #[cfg(test)]

@@ -1,19 +1,9 @@
 //! Losses on L2-normalised embeddings: alignment, uniformity (Wang & Isola 2020) and
 //! symmetric InfoNCE as the baseline. Pure tensor functions.
 
-use candle_core::{DType, Result, Tensor, D};
+pub mod objective;
 
-use crate::config::{LossConfig, LossKind};
-
-/// Blocks of rows a training batch holds: anchors and adjacent positives, plus the anchors
-/// again when dropout views are a positive source.
-pub fn views(cfg: &LossConfig) -> usize {
-    if cfg.w_dropout > 0.0 {
-        3
-    } else {
-        2
-    }
-}
+use candle_core::{Result, Tensor, D};
 
 /// `mean_i ||x_i - y_i||^alpha`.
 ///
@@ -137,111 +127,14 @@ fn row_zscores(sims: &Tensor, others: &Tensor) -> Result<Tensor> {
     centered.broadcast_div(&(var + 1e-12)?.sqrt()?)
 }
 
-/// The loss and its named parts as scalars (the log and the step stats follow this list).
-pub struct LossParts {
-    pub total: Tensor,
-    pub parts: Vec<(&'static str, f32)>,
-}
-
-impl LossParts {
-    /// The value of part `name`, if the objective has it.
-    pub fn get(&self, name: &str) -> Option<f32> {
-        part(&self.parts, name)
-    }
-}
-
-/// The value named `name` in a list of named loss parts.
-pub fn part(parts: &[(&'static str, f32)], name: &str) -> Option<f32> {
-    parts.iter().find(|(n, _)| *n == name).map(|&(_, v)| v)
-}
-
-/// One batch's unit embeddings, by role.
-pub struct Views<'a> {
-    /// Anchors [n, d].
-    pub x: &'a Tensor,
-    /// Their adjacent sentences [n, d].
-    pub y: &'a Tensor,
-    /// The anchors again under independent dropout masks [n, d] (with `loss.w_dropout > 0`).
-    pub x_drop: Option<&'a Tensor>,
-    /// The mean-pooled vectors of the anchors then the adjacent sentences [2n, d], detached:
-    /// a fixed target for the pooled vectors (with `loss.w_mean > 0` or `loss.w_distill > 0`).
-    pub mean_xy: Option<&'a Tensor>,
-}
-
-/// The configured objective on a batch.
-///
-/// Each positive source has its own weight: `w_align` for adjacent sentences, `w_dropout` for
-/// dropout views (the anchor encoded twice, SimCSE's positives), `w_mean` for the sentence's own
-/// mean-pooled vector (a second view of the same sentence from the same pass: it teaches a
-/// [CLS] vector what the mean of the token states knows). `w_distill` copies the mean-pooled
-/// vectors' similarity structure over the whole batch ([`distill`]). The extra views are scored with
-/// alignment in `align_uniform` and with InfoNCE in `infonce` and `mix`; in `infonce` the
-/// adjacent pairs' InfoNCE is weighted by `w_align` too. Uniformity is
-/// `(L_uniform(x) + L_uniform(y)) / 2`, as in the paper's code.
-pub fn objective(v: &Views, cfg: &LossConfig) -> Result<LossParts> {
-    let (x, y) = (v.x, v.y);
-    let scalar = |t: &Tensor| t.to_dtype(DType::F32)?.to_scalar::<f32>();
-    let mut parts = Vec::new();
-    let a = align(x, y, cfg.alpha)?;
-    parts.push(("align", scalar(&a)?));
-    let u = ((uniform(x, cfg.t)? + uniform(y, cfg.t)?)? / 2.0)?;
-    parts.push(("uniform", scalar(&u)?));
-    let mut total = match cfg.kind {
-        LossKind::AlignUniform => ((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)?,
-        LossKind::Infonce => {
-            let nce = infonce(x, y, cfg.tau)?;
-            parts.push(("infonce", scalar(&nce)?));
-            (nce * cfg.w_align)?
-        }
-        LossKind::Mix => {
-            let nce = infonce(x, y, cfg.tau)?;
-            parts.push(("infonce", scalar(&nce)?));
-            (((&a * cfg.w_align)? + (&u * cfg.w_uniform)?)? + (nce * cfg.w_infonce)?)?
-        }
-    };
-    // A second view of the same sentences: alignment, or InfoNCE against the other sentences'.
-    let view = |a: &Tensor, b: &Tensor| match cfg.kind {
-        LossKind::AlignUniform => align(a, b, cfg.alpha),
-        LossKind::Infonce | LossKind::Mix => infonce(a, b, cfg.tau),
-    };
-    if let (Some(x2), true) = (v.x_drop, cfg.w_dropout > 0.0) {
-        let d = view(x, x2)?;
-        parts.push(("dropout", scalar(&d)?));
-        total = (total + (d * cfg.w_dropout)?)?;
-    }
-    if let (Some(m), true) = (v.mean_xy, cfg.needs_mean_view()) {
-        // The pooled rows of x then y, against their mean-pooled vectors.
-        let xy = Tensor::cat(&[x, y], 0)?;
-        if cfg.w_mean > 0.0 {
-            let d = view(&xy, m)?;
-            parts.push(("mean", scalar(&d)?));
-            total = (total + (d * cfg.w_mean)?)?;
-        }
-        if cfg.w_distill > 0.0 {
-            let d = match cfg.distill_z_tau {
-                z if z > 0.0 => distill(&xy, m, z, true)?,
-                _ => distill(&xy, m, cfg.tau, false)?,
-            };
-            parts.push(("distill", scalar(&d)?));
-            total = (total + (d * cfg.w_distill)?)?;
-        }
-        if cfg.w_simcorr > 0.0 {
-            let d = sim_corr(&xy, m)?;
-            parts.push(("simcorr", scalar(&d)?));
-            total = (total + (d * cfg.w_simcorr)?)?;
-        }
-    }
-    Ok(LossParts { total, parts })
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::pooling::l2_normalize;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    fn unit_rows(rng: &mut StdRng, n: usize, d: usize) -> Vec<Vec<f64>> {
+    pub(crate) fn unit_rows(rng: &mut StdRng, n: usize, d: usize) -> Vec<Vec<f64>> {
         (0..n)
             .map(|_| {
                 let v: Vec<f64> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -251,7 +144,7 @@ mod tests {
             .collect()
     }
 
-    fn tensor(rows: &[Vec<f64>]) -> Tensor {
+    pub(crate) fn tensor(rows: &[Vec<f64>]) -> Tensor {
         Tensor::new(rows.to_vec(), &Device::Cpu).unwrap()
     }
 
@@ -264,10 +157,10 @@ mod tests {
     }
 
     // Independent references: plain loops over pairs, as in the paper's definitions.
-    fn ref_align(x: &[Vec<f64>], y: &[Vec<f64>], alpha: f64) -> f64 {
+    pub(crate) fn ref_align(x: &[Vec<f64>], y: &[Vec<f64>], alpha: f64) -> f64 {
         x.iter().zip(y).map(|(a, b)| sqdist(a, b).sqrt().powf(alpha)).sum::<f64>() / x.len() as f64
     }
-    fn ref_uniform(x: &[Vec<f64>], t: f64) -> f64 {
+    pub(crate) fn ref_uniform(x: &[Vec<f64>], t: f64) -> f64 {
         let (mut s, mut c) = (0.0, 0.0);
         for i in 0..x.len() {
             for j in i + 1..x.len() {
@@ -277,7 +170,7 @@ mod tests {
         }
         (s / c).ln()
     }
-    fn ref_infonce(x: &[Vec<f64>], y: &[Vec<f64>], tau: f64) -> f64 {
+    pub(crate) fn ref_infonce(x: &[Vec<f64>], y: &[Vec<f64>], tau: f64) -> f64 {
         let n = x.len();
         let dir = |a: &[Vec<f64>], b: &[Vec<f64>]| {
             (0..n)
@@ -291,7 +184,7 @@ mod tests {
         (dir(x, y) + dir(y, x)) / 2.0
     }
 
-    fn ref_distill(s: &[Vec<f64>], t: &[Vec<f64>], tau: f64, standardize: bool) -> f64 {
+    pub(crate) fn ref_distill(s: &[Vec<f64>], t: &[Vec<f64>], tau: f64, standardize: bool) -> f64 {
         let n = s.len();
         let row = |z: &[Vec<f64>], i: usize| -> Vec<f64> {
             let mut sims: Vec<f64> = (0..n).map(|j| dot(&z[i], &z[j])).collect();
@@ -421,63 +314,6 @@ mod tests {
         let r = sim_corr(&tensor(&arc), &tensor(&swapped)).unwrap().to_scalar::<f64>().unwrap();
         assert!(r > 0.1, "a relabelled structure: {r}");
         assert!(sim_corr(&tensor(&t[..2]), &tensor(&t[..2])).is_err());
-    }
-
-    /// Each positive source enters with its own weight; dropout views use the same distance
-    /// (alignment, or InfoNCE for kind = infonce) as the adjacent pairs.
-    #[test]
-    fn objective_weights_each_source() {
-        let mut rng = StdRng::seed_from_u64(11);
-        let (x, y, x2) = (unit_rows(&mut rng, 6, 5), unit_rows(&mut rng, 6, 5), unit_rows(&mut rng, 6, 5));
-        let (tx, ty, tx2) = (tensor(&x), tensor(&y), tensor(&x2));
-        let u = (ref_uniform(&x, 2.0) + ref_uniform(&y, 2.0)) / 2.0;
-        let cfg = LossConfig { w_align: 0.7, w_uniform: 0.4, w_dropout: 1.5, ..Default::default() };
-        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &cfg).unwrap();
-        let want = 0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + 1.5 * ref_align(&x, &x2, 2.0);
-        assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
-        let names: Vec<&str> = parts.parts.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names, ["align", "uniform", "dropout"]);
-        assert!((parts.get("dropout").unwrap() as f64 - ref_align(&x, &x2, 2.0)).abs() < 1e-5);
-        // Without dropout views (or with weight 0) the term is absent.
-        let off = LossConfig { w_dropout: 0.0, ..cfg.clone() };
-        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &off).unwrap();
-        assert!((parts.total.to_scalar::<f64>().unwrap() - (0.7 * ref_align(&x, &y, 2.0) + 0.4 * u)).abs() < 1e-9);
-        assert_eq!(parts.get("dropout"), None);
-        // InfoNCE: w_align * InfoNCE(x, y) + w_dropout * InfoNCE(x, x').
-        let nce = LossConfig { kind: LossKind::Infonce, tau: 0.1, ..cfg };
-        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &nce).unwrap();
-        let want = 0.7 * ref_infonce(&x, &y, 0.1) + 1.5 * ref_infonce(&x, &x2, 0.1);
-        assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
-        assert_eq!((views(&nce), views(&off)), (3, 2));
-        // The mean-pooled view: its distance from the pooled rows of x then y, weighted.
-        let (mx, my) = (unit_rows(&mut rng, 6, 5), unit_rows(&mut rng, 6, 5));
-        let mrows = [mx, my].concat();
-        let m = tensor(&mrows);
-        let cfg = LossConfig { w_align: 0.7, w_uniform: 0.4, w_mean: 2.0, ..Default::default() };
-        let v = Views { x: &tx, y: &ty, x_drop: None, mean_xy: Some(&m) };
-        let xy = [x.clone(), y.clone()].concat();
-        let want = 0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + 2.0 * ref_align(&xy, &mrows, 2.0);
-        assert!((objective(&v, &cfg).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
-        let mix = LossConfig { kind: LossKind::Mix, w_infonce: 1.0, tau: 0.1, ..cfg };
-        let want =
-            0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + ref_infonce(&x, &y, 0.1) + 2.0 * ref_infonce(&xy, &mrows, 0.1);
-        assert!((objective(&v, &mix).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
-        // Distillation of the mean-pooled rows' similarity structure, weighted, with its own name.
-        let dis = LossConfig { w_mean: 0.0, w_distill: 3.0, ..mix };
-        let parts = objective(&v, &dis).unwrap();
-        let want = 0.7 * ref_align(&x, &y, 2.0)
-            + 0.4 * u
-            + ref_infonce(&x, &y, 0.1)
-            + 3.0 * ref_distill(&xy, &mrows, 0.1, false);
-        assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
-        assert_eq!(parts.parts.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["align", "uniform", "infonce", "distill"]);
-        // With distill_z_tau > 0 the same term is standardised, at that temperature.
-        let z = LossConfig { distill_z_tau: 0.7, ..dis };
-        let want = 0.7 * ref_align(&x, &y, 2.0)
-            + 0.4 * u
-            + ref_infonce(&x, &y, 0.1)
-            + 3.0 * ref_distill(&xy, &mrows, 0.7, true);
-        assert!((objective(&v, &z).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
     }
 
     /// The training loss and the report's metric are two implementations of one definition:

@@ -10,13 +10,6 @@ use rand::SeedableRng;
 
 use super::corpus::Book;
 
-/// Two consecutive sentences.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Pair {
-    pub anchor: Arc<str>,
-    pub positive: Arc<str>,
-}
-
 /// Which neighbours make pairs. Default (the one place it is set; `data.*` in configs starts
 /// from it): across paragraphs, 4 to 64 word pieces.
 #[derive(Clone, Debug)]
@@ -104,8 +97,8 @@ pub fn corpus_stats(books: &[Book]) -> CorpusStats {
 
 #[cfg(test)]
 mod tests {
+    use super::super::corpus::parse_book;
     use super::*;
-    use crate::data::corpus::parse_book;
     use std::path::Path;
 
     fn words(s: &str) -> usize {

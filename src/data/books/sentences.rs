@@ -110,15 +110,6 @@ pub fn is_heading(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    fn data_dir() -> Option<PathBuf> {
-        let dir = match std::env::var("HYPERSPHERE_DATA") {
-            Ok(d) => PathBuf::from(d),
-            Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
-        };
-        dir.is_dir().then_some(dir)
-    }
 
     fn check(p: &str, want: &[&str]) {
         assert_eq!(split_sentences(p), want, "paragraph: {p}");
@@ -224,10 +215,7 @@ mod tests {
     /// Every sentence is a non-empty trimmed slice of the paragraph, in order, without overlap.
     #[test]
     fn real_corpus_substrings_in_order() {
-        let Some(dir) = data_dir() else {
-            eprintln!("skipped: no data dir (set HYPERSPHERE_DATA or provide ../shared/data)");
-            return;
-        };
+        let dir = crate::test_data::root();
         let books = dir.join("books/eltec-eng");
         let mut files: Vec<_> = std::fs::read_dir(&books).unwrap().map(|e| e.unwrap().path()).collect();
         files.retain(|p| p.extension().is_some_and(|e| e == "txt"));

@@ -1,7 +1,10 @@
-//! Run configuration: plain serde structs with documented defaults.
+//! Run configuration: plain serde structs with documented defaults, as written in TOML; the
+//! values the pipeline reads come from [`Resolved`], built once from them.
 //!
 //! Precedence is `Default` < TOML file < `--set key=value` flags. Unknown keys are
 //! rejected (`deny_unknown_fields`) so a typo never silently falls back to a default.
+
+pub mod resolved;
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::pooling::Pooling;
 
 /// The shipped default configuration, built into the binary.
-pub const DEFAULT_TOML: &str = include_str!("../configs/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -241,7 +244,7 @@ impl Default for ModelConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        let pairs = crate::data::pairs::PairOptions::default();
+        let pairs = crate::data::books::pairs::PairOptions::default();
         Self {
             corpus: "$HYPERSPHERE_DATA/books/eltec-eng".into(),
             cross_paragraph: pairs.cross_paragraph,
@@ -316,8 +319,8 @@ impl TrainConfig {
 
 impl DataConfig {
     /// The pairing options these settings give.
-    pub fn pair_options(&self) -> crate::data::pairs::PairOptions {
-        crate::data::pairs::PairOptions {
+    pub fn pair_options(&self) -> crate::data::books::pairs::PairOptions {
+        crate::data::books::pairs::PairOptions {
             cross_paragraph: self.cross_paragraph,
             min_tokens: self.min_tokens,
             max_tokens: self.max_tokens,
@@ -363,7 +366,7 @@ impl RunConfig {
         // The full message: line, column and the line itself.
         let mut value = toml::from_str::<toml::Table>(text).map_err(|e| cfg_err(e.to_string().trim_end().into()))?;
         for kv in overrides {
-            set_key(&mut value, kv).map_err(|m| cfg_err(format!("--set {kv}: {m}")))?;
+            set_key(&mut value, kv).map_err(|e| cfg_err(format!("--set {kv}: {e}")))?;
         }
         let cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
             let key = e.path().to_string();
@@ -374,12 +377,12 @@ impl RunConfig {
                 None => cfg_err(format!("{key}: {msg}")),
             }
         })?;
-        cfg.validate().map_err(cfg_err)?;
+        cfg.validate().map_err(|m| cfg_err(m.to_string()))?;
         Ok(cfg)
     }
 
     /// Range checks that serde cannot express.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), &'static str> {
         let t = &self.train;
         let checks: [(bool, &str); 18] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
@@ -420,10 +423,10 @@ impl RunConfig {
             (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),
         ];
         if self.eval.max_len != 0 && !(3..=512).contains(&self.eval.max_len) {
-            return Err("eval.max_len must be 0 (the model's length) or in 3..=512".into());
+            return Err("eval.max_len must be 0 (the model's length) or in 3..=512");
         }
         match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, msg)) => Err(msg.to_string()),
+            Some((_, msg)) => Err(msg),
             None => Ok(()),
         }
     }
@@ -445,24 +448,24 @@ impl RunConfig {
 
 /// Apply one `a.b.c=value` override. The value is parsed as TOML, except for keys that hold
 /// strings (a run named `nan` stays a string), and taken as a string when it is not TOML.
-fn set_key(root: &mut toml::Table, kv: &str) -> std::result::Result<(), String> {
-    let (key, raw) = kv.split_once('=').ok_or("expected key=value")?;
+fn set_key(root: &mut toml::Table, kv: &str) -> Result<()> {
+    let (key, raw) = kv.split_once('=').ok_or_else(|| Error::invalid("expected key=value"))?;
     let parts: Vec<&str> = key.trim().split('.').collect();
-    let defaults = toml::Value::try_from(RunConfig::default()).map_err(|e| e.to_string())?;
+    let defaults = toml::Value::try_from(RunConfig::default()).map_err(|e| Error::invalid(e.to_string()))?;
     let is_string = parts.iter().try_fold(&defaults, |v, p| v.get(p)).is_some_and(|v| v.is_str());
     let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v"));
     let value = match parsed {
         Some(v) if !is_string || v.is_str() => v,
         _ => toml::Value::String(raw.to_string()),
     };
-    let (last, parents) = parts.split_last().ok_or("empty key")?;
+    let (last, parents) = parts.split_last().ok_or_else(|| Error::invalid("empty key"))?;
     let mut table = root;
     for p in parents {
         table = table
             .entry(p.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
-            .ok_or_else(|| format!("{p} is not a section"))?;
+            .ok_or_else(|| Error::invalid(format!("{p} is not a section")))?;
     }
     table.insert(last.to_string(), value);
     Ok(())

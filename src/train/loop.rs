@@ -1,0 +1,482 @@
+//! The training loop: examples -> length-bucketed batches -> step -> validation, selection and
+//! checkpoints. It reports through a [`Progress`] and prints nothing.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::monitor::{balance, health, validate, Health, Log, LogLine, Validation};
+use super::selection::{Action, Selected, Selection};
+use super::step::{train_step, NonFinite, StepLayout, StepModel, StepOutcome, StepStats};
+use crate::checkpoint::{self, TrainState};
+use crate::config::resolved::Resolved;
+use crate::config::{Select, TrainConfig};
+use crate::data::batch::TextTokenizer;
+use crate::data::order::EpochOrder;
+use crate::data::source::{Pair, PairIds, PairSource};
+use crate::error::{Error, Result};
+use crate::eval::dev::DevSet;
+use crate::model::Encoder;
+use crate::optim::{lr_at, AdamW};
+use crate::progress::Progress;
+
+/// Everything [`train`] reads.
+pub struct TrainInputs<'a> {
+    pub encoder: &'a Encoder,
+    /// The frozen starting model whose mean-pooled vectors are the mean view's target
+    /// (`loss.mean_teacher`); None: the same pass's.
+    pub teacher: Option<&'a Encoder>,
+    pub tokenizer: &'a TextTokenizer,
+    pub run: &'a Resolved,
+    /// The training examples.
+    pub train: &'a dyn PairSource,
+    pub val_pairs: &'a [Pair],
+    /// STS-B dev for `train.select = "stsb-dev"`.
+    pub dev: Option<&'a DevSet>,
+    pub run_dir: &'a Path,
+    pub resume: bool,
+    /// Set by Ctrl-C: the loop writes a checkpoint and returns.
+    pub stop: &'a AtomicBool,
+    /// Where progress, validation lines and warnings go.
+    pub progress: &'a dyn Progress,
+}
+
+impl TrainInputs<'_> {
+    fn tc(&self) -> &TrainConfig {
+        &self.run.cfg().train
+    }
+}
+
+/// How training ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub planned_steps: usize,
+    /// The step this process resumed from (`--resume`), if it did.
+    pub resumed_at: Option<usize>,
+    /// Seconds spent training, over the whole run (every process, resumes included).
+    pub seconds: f64,
+    /// Pairs per second over the whole run.
+    pub pairs_per_s: f64,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub bad_steps: usize,
+    /// Why the run stopped before its budget (a NaN loss, a collapse); the weights are the last
+    /// good ones.
+    pub stopped: Option<String>,
+    /// The stop was the collapse guard (the weights are collapsed; nothing is exported).
+    pub collapsed: bool,
+    /// Warnings from the held-out geometry (drift of the positives), with their step.
+    pub warnings: Vec<String>,
+    /// Which step's weights the encoder holds now.
+    pub selected: Selected,
+}
+
+/// A seed for step `step`'s dropout masks, or epoch `epoch`'s shuffle: streams derived from the
+/// run seed, so a resumed run draws exactly what an uninterrupted one would.
+pub fn derived_seed(seed: u64, kind: u64, index: usize) -> u64 {
+    let mut x = seed ^ kind.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    // splitmix64 finaliser: nearby indices give unrelated seeds.
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Learning-rate multipliers per parameter: `train.norm_lr_scale` for the last layer's output
+/// LayerNorm (times `train.offset_lr_scale` for its bias), 1 elsewhere.
+fn lr_scales(encoder: &Encoder, tc: &TrainConfig) -> Vec<f64> {
+    let last = format!("encoder.layer.{}.output.LayerNorm.", encoder.config.num_hidden_layers.saturating_sub(1));
+    let scale = |name: &str| match name.split_once(&last) {
+        Some((_, "bias")) => tc.norm_lr_scale * tc.offset_lr_scale,
+        Some(_) => tc.norm_lr_scale,
+        None => 1.0,
+    };
+    encoder.params.iter().map(|(name, _)| scale(name)).collect()
+}
+
+/// Train the encoder in place, logging validation numbers to `<run_dir>/log.jsonl` and writing
+/// checkpoints to `<run_dir>/checkpoints/`. With `resume`, continue from the newest usable
+/// checkpoint. On return the encoder holds the selected step's weights.
+pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
+    let batch_pairs = inp.tc().batch_pairs;
+    if inp.train.len() < batch_pairs {
+        return Err(Error::invalid(format!(
+            "only {} training pairs, fewer than one batch of {batch_pairs}: use a larger corpus or lower train.batch_pairs",
+            inp.train.len()
+        )));
+    }
+    let total = inp.run.budget().steps(inp.train.len(), batch_pairs)?;
+    let (mut opt, mut state) = optimizer_and_state(inp, total)?;
+    let mut watch = Watch::open(inp, state.step)?;
+    let mut run = Run::new(inp, &mut state, total);
+    let mut end = None;
+    while state.step < total && end.is_none() {
+        end = run.advance(&mut state, &mut opt, &mut watch)?;
+    }
+    inp.progress.finish();
+    let (stopped, collapsed) = match end {
+        Some(End::Stopped(why)) => (Some(why), false),
+        Some(End::Collapsed(why)) => (Some(why), true),
+        None => (None, false),
+    };
+    let seconds = run.seconds();
+    let selected = watch.select(state.step, stopped.is_some())?;
+    Ok(TrainSummary {
+        steps: state.step,
+        planned_steps: total,
+        resumed_at: inp.resume.then_some(run.first_step),
+        seconds,
+        pairs_per_s: (state.step * batch_pairs) as f64 / seconds.max(1e-9),
+        bad_steps: state.bad_steps,
+        stopped,
+        collapsed,
+        warnings: watch.warnings,
+        selected,
+    })
+}
+
+/// AdamW with the configured learning-rate multipliers, and the state to start from: the newest
+/// usable checkpoint's on resume (weights and moments restored), else step 0.
+fn optimizer_and_state(inp: &TrainInputs, total: usize) -> Result<(AdamW, TrainState)> {
+    let (encoder, tc) = (inp.encoder, inp.tc());
+    let mut opt = AdamW::new(encoder.vars(), tc.adamw())?;
+    opt.set_lr_scales(&lr_scales(encoder, tc))?;
+    let mut state = TrainState { model: encoder.files.spec.clone(), ..TrainState::default() };
+    if inp.resume {
+        let mut warn = |m: String| inp.progress.line(&format!("warning: {m}"));
+        match checkpoint::restore_latest(inp.run_dir, encoder, &mut opt, &mut warn)? {
+            Some((s, dir)) => {
+                inp.progress.line(&format!("resuming from {} (step {} of {total})", dir.display(), s.step));
+                state = s;
+            }
+            None => inp
+                .progress
+                .line(&format!("warning: no usable checkpoint in {}: starting from step 0", inp.run_dir.display())),
+        }
+    }
+    Ok((opt, state))
+}
+
+/// The run's log, the reference validation of step 0, the warnings so far and the selection:
+/// what [`train`] keeps between validations.
+struct Watch<'a> {
+    inp: &'a TrainInputs<'a>,
+    log: Log,
+    start: Validation,
+    warnings: Vec<String>,
+    selection: Selection,
+}
+
+impl<'a> Watch<'a> {
+    /// Open the log (trimmed to `step` on resume), validate the model before training unless
+    /// the log has it, warn when the push/pull balance makes collapse downhill, and find the
+    /// best step so far.
+    fn open(inp: &'a TrainInputs<'a>, step: usize) -> Result<Self> {
+        if !inp.resume {
+            checkpoint::clear_best(inp.run_dir);
+        }
+        let (log, mut previous) = Log::open(inp.run_dir, inp.resume, step)?;
+        let by = if inp.dev.is_some() { inp.tc().select } else { Select::Last };
+        let warnings = previous.iter().filter_map(|l| l.warning.clone()).collect();
+        let mut w = Self { inp, log, start: Validation::default(), warnings, selection: Selection::new(by) };
+        w.start = match previous.iter().find(|l| l.step == 0) {
+            Some(l) => l.val,
+            None if inp.val_pairs.is_empty() => Validation::default(),
+            None => {
+                let line = LogLine { val: w.validate()?, ..LogLine::default() };
+                w.log.write(&line)?;
+                inp.progress.line(&format!("step 0 (before training): {}", line.val));
+                previous.push(line);
+                previous.last().map_or_else(Validation::default, |l| l.val)
+            }
+        };
+        if let Some(r) = balance(&w.start, inp.run.objective()).filter(|&r| r < 1.0) {
+            let m = format!(
+                "step 0: push/pull balance {r:.2} < 1 (w_uniform * t * random-pair distance over w_align * positive distance): shrinking everything lowers this loss, expect a collapse; raise loss.w_uniform or loss.t, or lower loss.w_align"
+            );
+            inp.progress.line(&format!("warning: {m}"));
+            w.warnings.push(m);
+        }
+        w.selection = Selection::replay(by, &previous);
+        w.restore_best(step)?;
+        Ok(w)
+    }
+
+    /// The best step so far has its weights in `best/`, except when it is the current step
+    /// (step 0 of a new run: saved now), or when `best/` holds a later step than the checkpoint
+    /// resumed from: the resumed run reproduces that step exactly (same seed, data order and
+    /// dropout) and finds it again.
+    fn restore_best(&self, step: usize) -> Result<()> {
+        let Some(b) = self.selection.best() else { return Ok(()) };
+        let saved: Option<Selected> = checkpoint::best_meta(self.inp.run_dir);
+        match saved {
+            Some(s) if s == *b || s.step > step => Ok(()),
+            _ if b.step == step => checkpoint::save_best(self.inp.run_dir, self.inp.encoder, b),
+            _ => Err(Error::invalid(format!(
+                "{}: the weights of the best step so far (step {}) are missing; start the run again with --force",
+                self.inp.run_dir.join("best").display(),
+                b.step
+            ))),
+        }
+    }
+
+    fn validate(&self) -> Result<Validation> {
+        let i = self.inp;
+        validate(i.encoder, i.tokenizer, i.val_pairs, i.run.objective().t(), i.dev, i.run.device())
+    }
+
+    /// Validate after a step, log it (with `line`'s step, lr and train means), keep the best
+    /// weights; returns the validation and what the geometry says.
+    fn after_step(&mut self, mut line: LogLine) -> Result<(Validation, Health)> {
+        let val = self.validate()?;
+        let verdict = health(&val, &self.start, self.inp.run.objective().t());
+        if let Health::Drift(m) | Health::Collapse(m) = &verdict {
+            line.warning = Some(format!("step {}: {m}", line.step));
+        }
+        line.val = val;
+        self.log.write(&line)?;
+        if matches!(verdict, Health::Drift(_)) {
+            self.warnings.extend(line.warning.clone());
+        }
+        if let Action::Keep(best) = self.selection.observe(line.step, &val) {
+            checkpoint::save_best(self.inp.run_dir, self.inp.encoder, &best)?;
+        }
+        Ok((val, verdict))
+    }
+
+    /// The step whose weights the encoder ends with, loaded when it is not `last`.
+    fn select(&self, last: usize, stopped: bool) -> Result<Selected> {
+        let selected = self.selection.result(last, stopped);
+        if selected.step != last {
+            let saved: Option<Selected> = checkpoint::best_meta(self.inp.run_dir);
+            if saved.as_ref() != Some(&selected) {
+                return Err(Error::data(
+                    self.inp.run_dir.join("best/best.json"),
+                    format!("does not describe the best step {}: start the run again with --force", selected.step),
+                ));
+            }
+            checkpoint::load_best(self.inp.run_dir, self.inp.encoder)?;
+        }
+        Ok(selected)
+    }
+}
+
+/// Why the loop ended before its budget.
+enum End {
+    /// Interrupted, or too many non-finite steps: the message says what to do.
+    Stopped(String),
+    /// The collapse guard: the weights are collapsed.
+    Collapsed(String),
+}
+
+/// The training loop's moving parts: data order, progress, time and the loss sums since the
+/// last log line (the sums and time travel in checkpoints, so a resume continues them).
+struct Run<'a> {
+    inp: &'a TrainInputs<'a>,
+    layout: StepLayout,
+    total: usize,
+    /// The current epoch's order (None before the first).
+    order: Option<EpochOrder>,
+    clock: Instant,
+    first_step: usize,
+    prior_s: f64,
+    sums: Vec<(String, f32)>,
+    since: usize,
+}
+
+impl<'a> Run<'a> {
+    fn new(inp: &'a TrainInputs<'a>, state: &mut TrainState, total: usize) -> Self {
+        inp.progress.start("training", state.step as u64, total as u64);
+        Self {
+            inp,
+            layout: StepLayout::new(inp.run.objective()),
+            total,
+            // A resume continues its epoch's order at `state.batch_in_epoch`.
+            order: (state.epoch > 0).then(|| Self::shuffle(inp, state.epoch)),
+            clock: Instant::now(),
+            first_step: state.step,
+            prior_s: state.seconds,
+            sums: std::mem::take(&mut state.log_sums),
+            since: state.log_since,
+        }
+    }
+
+    /// Epoch `epoch`'s batches: an order seeded by (seed, epoch), so a resume redraws it.
+    fn shuffle(inp: &TrainInputs, epoch: usize) -> EpochOrder {
+        EpochOrder::new(inp.train.len(), inp.tc().batch_pairs, derived_seed(inp.run.cfg().seed, 1, epoch))
+    }
+
+    /// Seconds spent training over the whole run (earlier processes' from the checkpoint).
+    fn seconds(&self) -> f64 {
+        self.prior_s + self.clock.elapsed().as_secs_f64()
+    }
+
+    fn checkpoint(&self, state: &mut TrainState, opt: &AdamW) -> Result<()> {
+        (state.seconds, state.log_sums, state.log_since) = (self.seconds(), self.sums.clone(), self.since);
+        checkpoint::save(self.inp.run_dir, state, self.inp.encoder, opt, self.inp.tc().keep_checkpoints).map(|_| ())
+    }
+
+    /// The next batch's example indices, starting a new epoch when one runs out.
+    fn next_batch(&mut self, state: &mut TrainState) -> Result<Vec<usize>> {
+        loop {
+            if let Some(order) = self.order.as_ref().filter(|o| state.batch_in_epoch < o.len()) {
+                let train = self.inp.train;
+                let batch = order.batch(state.batch_in_epoch, &|k| train.max_tokens(k))?;
+                state.batch_in_epoch += 1;
+                return Ok(batch);
+            }
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            self.order = Some(Self::shuffle(self.inp, state.epoch));
+        }
+    }
+
+    /// One step: stop on an interrupt, skip a non-finite step (stop after too many), else update,
+    /// report progress, validate and checkpoint when due.
+    fn advance(&mut self, state: &mut TrainState, opt: &mut AdamW, watch: &mut Watch) -> Result<Option<End>> {
+        let (inp, tc) = (self.inp, self.inp.tc());
+        if inp.stop.load(Ordering::SeqCst) {
+            self.checkpoint(state, opt)?;
+            let run_dir = inp.run_dir.display();
+            let why = format!(
+                "interrupted at step {}; a checkpoint was written: continue with --resume {run_dir}",
+                state.step
+            );
+            return Ok(Some(End::Stopped(why)));
+        }
+        let batch = self.next_batch(state)?;
+        let lr = lr_at(state.step + 1, self.total, tc.lr, tc.warmup_steps);
+        opt.set_lr(lr);
+        let stats = match self.step(state, opt, &batch)? {
+            StepOutcome::Updated(s) => s,
+            StepOutcome::Skipped(NonFinite(msg)) => return Ok(self.bad_step(state, msg)),
+        };
+        state.step += 1;
+        accumulate(&mut self.sums, &stats);
+        self.since += 1;
+        self.progress(state.step, &stats);
+        let step = state.step;
+        let eval_now = step == self.total || (tc.eval_every_steps > 0 && step.is_multiple_of(tc.eval_every_steps));
+        if eval_now && !inp.val_pairs.is_empty() {
+            if let Some(end) = self.validate(state, lr, watch)? {
+                return Ok(Some(end));
+            }
+        }
+        // After the log line, so the sums it saves are those the next line will average.
+        if step == self.total || (tc.checkpoint_every_steps > 0 && step.is_multiple_of(tc.checkpoint_every_steps)) {
+            self.checkpoint(state, opt)?;
+        }
+        Ok(None)
+    }
+
+    /// Forward, backward and update on one batch (in micro-batches when configured), with
+    /// dropout masks seeded by (seed, step).
+    fn step(&self, state: &TrainState, opt: &mut AdamW, batch: &[usize]) -> Result<StepOutcome> {
+        let (inp, run) = (self.inp, self.inp.run);
+        let ids = batch.iter().map(|&k| inp.train.ids(k)).collect::<Result<Vec<PairIds>>>()?;
+        let micro = self.layout.batches(&ids, run.micro_batch_pairs(), inp.tokenizer, run.device())?;
+        let mut dropout_rng = StdRng::seed_from_u64(derived_seed(run.cfg().seed, 2, state.step + 1));
+        let rng = inp.tc().dropout.then_some(&mut dropout_rng);
+        let model =
+            StepModel { encoder: inp.encoder, teacher: inp.teacher, objective: run.objective(), layout: &self.layout };
+        train_step(model, opt, &micro, inp.tc().max_grad_norm, rng)
+    }
+
+    /// Count a skipped step; past `train.max_bad_steps` the run stops.
+    fn bad_step(&self, state: &mut TrainState, msg: String) -> Option<End> {
+        let max = self.inp.tc().max_bad_steps;
+        state.bad_steps += 1;
+        let what = format!("step {}: {msg}", state.step + 1);
+        if state.bad_steps > max {
+            return Some(End::Stopped(format!(
+                "{what}; {} bad steps, more than train.max_bad_steps = {max}. Stopped with the weights of step {} (the last checkpoint is kept). Try a lower train.lr or train.max_grad_norm",
+                state.bad_steps, state.step
+            )));
+        }
+        let n = state.bad_steps;
+        self.inp.progress.line(&format!("warning: {what}; skipped without an update ({n} of at most {max} bad steps)"));
+        None
+    }
+
+    fn pairs_per_s(&self, step: usize) -> f64 {
+        (step * self.inp.tc().batch_pairs) as f64 / self.seconds()
+    }
+
+    /// Hand the step's one-line summary to the progress.
+    fn progress(&self, step: usize, stats: &StepStats) {
+        let brief = format!(
+            "loss {:.4} align {:.4} uniform {:.4} | {:.1} pairs/s",
+            stats.loss,
+            stats.part("align"),
+            stats.part("uniform"),
+            self.pairs_per_s(step)
+        );
+        self.inp.progress.advance(step as u64, &brief);
+    }
+
+    /// Log a validation line with the training means since the last one; a collapse ends the run.
+    fn validate(&mut self, state: &TrainState, lr: f64, watch: &mut Watch) -> Result<Option<End>> {
+        let step = state.step;
+        let k = self.since.max(1) as f32;
+        let line = LogLine {
+            step,
+            epoch: state.epoch,
+            lr,
+            train: self.sums.iter().map(|(n, v)| (n.clone(), v / k)).collect(),
+            pairs_per_s: self.pairs_per_s(step),
+            elapsed_s: self.seconds(),
+            ..LogLine::default()
+        };
+        let (val, verdict) = watch.after_step(line)?;
+        let loss = self.sums.first().map_or(f32::NAN, |(_, v)| v / k);
+        let speed = self.pairs_per_s(step);
+        let progress = self.inp.progress;
+        progress.line(&format!("step {step}/{}: train loss {loss:.4} | {val} | {speed:.1} pairs/s", self.total));
+        if let Health::Drift(m) | Health::Collapse(m) = &verdict {
+            progress.line(&format!("warning: step {step}: {m}"));
+        }
+        (self.sums, self.since) = (Vec::new(), 0);
+        Ok(match verdict {
+            Health::Collapse(m) => Some(End::Collapsed(format!("step {step}: {m}"))),
+            _ => None,
+        })
+    }
+}
+
+/// Add a step's loss and parts to the running sums (the total first).
+fn accumulate(sums: &mut Vec<(String, f32)>, stats: &StepStats) {
+    let values = std::iter::once(("loss", stats.loss)).chain(stats.parts.iter().copied());
+    for (name, v) in values {
+        match sums.iter_mut().find(|(n, _)| n == name) {
+            Some((_, s)) => *s += v,
+            None => sums.push((name.to_string(), v)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulate_sums_named_parts() {
+        let s = StepStats { loss: 1.0, parts: vec![("align", 0.5), ("uniform", -2.0)], ..Default::default() };
+        let mut sums = Vec::new();
+        accumulate(&mut sums, &s);
+        accumulate(&mut sums, &s);
+        assert_eq!(sums, [("loss".to_string(), 2.0), ("align".into(), 1.0), ("uniform".into(), -4.0)]);
+    }
+
+    #[test]
+    fn derived_seeds_differ_by_kind_and_index() {
+        let seeds: Vec<u64> = (0..3).flat_map(|k| (0..50).map(move |i| derived_seed(42, k, i))).collect();
+        let mut unique = seeds.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), seeds.len());
+        assert_eq!(derived_seed(42, 2, 7), derived_seed(42, 2, 7));
+    }
+}
