@@ -10,10 +10,13 @@
 //!   one char, as SentEval opens MR/CR/SUBJ/MPQA) rather than failing. All files shipped in the
 //!   data folder are valid UTF-8 today.
 //! - Any other deviation (missing file, wrong field count, bad label or score) is an
-//!   `Error::Data` naming the file and 1-based line.
+//!   `Error::Data` naming the file and 1-based line; so is data a classifier cannot be scored
+//!   on (one class only, fewer examples than the protocol's folds, an empty test set), which
+//!   would otherwise score 100.00.
 
 use std::path::{Path, PathBuf};
 
+use super::protocol::{INNER_FOLDS, OUTER_FOLDS};
 use crate::error::{Error, Result};
 
 /// TREC coarse classes, in label order.
@@ -104,16 +107,54 @@ fn label01(path: &Path, line: usize, s: &str) -> Result<usize> {
     }
 }
 
-/// Two one-sentence-per-line files: class 0 from `neg`, class 1 from `pos` (empty lines kept).
+/// Two one-sentence-per-line files: class 0 from `neg`, class 1 from `pos` (empty lines kept);
+/// each must hold at least one example per outer fold.
 fn polarity(neg: &Path, pos: &Path) -> Result<Labelled<String>> {
     let mut out = Labelled::default();
     for (label, path) in [(0, neg), (1, pos)] {
-        for line in read_lines(path)? {
+        let lines = read_lines(path)?;
+        if lines.len() < OUTER_FOLDS {
+            return Err(Error::data(
+                path,
+                format!(
+                    "{} examples of class {label}; the {OUTER_FOLDS}-fold protocol needs at least {OUTER_FOLDS} of each class (is the file truncated?)",
+                    lines.len()
+                ),
+            ));
+        }
+        for line in lines {
             out.x.push(norm(&line));
             out.y.push(label);
         }
     }
     Ok(out)
+}
+
+/// A training set a classifier can be fitted and tuned on: two classes or more, and at least
+/// one example per penalty-search fold.
+fn trainable<X>(path: &Path, data: Labelled<X>) -> Result<Labelled<X>> {
+    let mut classes: Vec<usize> = data.y.clone();
+    classes.sort_unstable();
+    classes.dedup();
+    if classes.len() < 2 {
+        let what = classes.first().map_or("no examples".to_string(), |c| format!("only class {c}"));
+        return Err(Error::data(path, format!("{what}: a classifier needs examples of two classes or more")));
+    }
+    if data.y.len() < INNER_FOLDS {
+        return Err(Error::data(
+            path,
+            format!("{} examples, fewer than the {INNER_FOLDS} folds of the penalty search", data.y.len()),
+        ));
+    }
+    Ok(data)
+}
+
+/// A test (or dev) set with at least one example.
+fn scorable<X>(path: &Path, data: Labelled<X>) -> Result<Labelled<X>> {
+    match data.y.is_empty() {
+        true => Err(Error::data(path, "no examples to score")),
+        false => Ok(data),
+    }
 }
 
 /// SST-2: `sentence<TAB>0|1`.
@@ -215,28 +256,29 @@ pub(crate) fn mpqa(root: &Path) -> Result<TaskData> {
 
 pub(crate) fn sst2(root: &Path) -> Result<TaskData> {
     let se = |f: &str| senteval(root, "SST2", f);
+    let (train, dev, test) = (se("sentiment-train"), se("sentiment-dev"), se("sentiment-test"));
     Ok(TaskData::Split {
-        train: sst(&se("sentiment-train"))?,
-        dev: Some(sst(&se("sentiment-dev"))?),
-        test: sst(&se("sentiment-test"))?,
+        train: trainable(&train, sst(&train)?)?,
+        dev: Some(scorable(&dev, sst(&dev)?)?),
+        test: scorable(&test, sst(&test)?)?,
         classes: 2,
     })
 }
 
 pub(crate) fn trec_task(root: &Path) -> Result<TaskData> {
+    let (train, test) = (senteval(root, "TREC", "train_5500.label"), senteval(root, "TREC", "TREC_10.label"));
     Ok(TaskData::Split {
-        train: trec(&senteval(root, "TREC", "train_5500.label"))?,
+        train: trainable(&train, trec(&train)?)?,
         dev: None,
-        test: trec(&senteval(root, "TREC", "TREC_10.label"))?,
+        test: scorable(&test, trec(&test)?)?,
         classes: TREC_CLASSES.len(),
     })
 }
 
 pub(crate) fn mrpc_task(root: &Path) -> Result<TaskData> {
-    Ok(TaskData::Pairs {
-        train: mrpc(&senteval(root, "MRPC", "msr_paraphrase_train.txt"))?,
-        test: mrpc(&senteval(root, "MRPC", "msr_paraphrase_test.txt"))?,
-    })
+    let (train, test) =
+        (senteval(root, "MRPC", "msr_paraphrase_train.txt"), senteval(root, "MRPC", "msr_paraphrase_test.txt"));
+    Ok(TaskData::Pairs { train: trainable(&train, mrpc(&train)?)?, test: scorable(&test, mrpc(&test)?)? })
 }
 
 pub(crate) fn stsb_task(root: &Path) -> Result<TaskData> {
@@ -324,18 +366,30 @@ pub(crate) mod tests {
     #[test]
     fn fixtures_parse() {
         let root = temp_root("ok");
-        write(&root, "senteval/CR/custrev.neg", b"the zipper broke twice\n\nbattery  is weak \n");
-        write(&root, "senteval/CR/custrev.pos", b"caf\xe9 mode is lovely\n");
+        // Enough examples for the protocols' folds: the lines below, then fillers.
+        let fill =
+            |n: usize, text: &str| -> Vec<u8> { (0..n).flat_map(|i| format!("{text} {i}\n").into_bytes()).collect() };
+        let neg = [&b"the zipper broke twice\n\nbattery  is weak \n"[..], &fill(7, "dull")].concat();
+        write(&root, "senteval/CR/custrev.neg", &neg);
+        write(&root, "senteval/CR/custrev.pos", &[&b"caf\xe9 mode is lovely\n"[..], &fill(9, "fine")].concat());
         write(
             &root,
             "senteval/TREC/train_5500.label",
-            b"NUM:date When did the kettle boil ?\nHUM:ind Who painted the shed ?\n",
+            &[
+                &b"NUM:date When did the kettle boil ?\nHUM:ind Who painted the shed ?\n"[..],
+                &fill(3, "LOC:city Where"),
+            ]
+            .concat(),
         );
         write(&root, "senteval/TREC/TREC_10.label", b"LOC:city Where is the lighthouse ?\n");
         write(
             &root,
             "senteval/MRPC/msr_paraphrase_train.txt",
-            b"Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tThe cat sat.\tA cat was sitting.\n",
+            &[
+                &b"Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tThe cat sat.\tA cat was sitting.\n"[..],
+                &fill(4, "0\t5\t6\tA.\tB."),
+            ]
+            .concat(),
         );
         write(
             &root,
@@ -349,14 +403,15 @@ pub(crate) mod tests {
         match load(Task::CR, &root).unwrap() {
             TaskData::CrossVal { data, classes: 2 } => {
                 // Latin-1 fallback for the non-UTF-8 file; empty line kept; whitespace normalised.
-                assert_eq!(data.x, vec!["the zipper broke twice", "", "battery is weak", "café mode is lovely"]);
-                assert_eq!(data.y, vec![0, 0, 0, 1]);
+                assert_eq!(data.x[..3], ["the zipper broke twice", "", "battery is weak"]);
+                assert_eq!(data.x[10], "café mode is lovely");
+                assert_eq!(data.y, [vec![0; 10], vec![1; 10]].concat());
             }
             other => panic!("{other:?}"),
         }
         match load(Task::TREC, &root).unwrap() {
             TaskData::Split { train, test, .. } => {
-                assert_eq!(train.y, vec![5, 3]);
+                assert_eq!(train.y, vec![5, 3, 4, 4, 4]);
                 assert_eq!(train.x[0], "When did the kettle boil ?");
                 assert_eq!(test.y, vec![4]);
             }
@@ -364,8 +419,8 @@ pub(crate) mod tests {
         }
         match load(Task::MRPC, &root).unwrap() {
             TaskData::Pairs { train, test } => {
-                assert_eq!(train.x, vec![("The cat sat.".to_string(), "A cat was sitting.".to_string())]);
-                assert_eq!((train.y.clone(), test.y.clone()), (vec![1], vec![0]));
+                assert_eq!(train.x[0], ("The cat sat.".to_string(), "A cat was sitting.".to_string()));
+                assert_eq!((train.y.clone(), test.y.clone()), (vec![1, 0, 0, 0, 0], vec![0]));
             }
             other => panic!("{other:?}"),
         }
@@ -376,6 +431,37 @@ pub(crate) mod tests {
             }
             other => panic!("{other:?}"),
         }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Data a classifier cannot be scored on is an error naming the file, not a perfect score:
+    /// an empty class file, a short one, one class in a training set, an empty test set.
+    #[test]
+    fn unscorable_data_names_the_file() {
+        let root = temp_root("unscorable");
+        let lines = |n: usize, text: &str| -> String { (0..n).map(|i| format!("{text} {i}\n")).collect() };
+        write(&root, "senteval/MR/rt-polarity.neg", lines(12, "grim").as_bytes());
+        write(&root, "senteval/MR/rt-polarity.pos", b"");
+        let err = load(Task::MR, &root).unwrap_err().to_string();
+        assert!(err.contains("rt-polarity.pos") && err.contains("0 examples of class 1"), "{err}");
+        write(&root, "senteval/MR/rt-polarity.pos", lines(9, "glad").as_bytes());
+        let err = load(Task::MR, &root).unwrap_err().to_string();
+        assert!(err.contains("rt-polarity.pos") && err.contains("9 examples"), "{err}");
+        write(&root, "senteval/MR/rt-polarity.pos", lines(10, "glad").as_bytes());
+        assert!(load(Task::MR, &root).is_ok());
+        let one_class: String = (0..8).map(|i| format!("film {i}\t1\n")).collect();
+        write(&root, "senteval/SST2/sentiment-train", one_class.as_bytes());
+        write(&root, "senteval/SST2/sentiment-dev", b"a\t0\n");
+        write(&root, "senteval/SST2/sentiment-test", b"b\t1\n");
+        let err = load(Task::SST2, &root).unwrap_err().to_string();
+        assert!(err.contains("sentiment-train") && err.contains("only class 1"), "{err}");
+        write(&root, "senteval/SST2/sentiment-train", b"a\t0\nb\t1\n");
+        let err = load(Task::SST2, &root).unwrap_err().to_string();
+        assert!(err.contains("sentiment-train") && err.contains("fewer than the 5 folds"), "{err}");
+        write(&root, "senteval/SST2/sentiment-train", format!("{one_class}c\t0\n").as_bytes());
+        write(&root, "senteval/SST2/sentiment-test", b"");
+        let err = load(Task::SST2, &root).unwrap_err().to_string();
+        assert!(err.contains("sentiment-test") && err.contains("no examples"), "{err}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 

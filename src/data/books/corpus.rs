@@ -149,12 +149,17 @@ pub fn read_book(path: &Path) -> Result<Book> {
 ///   the non-empty lines run on: the next line is non-empty and the line does not end a sentence.
 ///
 /// In both, a heading ([`is_heading`]; a whole block when hard-wrapped) ends the chapter and is
-/// dropped; empty chapters are dropped. A UTF-8 BOM and `\r\n` line ends are accepted.
+/// dropped; empty chapters are dropped. A UTF-8 BOM is accepted, and `\r\n` and lone `\r`
+/// (old Mac text) end lines as `\n` does.
 pub fn parse_book(name: &str, path: &Path, text: &str) -> Result<Book> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim().is_empty() {
         return Err(Error::data(path, "empty file"));
     }
+    let text: std::borrow::Cow<str> = match text.contains('\r') {
+        true => text.replace("\r\n", "\n").replace('\r', "\n").into(),
+        false => text.into(),
+    };
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
     let mut chapters = Vec::new();
     let mut chapter = Chapter::default();
@@ -220,6 +225,20 @@ mod tests {
         assert_eq!(shape(&book), vec![vec![2, 1], vec![1]]);
         assert_eq!(&*book.chapters[0].paragraphs[1][0], "“Where to?” asked Mr. Gray.");
         assert_eq!(&*book.chapters[0].paragraphs[0][0], "The boat left at dawn.");
+    }
+
+    /// Lone CR line ends (old Mac text) read as the same book as LF and CRLF ones.
+    #[test]
+    fn every_line_end_convention_reads_the_same_book() {
+        let lf =
+            "CHAPTER I.\nThe boat left at dawn. Nobody waved.\nA gull cried.\n\nCHAPTER II.\nIt rained all week.\n";
+        let book = parse(lf);
+        assert_eq!(shape(&book), vec![vec![2, 1], vec![1]]);
+        for text in [lf.replace('\n', "\r"), lf.replace('\n', "\r\n")] {
+            let other = parse(&text);
+            assert_eq!(shape(&other), shape(&book), "{text:?}");
+            assert_eq!(other.chapters[0].paragraphs, book.chapters[0].paragraphs);
+        }
     }
 
     #[test]
