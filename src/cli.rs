@@ -13,6 +13,7 @@ use hypersphere::bench::BenchOptions;
 use hypersphere::config::resolved::parse_device;
 use hypersphere::config::resolved::Resolved;
 use hypersphere::config::RunConfig;
+use hypersphere::dist::World;
 use hypersphere::eval::UserSts;
 use hypersphere::model::pooling::Pooling;
 use hypersphere::model::source::{resolve, SourceOptions};
@@ -226,11 +227,30 @@ impl RunArgs {
 
 /// Run a command; `Ok(false)` means it ran but a check failed (exit code 1).
 pub fn run(cli: Cli) -> Result<bool> {
+    let world = World::from_env(|m| eprintln!("{m}"))?;
+    if world.size() > 1
+        && !matches!(cli.command, Command::Finetune { .. } | Command::Embed { .. } | Command::Eval { .. })
+    {
+        bail!(
+            "started as {} ranks by a launcher: only finetune, embed and eval run over ranks; run this command in one process",
+            world.size()
+        );
+    }
+    let result = dispatch(cli, &world);
+    if let (Err(e), true) = (&result, world.size() > 1) {
+        // Every rank ends now: none is left waiting for this one in a collective.
+        eprintln!("rank {} of {}: error: {e:#}", world.rank(), world.size());
+        world.abort(2);
+    }
+    result
+}
+
+fn dispatch(cli: Cli, world: &World) -> Result<bool> {
     let flag = cli.device.as_deref();
     // Commands without a run config: the flag, else the CPU.
     let device = || parse_device(flag.unwrap_or("cpu"), "--device");
     match cli.command {
-        Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), flag),
+        Command::Finetune { run, force, resume } => finetune(&run, force, resume.as_deref(), flag, world),
         Command::Prepare { run, corpus, out, force, verify } => {
             let res = run.resolve(Some(corpus), flag)?;
             if force {
@@ -256,11 +276,12 @@ pub fn run(cli: Cli) -> Result<bool> {
             let mut opts = app::eval_options(root, tasks, quick, seed, !no_cache);
             // Every user file is read before anything is embedded.
             opts.user_sts = sts.iter().map(|s| UserSts::parse(s)).collect::<hypersphere::Result<Vec<_>>>()?;
-            app::evaluate(&model, &opts, &out, &device()?)?;
+            app::evaluate(&model, &opts, &out, &device()?, world)?;
             Ok(true)
         }
         Command::Embed { model, input, sentences, out, dtype, whiten } => {
-            app::embed::embed(&model, &input, sentences, &out, dtype, whiten.as_deref(), &device()?)?;
+            let out = app::embed::EmbedOut { path: &out, dtype, whiten: whiten.as_deref() };
+            app::embed::embed(&model, &input, sentences, &out, &device()?, world)?;
             Ok(true)
         }
         Command::Compare { inputs, text, out, whiten, pooling, max_len } => {
@@ -292,27 +313,31 @@ pub fn run(cli: Cli) -> Result<bool> {
 /// Ctrl-C and SIGTERM (what `timeout`, schedulers and `docker stop` send) during training:
 /// finish the step, write a checkpoint and stop. A second signal, or one before or after
 /// training (where there is no step to finish), exits at once, saying what is left.
-fn install_signals(resume_hint: String) -> Interrupt {
+fn install_signals(resume_hint: String, speak: bool) -> Interrupt {
     use std::sync::atomic::Ordering::SeqCst;
     let interrupt = Interrupt::default();
     let (stop, phase) = (interrupt.stop.clone(), interrupt.phase.clone());
+    // Over several ranks, rank 0 speaks for all.
+    let say = move |m: &str| {
+        if speak {
+            eprintln!("{m}")
+        }
+    };
     let _ = ctrlc::set_handler(move || {
         if stop.swap(true, SeqCst) {
-            eprintln!("\nsecond interrupt: quitting now");
+            say("\nsecond interrupt: quitting now");
             std::process::exit(130);
         }
         match phase.load(SeqCst) {
             Interrupt::TRAINING => {
-                eprintln!(
-                    "\ninterrupt: writing a checkpoint after this step, then stopping (interrupt again to quit now)"
-                )
+                say("\ninterrupt: writing a checkpoint after this step, then stopping (interrupt again to quit now)")
             }
             Interrupt::BEFORE => {
-                eprintln!("\ninterrupt: quitting before training (nothing trained yet)");
+                say("\ninterrupt: quitting before training (nothing trained yet)");
                 std::process::exit(130);
             }
             _ => {
-                eprintln!("\ninterrupt: training is over and checkpointed; quitting before the report and export (`{resume_hint}` finishes them)");
+                say(&format!("\ninterrupt: training is over and checkpointed; quitting before the report and export (`{resume_hint}` finishes them)"));
                 std::process::exit(130);
             }
         }
@@ -320,12 +345,12 @@ fn install_signals(resume_hint: String) -> Interrupt {
     interrupt
 }
 
-fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: Option<&str>) -> Result<bool> {
+fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: Option<&str>, world: &World) -> Result<bool> {
     let hint = match resume {
         Some(dir) => format!("hypersphere finetune --resume {}", dir.display()),
         None => "hypersphere finetune --resume runs/NAME".into(),
     };
-    let interrupt = install_signals(hint);
+    let interrupt = install_signals(hint, world.is_root());
     let req = Finetune {
         config: args.config.as_deref(),
         overrides: &args.overrides,
@@ -334,12 +359,16 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: Option<&
         resume,
         device,
         interrupt: &interrupt,
+        world,
     };
     match hypersphere::app::finetune::finetune(&req)? {
         Outcome::Done(_) => Ok(true),
-        Outcome::Stopped(why) => {
+        Outcome::Stopped(why) if world.is_root() => {
             eprintln!("error: {why}");
             Ok(false)
         }
+        // The other ranks exit 0: a launcher ends the job at the first non-zero exit, which would
+        // interrupt rank 0 while it finishes; rank 0's exit 1 is the job's.
+        Outcome::Stopped(_) => Ok(true),
     }
 }

@@ -8,7 +8,7 @@ pub mod config;
 pub mod cpu;
 pub mod data;
 pub mod device_check;
-pub mod distributed;
+pub mod dist;
 pub mod embedding_file;
 pub mod error;
 pub mod eval;

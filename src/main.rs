@@ -20,6 +20,16 @@ fn main() {
         // Single-threaded here: nothing else reads the environment yet.
         unsafe { std::env::remove_var("HYPERSPHERE_DATA") };
     }
+    // Ranks launched together on one machine share its cores: one rayon pool each of its share,
+    // unless RAYON_NUM_THREADS says otherwise (else every rank starts a thread per core).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let launch = hypersphere::dist::launched(&|k| std::env::var(k).ok());
+        if let Some(local) = launch.and_then(|l| l.local_size).filter(|&n| n > 1) {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // Single-threaded here: nothing else reads the environment yet.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", (cores / local).max(1).to_string()) };
+        }
+    }
     let cli = cli::Cli::parse();
     let code = match cli::run(cli) {
         Ok(true) => 0,

@@ -8,9 +8,9 @@ use candle_core::Device;
 use super::console::Console;
 use super::load_model;
 use crate::bail;
+use crate::dist::World;
 use crate::error::Result;
 use crate::io::sha256_file;
-use crate::model::embed_texts;
 use crate::model::pooling::Pooling;
 use crate::progress::Progress;
 
@@ -121,23 +121,31 @@ fn metadata(
     Ok(meta)
 }
 
+/// What `embed` writes: the file, its number format and optional whitening.
+pub struct EmbedOut<'a> {
+    pub path: &'a Path,
+    pub dtype: OutDtype,
+    pub whiten: Option<&'a Path>,
+}
+
 /// Embed `input` (lines, or with `sentences` the sentences of the books in it) into `out`.
+/// Over several ranks, each embeds a contiguous share of every chunk and rank 0 writes the file.
 pub fn embed(
     m: &ModelArgs,
     input: &Path,
     sentences: bool,
-    out: &Path,
-    dtype: OutDtype,
-    whiten: Option<&Path>,
+    out: &EmbedOut,
     device: &Device,
+    world: &World,
 ) -> Result<()> {
     use crate::embedding_file::EmbeddingWriter;
+    let root = world.is_root();
     // Before any work: a folder in the way would otherwise fail only at the final rename.
-    crate::io::check_output_file(out)?;
-    let whitening = whiten.map(crate::whiten::load).transpose()?;
+    crate::io::check_output_file(out.path)?;
+    let whitening = out.whiten.map(crate::whiten::load).transpose()?;
     let (files, encoder, tokenizer) = load_model(&m.model, m.pooling, m.max_len, device)?;
     let (rows, empty) = input_rows(input, sentences)?;
-    if empty > 0 {
+    if empty > 0 && root {
         eprintln!(
             "warning: {} has {empty} empty lines; they get no row (the `line` tensor maps rows to input lines)",
             input.display()
@@ -148,31 +156,33 @@ pub fn embed(
     if let Some(w) = whitening.as_ref().filter(|w| w.dim != hidden) {
         bail!("whitening parameters are for dim {}, the model gives {hidden}", w.dim);
     }
-    let meta = metadata(&files, &encoder, tokenizer.max_len, input, rows.len(), empty, whiten)?;
-    let mut writer = EmbeddingWriter::create(out, rows.len(), dim, dtype == OutDtype::F16, &meta)?;
-    let console = Console::default();
+    let meta = metadata(&files, &encoder, tokenizer.max_len, input, rows.len(), empty, out.whiten)?;
+    let f16 = out.dtype == OutDtype::F16;
+    let mut writer = root.then(|| EmbeddingWriter::create(out.path, rows.len(), dim, f16, &meta)).transpose()?;
+    let console = if root { Console::default() } else { Console::quiet() };
     console.start("embedding", 0, rows.len() as u64);
     let start = Instant::now();
     // Chunks bound memory; inside a chunk, batches are sorted by length.
     for (k, chunk) in rows.chunks(4096).enumerate() {
         let texts: Vec<&str> = chunk.iter().map(|(_, s)| s.as_str()).collect();
-        let mut flat = embed_texts(&encoder, &tokenizer, &texts, m.batch_size, device)?;
+        let mut flat = world.embed(&encoder, &tokenizer, &texts, m.batch_size, device)?;
         if let Some(w) = &whitening {
             flat = w.apply(&flat, texts.len(), true)?;
         }
-        for ((line, _), row) in chunk.iter().zip(flat.chunks_exact(dim)) {
-            writer.push(row, *line)?;
+        for ((line, _), row) in chunk.iter().zip(flat.chunks_exact(dim)).filter(|_| root) {
+            writer.as_mut().map(|w| w.push(row, *line)).transpose()?;
         }
         console.advance((k * 4096 + chunk.len()) as u64, "sentences");
     }
-    writer.finish()?;
+    writer.map(|w| w.finish()).transpose()?;
     console.finish();
     let secs = start.elapsed().as_secs_f64();
-    eprintln!(
-        "embedded {} sentences in {secs:.1}s ({:.0}/s) -> {}",
+    let ranks = if world.size() > 1 { format!(" over {} ranks", world.size()) } else { String::new() };
+    console.line(&format!(
+        "embedded {} sentences in {secs:.1}s ({:.0}/s){ranks} -> {}",
         rows.len(),
         rows.len() as f64 / secs,
-        out.display()
-    );
+        out.path.display()
+    ));
     Ok(())
 }

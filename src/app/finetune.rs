@@ -18,9 +18,10 @@ use crate::data::batch::TextTokenizer;
 use crate::data::books::prepared::{Prepared, Split};
 use crate::data::books::BookPairs;
 use crate::data::source::{Pair, PairSource};
+use crate::dist::World;
 use crate::error::{Context, Result};
 use crate::eval::dev::DevSet;
-use crate::eval::runner::{tables, EvalOptions, Evaluated};
+use crate::eval::runner::{tables, Embedder, EvalOptions, Evaluated};
 use crate::io::{write_atomic, write_json};
 use crate::metrics::Anisotropy;
 use crate::model::source::{resolve, ModelFiles};
@@ -42,6 +43,8 @@ pub struct Finetune<'a> {
     /// The `--device` flag: overrides the config's `model.device`.
     pub device: Option<&'a str>,
     pub interrupt: &'a Interrupt,
+    /// The ranks training together; rank 0 owns the run folder and reports.
+    pub world: &'a World,
 }
 
 /// Shared with a signal handler: `stop` asks training to checkpoint and return; `phase` says
@@ -93,10 +96,31 @@ struct EvalSetup {
     tokenizer: TextTokenizer,
 }
 
-/// Run the whole pipeline.
+/// Run the whole pipeline. Over several ranks, rank 0 opens the run folder and tells the others
+/// the config, prepares the corpus before they open it, measures, validates, selects and
+/// writes; every rank trains.
 pub fn finetune(req: &Finetune) -> Result<Outcome> {
-    let (res, run_dir, _lock) = open_run(req)?;
-    let run = load(res, run_dir)?;
+    let world = req.world;
+    let (res, run_dir, _lock) = open_shared(req)?;
+    let run = match world.is_root() {
+        true => {
+            let run = load(res, run_dir, true)?;
+            world.barrier()?;
+            run
+        }
+        false => {
+            world.barrier()?;
+            load(res, run_dir, false)?
+        }
+    };
+    if !world.is_root() {
+        world.barrier()?;
+        let summary = train_run(&run, None, req)?;
+        return Ok(match summary.stopped {
+            Some(why) => Outcome::Stopped(why),
+            None => Outcome::Done(run.run_dir),
+        });
+    }
     if req.resume.is_none() {
         write_run_toml(&run)?;
     }
@@ -104,12 +128,29 @@ pub fn finetune(req: &Finetune) -> Result<Outcome> {
     let sample = Sample::draw(&run.val(), cfg.report.sentences, cfg.report.pairs, cfg.seed)?;
     let eval = eval_setup(&run)?;
     let before = before(&run, &sample, &eval, req.resume.is_some())?;
-    let summary = train_run(&run, &eval, req)?;
+    world.barrier()?;
+    let summary = train_run(&run, Some(&eval), req)?;
     if let Some(why) = &summary.stopped {
         return Ok(Outcome::Stopped(stopped_message(&run.run_dir, &summary, why)));
     }
     finish(&run, &sample, &eval, &before, &summary)?;
     Ok(Outcome::Done(run.run_dir))
+}
+
+/// [`open_run`] on rank 0; the others get its resolved config and run folder (and no lock).
+fn open_shared(req: &Finetune) -> Result<(Resolved, PathBuf, Option<RunLock>)> {
+    let world = req.world;
+    if world.size() == 1 {
+        let (res, dir, lock) = open_run(req)?;
+        return Ok((res, dir, Some(lock)));
+    }
+    let opened = world.is_root().then(|| open_run(req)).transpose()?;
+    let shared = opened.as_ref().map(|(res, dir, _)| (res.cfg().clone(), dir.clone()));
+    let (cfg, dir): (RunConfig, PathBuf) = world.broadcast_json(shared.as_ref())?;
+    match opened {
+        Some((res, dir, lock)) => Ok((res, dir, Some(lock))),
+        None => Ok((Resolved::new(cfg, req.data, req.device)?, dir, None)),
+    }
 }
 
 /// Lock the run folder and read the config: the saved one (with allowed changes) on resume; on
@@ -146,22 +187,24 @@ fn open_run(req: &Finetune) -> Result<(Resolved, PathBuf, RunLock)> {
     }
 }
 
-/// The model files, the corpus's pairs and the trainable encoder.
-fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
+/// The model files, the corpus's pairs and the trainable encoder; `say`: report what was loaded.
+fn load(res: Resolved, run_dir: PathBuf, say: bool) -> Result<Loaded> {
     let t0 = Instant::now();
     let cfg = res.cfg();
     let files = resolve(&cfg.model.source, &sources())?;
     let (tokenizer, corpus, split) = tokenizer_and_corpus(&res, &files)?;
     let stats = corpus.stats(res.max_books());
-    eprintln!(
-        "corpus: {} books, {} sentences -> {} train pairs, {} validation pairs ({} held-out books) in {:.1}s",
-        stats.books,
-        stats.sentences,
-        split.train.len(),
-        split.val.len(),
-        split.val_books.len(),
-        t0.elapsed().as_secs_f64()
-    );
+    if say {
+        eprintln!(
+            "corpus: {} books, {} sentences -> {} train pairs, {} validation pairs ({} held-out books) in {:.1}s",
+            stats.books,
+            stats.sentences,
+            split.train.len(),
+            split.val.len(),
+            split.val_books.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
     if split.val.is_empty() {
         bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 for the before/after report");
     }
@@ -174,7 +217,10 @@ fn load(res: Resolved, run_dir: PathBuf) -> Result<Loaded> {
             files.config.display()
         );
     }
-    eprintln!("model: {} ({} parameters, pooling {})", files.spec, encoder.num_params(), cfg.model.pooling.as_str());
+    if say {
+        let pooling = cfg.model.pooling.as_str();
+        eprintln!("model: {} ({} parameters, pooling {pooling})", files.spec, encoder.num_params());
+    }
     Ok(Loaded { res, run_dir, files, tokenizer, corpus, split, encoder, teacher })
 }
 
@@ -228,7 +274,9 @@ fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool) -> Resu
         (Some(_), Some(saved)) => Some(saved),
         (Some(o), None) => {
             eprintln!("evaluating the model before training on {} tasks", o.tasks.len());
-            Some(run_eval(&run.encoder, &eval.tokenizer, &run.files.weights, o, device, &mut |_| Ok(()))?)
+            let embedder =
+                Embedder { encoder: &run.encoder, tokenizer: &eval.tokenizer, device, world: &World::single() };
+            Some(run_eval(&embedder, &run.files.weights, o, &mut |_| Ok(()))?)
         }
         (None, _) => None,
     };
@@ -256,13 +304,15 @@ fn val_pairs(run: &Loaded) -> Result<Vec<Pair>> {
     chosen.into_iter().map(|k| val.pair(k)).collect()
 }
 
-/// Train, with STS-B dev loaded when selecting on it; `interrupt.phase` says so meanwhile.
-fn train_run(run: &Loaded, eval: &EvalSetup, req: &Finetune) -> Result<TrainSummary> {
-    let dev = match run.res.cfg().train.select {
-        Select::Last => None,
-        Select::StsbDev => Some(DevSet::stsb(run.res.data_dir()?, eval.tokenizer.clone())?),
+/// Train, with STS-B dev loaded when selecting on it (rank 0, which has `eval`);
+/// `interrupt.phase` says so meanwhile.
+fn train_run(run: &Loaded, eval: Option<&EvalSetup>, req: &Finetune) -> Result<TrainSummary> {
+    let dev = match (run.res.cfg().train.select, eval) {
+        (Select::StsbDev, Some(eval)) => Some(DevSet::stsb(run.res.data_dir()?, eval.tokenizer.clone())?),
+        _ => None,
     };
     let val = val_pairs(run)?;
+    let console = if req.world.is_root() { Console::default() } else { Console::quiet() };
     req.interrupt.phase.store(Interrupt::TRAINING, SeqCst);
     let summary = train(&TrainInputs {
         encoder: &run.encoder,
@@ -275,7 +325,8 @@ fn train_run(run: &Loaded, eval: &EvalSetup, req: &Finetune) -> Result<TrainSumm
         run_dir: &run.run_dir,
         resume: req.resume.is_some(),
         stop: &req.interrupt.stop,
-        progress: &Console::default(),
+        progress: &console,
+        world: req.world,
     });
     req.interrupt.phase.store(Interrupt::AFTER, SeqCst);
     summary
@@ -310,6 +361,19 @@ fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summ
             None => "the last step".into(),
         }
     );
+    if let Some(t) = summary.traffic {
+        // The counters cover this process only; a resumed run's seconds cover the whole run.
+        let steps = (summary.steps - summary.resumed_at.unwrap_or(0)).max(1) as f64;
+        let share = match summary.resumed_at {
+            None => format!(", {:.0}% of training", 100.0 * t.seconds / summary.seconds.max(1e-9)),
+            Some(_) => String::new(),
+        };
+        eprintln!(
+            "collectives on rank 0: {:.3}s and {:.2} MB per step{share} (waiting for slower ranks included)",
+            t.seconds / steps,
+            t.bytes as f64 / steps / 1e6
+        );
+    }
     let after = measure(&run.encoder, &run.tokenizer, sample, device)?;
     println!("\nheld-out books: {}", run.split.val_books.join(", "));
     println!("{}", table(&before.anisotropy, &after));
@@ -319,7 +383,9 @@ fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summ
         Some(o) => {
             eprintln!("evaluating the trained model on {} tasks", o.tasks.len());
             let weights = model_dir.join("model.safetensors");
-            let after = run_eval(&run.encoder, &eval.tokenizer, &weights, o, device, &mut |_| Ok(()))?;
+            let embedder =
+                Embedder { encoder: &run.encoder, tokenizer: &eval.tokenizer, device, world: &World::single() };
+            let after = run_eval(&embedder, &weights, o, &mut |_| Ok(()))?;
             let (text, md) = tables(&after, before.eval.as_deref());
             println!("{text}");
             write_atomic(&run.run_dir.join("eval.md"), md.as_bytes())?;

@@ -127,19 +127,17 @@ pub fn eval_options(root: PathBuf, tasks: Vec<Task>, quick: bool, seed: u64, cac
     EvalOptions { root, tasks, quick, seed, cache_dir, user_sts: Vec::new() }
 }
 
-/// Evaluate the encoder whose weights are in `weights`, progress on stderr, handing the results
-/// so far to `finished` after each task.
+/// Evaluate the encoder whose weights are in `weights` (`embedder`'s), progress on stderr (rank
+/// 0's), handing the results so far to `finished` after each task.
 pub fn run_eval(
-    encoder: &Encoder,
-    tokenizer: &TextTokenizer,
+    embedder: &crate::eval::runner::Embedder,
     weights: &Path,
     opts: &EvalOptions,
-    device: &Device,
     finished: &mut dyn FnMut(&[Evaluated]) -> Result<()>,
 ) -> Result<Vec<Evaluated>> {
     let sha = sha256_file(weights)?;
-    let console = Console::default();
-    crate::eval::runner::evaluate(encoder, tokenizer, &sha, opts, device, &console, finished)
+    let console = if embedder.world.is_root() { Console::default() } else { Console::quiet() };
+    crate::eval::runner::evaluate(embedder, &sha, opts, &console, finished)
 }
 
 /// `prepare`: the run's corpus split and tokenized into `out` with the run's model tokenizer
@@ -319,30 +317,43 @@ pub fn check_device(
 }
 
 /// `eval`: the model on the tasks and user STS sets of `opts`; tables on stdout, `eval.json`
-/// (saved after each task, `"complete": false` until the last) and `eval.md` in `out`.
-pub fn evaluate(model: &embed::ModelArgs, opts: &EvalOptions, out: &Path, device: &Device) -> Result<Vec<Evaluated>> {
+/// (saved after each task, `"complete": false` until the last) and `eval.md` in `out`. Over
+/// several ranks, they share the embedding and rank 0 writes and prints.
+pub fn evaluate(
+    model: &embed::ModelArgs,
+    opts: &EvalOptions,
+    out: &Path,
+    device: &Device,
+    world: &crate::dist::World,
+) -> Result<Vec<Evaluated>> {
+    let root = world.is_root();
     let (files, encoder, tokenizer) = load_model(&model.model, model.pooling, model.max_len, device)?;
-    eprintln!(
-        "evaluating {} ({} pooling) on {} tasks and {} STS sets",
-        files.spec,
-        encoder.pooling.as_str(),
-        opts.tasks.len(),
-        opts.user_sts.len()
-    );
-    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    if root {
+        eprintln!(
+            "evaluating {} ({} pooling) on {} tasks and {} STS sets",
+            files.spec,
+            encoder.pooling.as_str(),
+            opts.tasks.len(),
+            opts.user_sts.len()
+        );
+        std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    }
     let json = out.join("eval.json");
-    let save = |results: &[Evaluated], complete: bool| {
-        let pooling = encoder.pooling.as_str();
-        crate::io::write_json(
+    let save = |results: &[Evaluated], complete: bool| match root {
+        true => crate::io::write_json(
             &json,
-            &serde_json::json!({"model": files.spec, "pooling": pooling, "quick": opts.quick, "complete": complete, "results": results}),
-        )
+            &serde_json::json!({"model": files.spec, "pooling": encoder.pooling.as_str(), "quick": opts.quick, "complete": complete, "results": results}),
+        ),
+        false => Ok(()),
     };
-    let results = run_eval(&encoder, &tokenizer, &files.weights, opts, device, &mut |r| save(r, false))?;
-    let (text, md) = crate::eval::runner::tables(&results, None);
-    println!("{text}");
-    save(&results, true)?;
-    crate::io::write_atomic(&out.join("eval.md"), md.as_bytes())?;
-    println!("wrote {}/eval.json and eval.md", out.display());
+    let embedder = crate::eval::runner::Embedder { encoder: &encoder, tokenizer: &tokenizer, device, world };
+    let results = run_eval(&embedder, &files.weights, opts, &mut |r| save(r, false))?;
+    if root {
+        let (text, md) = crate::eval::runner::tables(&results, None);
+        println!("{text}");
+        save(&results, true)?;
+        crate::io::write_atomic(&out.join("eval.md"), md.as_bytes())?;
+        println!("wrote {}/eval.json and eval.md", out.display());
+    }
     Ok(results)
 }

@@ -10,9 +10,10 @@ use serde::Serialize;
 
 use super::{run_task, task_sentences, Task, TaskResult, UserSts};
 use crate::data::batch::TextTokenizer;
+use crate::dist::World;
 use crate::embedding_file::{read_embeddings, EmbeddingWriter};
 use crate::error::Result;
-use crate::model::{embed_texts, Encoder, EMBED_BATCH};
+use crate::model::{Encoder, EMBED_BATCH};
 use crate::progress::Progress;
 
 pub struct EvalOptions {
@@ -37,19 +38,28 @@ pub struct Evaluated {
     pub cached: bool,
 }
 
-/// Evaluate `encoder` (whose weights file hashes to `weights_sha256`) on every task, then on
+/// What embeds the tasks' sentences: the encoder, its tokenizer and device, and the ranks that
+/// share the work (a world of one: this process).
+pub struct Embedder<'a> {
+    pub encoder: &'a Encoder,
+    pub tokenizer: &'a TextTokenizer,
+    pub device: &'a Device,
+    pub world: &'a World,
+}
+
+/// Evaluate the encoder (whose weights file hashes to `weights_sha256`) on every task, then on
 /// the user's STS sets. Every task's files are read first, so a missing or malformed file stops
 /// the run before anything is embedded. `progress` hears status lines and each embedding's progress;
-/// `finished` receives the results so far after each task, so a caller can keep them.
+/// `finished` receives the results so far after each task, so a caller can keep them. Over
+/// several ranks each embeds a share of every task's sentences; every rank scores.
 pub fn evaluate(
-    encoder: &Encoder,
-    tokenizer: &TextTokenizer,
+    embedder: &Embedder,
     weights_sha256: &str,
     opts: &EvalOptions,
-    device: &Device,
     progress: &dyn Progress,
     finished: &mut dyn FnMut(&[Evaluated]) -> Result<()>,
 ) -> Result<Vec<Evaluated>> {
+    let (encoder, tokenizer) = (embedder.encoder, embedder.tokenizer);
     let all_sentences =
         opts.tasks.iter().map(|&task| task_sentences(task, &opts.root, opts.quick)).collect::<Result<Vec<_>>>()?;
     let mut out = Vec::new();
@@ -66,8 +76,7 @@ pub fn evaluate(
     for (&task, sentences) in opts.tasks.iter().zip(all_sentences) {
         let key = cache_key(task.name());
         let cache_file = opts.cache_dir.as_ref().map(|d| d.join(format!("{}-{}.safetensors", task.name(), &key[..16])));
-        let embedded =
-            embed_cached(encoder, tokenizer, task.name(), &sentences, cache_file.as_deref(), device, progress)?;
+        let embedded = embed_cached(embedder, task.name(), &sentences, cache_file.as_deref(), progress)?;
         let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
         let embed = |s: &str| lookup.get(s).copied();
         let result = run_task(task, &opts.root, opts.quick, &embed, opts.seed, &mut |m| progress.line(m))?;
@@ -81,8 +90,7 @@ pub fn evaluate(
         let key = cache_key(&format!("user:{}:{content}", set.name));
         let cache_file =
             opts.cache_dir.as_ref().map(|d| d.join(format!("sts-{}-{}.safetensors", set.name, &key[..16])));
-        let embedded =
-            embed_cached(encoder, tokenizer, &set.name, &sentences, cache_file.as_deref(), device, progress)?;
+        let embedded = embed_cached(embedder, &set.name, &sentences, cache_file.as_deref(), progress)?;
         let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
         let result = set.score(&|s| lookup.get(s).copied())?;
         out.push(embedded.done(result, sentences.len(), progress));
@@ -117,34 +125,38 @@ impl Embedded {
 }
 
 /// Embed `sentences` (or read them from `cache_file`), with a progress bar labelled `label`.
+/// Over several ranks, rank 0 says whether the cache holds them, and writes it.
 fn embed_cached(
-    encoder: &Encoder,
-    tokenizer: &TextTokenizer,
+    embedder: &Embedder,
     label: &str,
     sentences: &[String],
     cache_file: Option<&Path>,
-    device: &Device,
     progress: &dyn Progress,
 ) -> Result<Embedded> {
+    let (encoder, world) = (embedder.encoder, embedder.world);
     let dim = encoder.config.hidden_size;
     let start = Instant::now();
-    let cached = cache_file
-        .and_then(|f| read_embeddings(f).ok())
-        .filter(|e| e.n == sentences.len() && e.dim == dim)
-        .map(|e| e.data);
-    if let Some(flat) = cached {
-        return Ok(Embedded { flat, cached: true, seconds: 0.0 });
+    let read = || cache_file.and_then(|f| read_embeddings(f).ok()).filter(|e| e.n == sentences.len() && e.dim == dim);
+    let cached = match world.size() {
+        1 => read(),
+        _ => {
+            let here = world.is_root().then(|| read().is_some());
+            world.broadcast_json(here.as_ref())?.then(read).flatten()
+        }
+    };
+    if let Some(e) = cached {
+        return Ok(Embedded { flat: e.data, cached: true, seconds: 0.0 });
     }
     progress.line(&format!("{label}: embedding {} sentences", sentences.len()));
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
     let mut flat = Vec::with_capacity(texts.len() * dim);
     progress.start(label, 0, texts.len() as u64);
-    for chunk in texts.chunks(512) {
-        flat.extend(embed_texts(encoder, tokenizer, chunk, EMBED_BATCH, device)?);
+    for chunk in texts.chunks(512 * world.size()) {
+        flat.extend(world.embed(encoder, embedder.tokenizer, chunk, EMBED_BATCH, embedder.device)?);
         progress.advance((flat.len() / dim) as u64, "sentences");
     }
     progress.finish();
-    if let Some(f) = cache_file {
+    if let (Some(f), true) = (cache_file, world.is_root()) {
         write_cache(f, &flat, sentences.len(), dim)?;
     }
     Ok(Embedded { flat, cached: false, seconds: start.elapsed().as_secs_f64() })

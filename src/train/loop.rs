@@ -11,13 +11,14 @@ use serde::Serialize;
 
 use super::monitor::{balance, health, validate, Health, Log, LogLine, Validation};
 use super::selection::{Action, Selected, Selection};
-use super::step::{train_step, NonFinite, StepLayout, StepModel, StepOutcome, StepStats};
+use super::step::{apply, shard_gradients, train_step, NonFinite, StepLayout, StepModel, StepOutcome, StepStats};
 use crate::checkpoint::{self, TrainState};
 use crate::config::resolved::Resolved;
 use crate::config::{Select, TrainConfig};
 use crate::data::batch::TextTokenizer;
 use crate::data::order::EpochOrder;
 use crate::data::source::{Pair, PairIds, PairSource};
+use crate::dist::World;
 use crate::error::{Error, Result};
 use crate::eval::dev::DevSet;
 use crate::model::Encoder;
@@ -43,6 +44,9 @@ pub struct TrainInputs<'a> {
     pub stop: &'a AtomicBool,
     /// Where progress, validation lines and warnings go.
     pub progress: &'a dyn Progress,
+    /// The ranks training together (a world of one: this process alone). Rank 0 validates,
+    /// selects and writes; every rank trains on its shard of each global batch.
+    pub world: &'a World,
 }
 
 impl TrainInputs<'_> {
@@ -73,6 +77,8 @@ pub struct TrainSummary {
     pub warnings: Vec<String>,
     /// Which step's weights the encoder holds now.
     pub selected: Selected,
+    /// Over several ranks: this process's collectives during training (rank 0's).
+    pub traffic: Option<crate::dist::Traffic>,
 }
 
 /// A seed for step `step`'s dropout masks, or epoch `epoch`'s shuffle: streams derived from the
@@ -108,9 +114,15 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
             inp.train.len()
         )));
     }
+    let ranks = inp.world.size();
+    if !batch_pairs.is_multiple_of(ranks) {
+        return Err(Error::invalid(format!(
+            "train.batch_pairs = {batch_pairs} does not divide over {ranks} ranks: pick a multiple of {ranks}"
+        )));
+    }
     let total = inp.run.budget().steps(inp.train.len(), batch_pairs)?;
     let (mut opt, mut state) = optimizer_and_state(inp, total)?;
-    let mut watch = Watch::open(inp, state.step)?;
+    let mut watch = inp.world.is_root().then(|| Watch::open(inp, state.step)).transpose()?;
     let mut run = Run::new(inp, &mut state, total);
     let mut end = None;
     while state.step < total && end.is_none() {
@@ -123,7 +135,10 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         None => (None, false),
     };
     let seconds = run.seconds();
-    let selected = watch.select(state.step, stopped.is_some())?;
+    let (selected, warnings) = match watch {
+        Some(w) => (w.select(state.step, stopped.is_some())?, w.warnings),
+        None => (Selection::new(Select::Last).result(state.step, stopped.is_some()), Vec::new()),
+    };
     Ok(TrainSummary {
         steps: state.step,
         planned_steps: total,
@@ -133,8 +148,9 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         bad_steps: state.bad_steps,
         stopped,
         collapsed,
-        warnings: watch.warnings,
+        warnings,
         selected,
+        traffic: (ranks > 1).then(|| inp.world.traffic()),
     })
 }
 
@@ -314,9 +330,23 @@ impl<'a> Run<'a> {
         self.prior_s + self.clock.elapsed().as_secs_f64()
     }
 
+    /// Rank 0 writes a checkpoint (the others hold the same weights and moments).
     fn checkpoint(&self, state: &mut TrainState, opt: &AdamW) -> Result<()> {
         (state.seconds, state.log_sums, state.log_since) = (self.seconds(), self.sums.clone(), self.since);
+        if !self.inp.world.is_root() {
+            return Ok(());
+        }
         checkpoint::save(self.inp.run_dir, state, self.inp.encoder, opt, self.inp.tc().keep_checkpoints).map(|_| ())
+    }
+
+    /// Whether to stop: an interrupt seen here, or on any rank (so every rank stops after the
+    /// same step).
+    fn interrupted(&self) -> Result<bool> {
+        let here = self.inp.stop.load(Ordering::SeqCst);
+        match self.inp.world.size() {
+            1 => Ok(here),
+            _ => self.inp.world.any(here),
+        }
     }
 
     /// The next batch's example indices, starting a new epoch when one runs out.
@@ -336,9 +366,9 @@ impl<'a> Run<'a> {
 
     /// One step: stop on an interrupt, skip a non-finite step (stop after too many), else update,
     /// report progress, validate and checkpoint when due.
-    fn advance(&mut self, state: &mut TrainState, opt: &mut AdamW, watch: &mut Watch) -> Result<Option<End>> {
+    fn advance(&mut self, state: &mut TrainState, opt: &mut AdamW, watch: &mut Option<Watch>) -> Result<Option<End>> {
         let (inp, tc) = (self.inp, self.inp.tc());
-        if inp.stop.load(Ordering::SeqCst) {
+        if self.interrupted()? {
             self.checkpoint(state, opt)?;
             let run_dir = inp.run_dir.display();
             let why = format!(
@@ -373,16 +403,32 @@ impl<'a> Run<'a> {
     }
 
     /// Forward, backward and update on one batch (in micro-batches when configured), with
-    /// dropout masks seeded by (seed, step).
+    /// dropout masks seeded by (seed, step); over several ranks, this rank's shard of it.
     fn step(&self, state: &TrainState, opt: &mut AdamW, batch: &[usize]) -> Result<StepOutcome> {
-        let (inp, run) = (self.inp, self.inp.run);
-        let ids = batch.iter().map(|&k| inp.train.ids(k)).collect::<Result<Vec<PairIds>>>()?;
-        let micro = self.layout.batches(&ids, run.micro_batch_pairs(), inp.tokenizer, run.device())?;
-        let mut dropout_rng = StdRng::seed_from_u64(derived_seed(run.cfg().seed, 2, state.step + 1));
-        let rng = inp.tc().dropout.then_some(&mut dropout_rng);
+        let (inp, run, world) = (self.inp, self.inp.run, self.inp.world);
         let model =
             StepModel { encoder: inp.encoder, teacher: inp.teacher, objective: run.objective(), layout: &self.layout };
-        train_step(model, opt, &micro, inp.tc().max_grad_norm, rng)
+        let mut dropout_rng = StdRng::seed_from_u64(derived_seed(run.cfg().seed, 2, state.step + 1));
+        let rng = inp.tc().dropout.then_some(&mut dropout_rng);
+        if world.size() == 1 {
+            let ids = batch.iter().map(|&k| inp.train.ids(k)).collect::<Result<Vec<PairIds>>>()?;
+            let micro = self.layout.batches(&ids, run.micro_batch_pairs(), inp.tokenizer, run.device())?;
+            return train_step(model, opt, &micro, inp.tc().max_grad_norm, rng);
+        }
+        // Rank k's slice of the global batch, in micro-batches; the seeds are the ones one
+        // process would draw for all ranks' micro-batches in order, rank k's taken.
+        let n = batch.len() / world.size();
+        let shard = &batch[world.rank() * n..(world.rank() + 1) * n];
+        let ids = shard.iter().map(|&k| inp.train.ids(k)).collect::<Result<Vec<PairIds>>>()?;
+        let micro = self.layout.batches(&ids, run.micro_batch_pairs(), inp.tokenizer, run.device())?;
+        let seeds: Option<Vec<u64>> = rng.map(|r| {
+            let all: Vec<u64> = (0..micro.len() * world.size()).map(|_| rand::Rng::gen(r)).collect();
+            all[world.rank() * micro.len()..(world.rank() + 1) * micro.len()].to_vec()
+        });
+        match shard_gradients(model, world, &micro, seeds.as_deref())? {
+            Ok(g) => apply(opt, g, inp.tc().max_grad_norm),
+            Err(e) => Ok(StepOutcome::Skipped(e)),
+        }
     }
 
     /// Count a skipped step; past `train.max_bad_steps` the run stops.
@@ -417,8 +463,22 @@ impl<'a> Run<'a> {
         self.inp.progress.advance(step as u64, &brief);
     }
 
-    /// Log a validation line with the training means since the last one; a collapse ends the run.
-    fn validate(&mut self, state: &TrainState, lr: f64, watch: &mut Watch) -> Result<Option<End>> {
+    /// Validate on rank 0 and tell every rank whether the run ends (a collapse).
+    fn validate(&mut self, state: &TrainState, lr: f64, watch: &mut Option<Watch>) -> Result<Option<End>> {
+        let collapse = match watch {
+            Some(w) => self.validate_here(state, lr, w)?,
+            None => None,
+        };
+        let collapse = match self.inp.world.size() {
+            1 => collapse,
+            _ => self.inp.world.broadcast_json(Some(&collapse))?,
+        };
+        (self.sums, self.since) = (Vec::new(), 0);
+        Ok(collapse.map(End::Collapsed))
+    }
+
+    /// Log a validation line with the training means since the last one; a collapse's message.
+    fn validate_here(&mut self, state: &TrainState, lr: f64, watch: &mut Watch) -> Result<Option<String>> {
         let step = state.step;
         let k = self.since.max(1) as f32;
         let line = LogLine {
@@ -438,9 +498,8 @@ impl<'a> Run<'a> {
         if let Health::Drift(m) | Health::Collapse(m) = &verdict {
             progress.line(&format!("warning: step {step}: {m}"));
         }
-        (self.sums, self.since) = (Vec::new(), 0);
         Ok(match verdict {
-            Health::Collapse(m) => Some(End::Collapsed(format!("step {step}: {m}"))),
+            Health::Collapse(m) => Some(format!("step {step}: {m}")),
             _ => None,
         })
     }

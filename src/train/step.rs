@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::data::batch::{Batch, TextTokenizer};
 use crate::data::source::PairIds;
+use crate::dist::World;
 use crate::error::Result;
 use crate::loss::objective::{part, LossParts, Objective, Views};
 use crate::model::Encoder;
@@ -211,8 +212,32 @@ pub fn batch_gradients(
         return Ok(Ok(Gradients { loss, parts: parts.parts, grads, forward_s, backward_s }));
     }
     let seeds: Option<Vec<u64>> = dropout_rng.map(|r| micro.iter().map(|_| rand::Rng::gen(r)).collect());
-    let rng_for = |k: usize| seeds.as_ref().map(|s| StdRng::seed_from_u64(s[k]));
-    let (full, mean) = embed_detached(model, micro, &rng_for)?;
+    shard_gradients(model, &World::single(), micro, seeds.as_deref())
+}
+
+/// GradCache over ranks: this rank's shard of the global batch, as micro-batches `micro` with a
+/// dropout seed each (`seeds`; None without dropout). Every micro-batch is embedded without a
+/// graph; the ranks all-gather every view block (and the mean rows), so each holds the global
+/// batch's embeddings in rank order; each takes the loss over the global batch and its gradient
+/// `G` with respect to the embeddings, back-propagates its own rows of `G` through its own
+/// micro-batches (embedded again with the same seeds), and the ranks sum the parameter
+/// gradients. With one rank this is GradCache in one process; R ranks of m micro-batches give
+/// the gradient of one process running GradCache over the same R m micro-batches.
+pub fn shard_gradients(
+    model: StepModel,
+    world: &World,
+    micro: &[Batch],
+    seeds: Option<&[u64]>,
+) -> Result<std::result::Result<Gradients, NonFinite>> {
+    let t0 = Instant::now();
+    let rng_for = |k: usize| seeds.map(|s| StdRng::seed_from_u64(s[k]));
+    if let [batch] = micro {
+        return shard_one_pass(model, world, batch, rng_for(0));
+    }
+    let (own, own_mean) = embed_detached(model, micro, &rng_for)?;
+    let n = own[0].dim(0)?;
+    let full = own.iter().map(|b| world.gather_rows(b)).collect::<Result<Vec<_>>>()?;
+    let mean = own_mean.map(|m| gather_mean(world, &m)).transpose()?;
     let vars = full.iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
     let full: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let parts = model.loss(&full, mean.as_ref())?;
@@ -221,21 +246,64 @@ pub fn batch_gradients(
         Err(e) => return Ok(Err(e)),
     };
     let g_emb = parts.total.backward()?;
-    let g_views = full
+    let own_g = full
         .iter()
-        .map(|t| g_emb.get(t).cloned().map_or_else(|| t.zeros_like(), Ok))
+        .map(|t| g_emb.get(t).cloned().map_or_else(|| t.zeros_like(), Ok)?.narrow(0, world.rank() * n, n))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let forward_s = t0.elapsed().as_secs_f64();
     // Pass 2: each micro-batch with a graph, back-propagating its rows of G.
     let rngs: Vec<Option<StdRng>> = (0..micro.len()).map(rng_for).collect();
-    let acc = backprop_rows(model, micro, &g_views, rngs)?;
+    let acc = backprop_rows(model, micro, &own_g, rngs)?;
+    let grads = world.all_reduce_grads(&model.encoder.params, acc)?;
     let backward_s = t0.elapsed().as_secs_f64() - forward_s;
-    Ok(Ok(Gradients { loss, parts: parts.parts, grads: acc, forward_s, backward_s }))
+    Ok(Ok(Gradients { loss, parts: parts.parts, grads, forward_s, backward_s }))
+}
+
+/// A rank's shard in one micro-batch: one forward pass with a graph. The other ranks' rows
+/// join as constants and this rank's keep their graph, so back-propagating the global loss
+/// reaches the parameters through this rank's rows only: the same gradient as GradCache's two
+/// passes, for one forward pass less.
+fn shard_one_pass(
+    model: StepModel,
+    world: &World,
+    batch: &Batch,
+    mut rng: Option<StdRng>,
+) -> Result<std::result::Result<Gradients, NonFinite>> {
+    let t0 = Instant::now();
+    let (emb, own_mean) = model.embed(batch, rng.as_mut())?;
+    let (rank, ranks) = (world.rank(), world.size());
+    let mut full = Vec::new();
+    for own in model.layout.split(&emb)? {
+        let n = own.dim(0)?;
+        let all = world.gather_rows(&own)?;
+        let before = (rank > 0).then(|| all.narrow(0, 0, rank * n)).transpose()?;
+        let after = (rank + 1 < ranks).then(|| all.narrow(0, (rank + 1) * n, (ranks - rank - 1) * n)).transpose()?;
+        let rows: Vec<Tensor> = before.into_iter().chain([own]).chain(after).collect();
+        full.push(Tensor::cat(&rows, 0)?);
+    }
+    let mean = own_mean.map(|m| gather_mean(world, &m)).transpose()?;
+    let parts = model.loss(&full, mean.as_ref())?;
+    let loss = match finite(&parts)? {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(e)),
+    };
+    let forward_s = t0.elapsed().as_secs_f64();
+    let grads = world.all_reduce_grads(&model.encoder.params, parts.total.backward()?)?;
+    let backward_s = t0.elapsed().as_secs_f64() - forward_s;
+    Ok(Ok(Gradients { loss, parts: parts.parts, grads, forward_s, backward_s }))
+}
+
+/// Every rank's mean rows (this rank's `m`: its anchors' rows, then its positives'), laid out
+/// as one process would: all anchors in rank order, then all positives.
+fn gather_mean(world: &World, m: &Tensor) -> Result<Tensor> {
+    let n = m.dim(0)? / 2;
+    let (anchors, positives) = (world.gather_rows(&m.narrow(0, 0, n)?)?, world.gather_rows(&m.narrow(0, n, n)?)?);
+    Ok(Tensor::cat(&[anchors, positives], 0)?)
 }
 
 /// GradCache's first pass: every micro-batch embedded without keeping its graph, each block
 /// concatenated over the micro-batches, and the mean rows likewise (anchors' then positives').
-pub fn embed_detached(
+fn embed_detached(
     model: StepModel,
     micro: &[Batch],
     rng_for: &dyn Fn(usize) -> Option<StdRng>,
@@ -265,7 +333,7 @@ pub fn embed_detached(
 /// GradCache's second pass: each micro-batch embedded again with its graph (and its own dropout
 /// stream), `sum(e * G)` back-propagated with its rows of `G` (one tensor per view block, rows
 /// in micro-batch order), and the parameter gradients added up.
-pub fn backprop_rows(
+fn backprop_rows(
     model: StepModel,
     micro: &[Batch],
     g_views: &[Tensor],

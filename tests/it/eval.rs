@@ -224,8 +224,15 @@ fn each_finished_task_is_handed_over_as_it_completes() {
         cache_dir: None,
         user_sts: Vec::new(),
     };
+    let world = hypersphere::dist::World::single();
+    let embedder = hypersphere::eval::runner::Embedder {
+        encoder: &enc,
+        tokenizer: &tok,
+        device: &candle_core::Device::Cpu,
+        world: &world,
+    };
     let mut seen = Vec::new();
-    let all = evaluate(&enc, &tok, "x", &opts, &candle_core::Device::Cpu, &hypersphere::progress::Quiet, &mut |r| {
+    let all = evaluate(&embedder, "x", &opts, &hypersphere::progress::Quiet, &mut |r| {
         seen.push(r.iter().map(|e| e.result.task.clone()).collect::<Vec<_>>());
         Ok(())
     })
@@ -235,7 +242,7 @@ fn each_finished_task_is_handed_over_as_it_completes() {
         vec![vec![all[0].result.task.clone()], vec![all[0].result.task.clone(), all[1].result.task.clone()]]
     );
     let mut calls = 0;
-    let e = evaluate(&enc, &tok, "x", &opts, &candle_core::Device::Cpu, &hypersphere::progress::Quiet, &mut |_| {
+    let e = evaluate(&embedder, "x", &opts, &hypersphere::progress::Quiet, &mut |_| {
         calls += 1;
         Err(hypersphere::Error::Invalid("disk full".into()))
     });

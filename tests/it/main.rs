@@ -4,6 +4,9 @@
 mod architecture;
 mod cli;
 mod common;
+mod dist;
+#[cfg(feature = "mpi")]
+mod dist_mpi;
 mod embed;
 mod eval;
 mod model;

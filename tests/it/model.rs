@@ -399,63 +399,73 @@ fn reference_and_fused_encoders_agree_on_values_and_gradients() {
     }
 }
 
-/// Two data-parallel ranks simulated in one process: each embeds its shard, the embeddings are
-/// all-gathered, each back-propagates the global loss through its own rows, and the sum of the
-/// two ranks' gradients equals one process's gradient of the same global loss with the graph
-/// through every row (dropout on, each shard with its own mask stream), for align + uniform,
-/// InfoNCE, and their mix with dropout views.
+/// Data-parallel GradCache: two ranks (threads of this process, exchanging through the same
+/// collectives MPI provides) each embed their shard, all-gather every view, back-propagate the
+/// global loss through their own rows and sum their gradients. Every rank ends with the same
+/// gradient, equal to one process's GradCache over the same two micro-batches with the same
+/// dropout seeds (dropout on), for align + uniform, InfoNCE, their mix with dropout views and
+/// the frozen teacher's mean view.
 #[test]
-fn two_ranks_sum_to_the_full_batch_gradient() {
+fn two_ranks_give_the_gradcache_gradient() {
     use hypersphere::config::LossKind;
-    use hypersphere::distributed::{gather_rows, rank_gradients};
-    use rand::SeedableRng;
-    let (_d, enc, tok) = tiny(8, Pooling::Cls, true);
-    let dev = Device::Cpu;
+    use hypersphere::dist::threads::Threads;
+    use hypersphere::dist::World;
+    use hypersphere::train::step::shard_gradients;
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let files = tiny_model(&dir.path().join("m"), 8, "");
+    let tok = TextTokenizer::load(&files.tokenizer, 32).unwrap();
+    let enc = Encoder::load(&files, Pooling::Cls, true, &Device::Cpu).unwrap();
+    let teacher = Encoder::load(&files, Pooling::Mean, false, &Device::Cpu).unwrap();
     let pairs = reversed_pairs();
     let refs = sides(&pairs);
     let losses = [
         LossConfig::default(),
-        LossConfig { kind: LossKind::Infonce, tau: 0.1, ..Default::default() },
+        LossConfig { kind: LossKind::Infonce, tau: 0.1, w_dropout: 1.0, ..Default::default() },
         LossConfig { kind: LossKind::Mix, w_infonce: 0.5, w_dropout: 0.3, t: 5.0, ..Default::default() },
+        LossConfig { w_align: 0.0, w_mean: 10.0, mean_teacher: true, t: 0.5, w_uniform: 10.0, ..Default::default() },
     ];
-    // Rank k draws its dropout masks from its own seed, in each of its passes.
-    let rng = |k: usize| rand::rngs::StdRng::seed_from_u64(100 + k as u64);
     for cfg in &losses {
         let (objective, layout) = objective_of(cfg);
-        let model = StepModel { encoder: &enc, teacher: None, objective: &objective, layout: &layout };
-        let views = layout.views();
-        let shards: Vec<_> = refs.chunks(3).map(|c| tok.batch(&layout.rows(c), &dev).unwrap()).collect();
-        let gathered: Vec<_> =
-            shards.iter().enumerate().map(|(k, s)| gather_rows(model, s, Some(&mut rng(k))).unwrap()).collect();
-        let ranks: Vec<_> = shards
-            .iter()
-            .enumerate()
-            .map(|(k, s)| rank_gradients(model, s, k, &gathered, Some(&mut rng(k))).unwrap())
-            .collect();
-        // One process: both shards embedded with their graphs, the same global loss.
-        let emb: Vec<_> = shards.iter().enumerate().map(|(k, s)| enc.embed(s, Some(&mut rng(k))).unwrap()).collect();
-        let block = |v: usize| {
-            let parts: Vec<_> = emb.iter().map(|e| e.narrow(0, v * 3, 3).unwrap()).collect();
-            candle_core::Tensor::cat(&parts, 0).unwrap()
+        let model = StepModel {
+            encoder: &enc,
+            teacher: cfg.mean_teacher.then_some(&teacher),
+            objective: &objective,
+            layout: &layout,
         };
-        let blocks: Vec<_> = (0..views).map(block).collect();
-        let parts = objective.loss(&layout.named(&blocks, None)).unwrap();
-        let global = parts.total.to_scalar::<f32>().unwrap();
-        for (loss, _) in &ranks {
-            assert!(
-                (loss - global).abs() < 1e-5,
-                "{:?}: every rank sees the global loss ({loss} vs {global})",
-                cfg.kind
-            );
+        let micro: Vec<_> = refs.chunks(3).map(|c| tok.batch(&layout.rows(c), &Device::Cpu).unwrap()).collect();
+        let one = batch_gradients(model, &micro, Some(&mut StdRng::seed_from_u64(42))).unwrap().unwrap();
+        // The seeds one process draws for its micro-batches, in order: rank k takes the k-th.
+        let mut rng = StdRng::seed_from_u64(42);
+        let seeds: Vec<u64> = (0..2).map(|_| rng.gen()).collect();
+        let ranks: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = Threads::world(2)
+                .into_iter()
+                .map(|t| {
+                    let (micro, seeds) = (&micro, &seeds);
+                    s.spawn(move || {
+                        let world = World::new(Box::new(t));
+                        let k = world.rank();
+                        shard_gradients(model, &world, &micro[k..=k], Some(&seeds[k..=k])).unwrap().unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for rank in &ranks {
+            assert_eq!(rank.loss, one.loss, "{:?}: every rank sees the global loss", cfg.kind);
+            for (name, var) in &enc.params {
+                let (got, want) = (rank.grads.get(var.as_tensor()).unwrap(), one.grads.get(var.as_tensor()).unwrap());
+                let scale =
+                    want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+                let diff = max_abs_diff(got, want);
+                assert!(diff <= 1e-6 * scale, "{:?} {name}: {diff} vs scale {scale}", cfg.kind);
+            }
         }
-        let one = parts.total.backward().unwrap();
+        let (a, b) = (&ranks[0].grads, &ranks[1].grads);
         for (name, var) in &enc.params {
-            let sum = (ranks[0].1.get(var.as_tensor()).unwrap() + ranks[1].1.get(var.as_tensor()).unwrap()).unwrap();
-            let want = one.get(var.as_tensor()).unwrap();
-            let scale =
-                want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-4);
-            let diff = max_abs_diff(&sum, want);
-            assert!(diff <= 1e-4 * scale, "{:?} {name}: {diff} vs scale {scale}", cfg.kind);
+            let diff = max_abs_diff(a.get(var.as_tensor()).unwrap(), b.get(var.as_tensor()).unwrap());
+            assert_eq!(diff, 0.0, "{name}: the ranks' summed gradients differ");
         }
     }
 }
@@ -519,6 +529,7 @@ fn training_reports_through_its_progress() {
         resume: false,
         stop: &stop,
         progress: &recorder,
+        world: &hypersphere::dist::World::single(),
     })
     .unwrap();
     assert_eq!(summary.steps, 3);

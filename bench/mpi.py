@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Data-parallel scaling on one machine: the default config's training speed as 2 MPI ranks x 1
+thread, 1 process x 1 thread and 1 process x 2 threads, interleaved, `--repeats` times each.
+Writes every run's numbers and the medians to `--out`/mpi.json and a Markdown table to
+`--out`/mpi.md. Needs `cargo build --release --features mpi` and OpenMPI's `mpirun`.
+
+    python3 bench/mpi.py --data ../shared/data --steps 24 --repeats 2 --out bench/results-mpi
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SETS = [
+    "train.eval_every_steps=0",
+    'train.select="last"',
+    "train.checkpoint_every_steps=0",
+    "report.sentences=200",
+    "report.pairs=100",
+    "train.val_pairs=64",
+]
+
+# (name, ranks, rayon threads per process)
+LAYOUTS = [("2 ranks x 1 thread", 2, 1), ("1 process x 1 thread", 0, 1), ("1 process x 2 threads", 0, 2)]
+
+
+def run(binary, data, steps, ranks, threads, cwd, name):
+    args = [binary, "finetune", "--data", data]
+    for s in SETS + [f"train.steps={steps}", f"name={name}"]:
+        args += ["--set", s]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if ranks:
+        args = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks),
+                "-x", f"RAYON_NUM_THREADS={threads}"] + args
+    t = time.time()
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    with open(os.path.join(cwd, "runs", name, "report.json")) as f:
+        train = json.load(f)["train"]
+    traffic = train.get("traffic")
+    return {
+        "pairs_per_s": train["pairs_per_s"],
+        "train_seconds": train["seconds"],
+        "steps": train["steps"],
+        "wall_seconds": time.time() - t,
+        "collective_s_per_step": traffic and traffic["seconds"] / train["steps"],
+        "collective_bytes_per_step": traffic and traffic["bytes"] / train["steps"],
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--binary", default="target/release/hypersphere")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default="bench/results-mpi")
+    a = p.parse_args()
+    binary, data = os.path.abspath(a.binary), os.path.abspath(a.data)
+    os.makedirs(a.out, exist_ok=True)
+    runs = {name: [] for name, _, _ in LAYOUTS}
+    with tempfile.TemporaryDirectory() as cwd:
+        for r in range(a.repeats):
+            for name, ranks, threads in LAYOUTS:
+                res = run(binary, data, a.steps, ranks, threads, cwd, f"r{r}-{ranks}-{threads}")
+                print(f"repeat {r}: {name}: {res['pairs_per_s']:.2f} pairs/s", file=sys.stderr)
+                runs[name].append(res)
+    med = {name: statistics.median(x["pairs_per_s"] for x in rs) for name, rs in runs.items()}
+    two, one1, one2 = (med[n] for n, _, _ in LAYOUTS)
+    comm = runs[LAYOUTS[0][0]]
+    summary = {
+        "command": " ".join(sys.argv),
+        "sets": SETS + [f"train.steps={a.steps}"],
+        "cpu_count": os.cpu_count(),
+        "runs": runs,
+        "median_pairs_per_s": med,
+        "scaling_efficiency_vs_1x1": two / (2 * one1),
+        "ratio_vs_1x2": two / one2,
+        "collective_s_per_step": statistics.median(x["collective_s_per_step"] for x in comm),
+        "collective_bytes_per_step": statistics.median(x["collective_bytes_per_step"] for x in comm),
+        "step_seconds_2_ranks": statistics.median(x["train_seconds"] / x["steps"] for x in comm),
+    }
+    with open(os.path.join(a.out, "mpi.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    lines = ["| layout | pairs/s (median) | runs |", "| --- | --- | --- |"]
+    for name, _, _ in LAYOUTS:
+        each = ", ".join(f"{x['pairs_per_s']:.2f}" for x in runs[name])
+        lines.append(f"| {name} | {med[name]:.2f} | {each} |")
+    lines += [
+        "",
+        f"scaling efficiency (2 ranks x 1 thread over twice 1 x 1): {summary['scaling_efficiency_vs_1x1']:.3f}; "
+        f"2 ranks x 1 thread over 1 x 2 threads: {summary['ratio_vs_1x2']:.3f}; "
+        f"collectives per step on rank 0: {summary['collective_s_per_step']:.3f} s of "
+        f"{summary['step_seconds_2_ranks']:.2f} s, {summary['collective_bytes_per_step'] / 1e6:.2f} MB",
+    ]
+    with open(os.path.join(a.out, "mpi.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+//! Past one process: data-parallel training and sharded embedding over R ranks. A small
+//! collectives interface ([`Collective`]: all-gather, summed all-reduce, broadcast, barrier,
+//! abort) with one implementation per engine — one process ([`Single`]), threads in one process
+//! for tests ([`threads::Threads`]), MPI (`mpi.rs`, the `mpi` feature: `mpirun`, `srun`) and
+//! NCCL between GPUs (`nccl.rs`, the `cuda` feature) — and the operations the trainer and
+//! `embed` build on them ([`World`]).
+//!
+//! Rank 0 owns every file a run writes; the others compute and exchange numbers only.
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod threads;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Values per all-reduce of gradients: MiniLM-L6's 22.6 M trained values go in 6 buckets.
+pub const BUCKET: usize = 4 << 20;
+
+/// A gradient matrix with at least this many rows is reduced as its non-zero rows only.
+pub const SPARSE_ROWS: usize = 4096;
+
+/// The collective operations of one rank. Every rank must call the same operations in the same
+/// order with the same lengths; each call blocks until every rank has made it.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Every rank's `local` (equal lengths), concatenated in rank order.
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>>;
+    /// `buf` summed element-wise over the ranks, on every rank.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// Rank 0's `buf` (the same length on every rank) to every rank.
+    fn broadcast(&self, buf: &mut [u8]) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    /// End every rank now, with exit code `code` (an error on this rank; it printed why).
+    fn abort(&self, code: i32) -> !;
+}
+
+/// One process: every collective is the identity.
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        Ok(local.to_vec())
+    }
+    fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _: &mut [u8]) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// How this process was started: by a launcher as one of `size` ranks, or alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub rank: usize,
+    pub size: usize,
+    /// Ranks on this machine, when the launcher says.
+    pub local_size: Option<usize>,
+    /// The variable that said so (for messages).
+    pub var: &'static str,
+}
+
+/// What the launcher's environment says: OpenMPI's `mpirun` (`OMPI_COMM_WORLD_SIZE`), MPICH's
+/// and Intel MPI's (`PMI_SIZE`), Slurm's `srun` (`SLURM_STEP_NUM_TASKS`: a job step's tasks;
+/// not `SLURM_NTASKS`, which a batch script's own commands see too). None: not launched, or
+/// one rank.
+pub fn launched(env: &dyn Fn(&str) -> Option<String>) -> Option<Launch> {
+    let num = |k: &str| env(k).and_then(|v| v.trim().parse::<usize>().ok());
+    let found = [
+        ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS"),
+        ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_TASKS_PER_NODE"),
+    ]
+    .into_iter()
+    .find_map(|(size, rank, local)| {
+        let n = num(size)?;
+        Some(Launch { rank: num(rank)?, size: n, local_size: num(local), var: size })
+    });
+    found.filter(|l| l.size > 1)
+}
+
+/// The ranks of a run and the operations the pipeline needs of them.
+pub struct World {
+    comm: Box<dyn Collective>,
+    /// Nanoseconds spent in, and bytes given to, the collectives of the training step.
+    nanos: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// What this rank spent on collectives: wall seconds inside them (waiting for slower ranks
+/// included) and the bytes it contributed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Traffic {
+    pub seconds: f64,
+    pub bytes: u64,
+}
+
+impl World {
+    pub fn single() -> Self {
+        Self::new(Box::new(Single))
+    }
+
+    pub fn new(comm: Box<dyn Collective>) -> Self {
+        Self { comm, nanos: AtomicU64::new(0), bytes: AtomicU64::new(0) }
+    }
+
+    /// The collectives' time and bytes on this rank so far.
+    pub fn traffic(&self) -> Traffic {
+        Traffic { seconds: self.nanos.load(Ordering::Relaxed) as f64 * 1e-9, bytes: self.bytes.load(Ordering::Relaxed) }
+    }
+
+    /// Run `f`, a collective over `values` f32 of this rank, counting its time and bytes.
+    fn counted<T>(&self, values: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let t = Instant::now();
+        let out = f();
+        self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(4 * values as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// The world this process belongs to: MPI's when a launcher started several ranks (with
+    /// the `mpi` feature; without it that is an error, instead of R independent runs fighting
+    /// over one run folder), else a world of one. `fatal` says why a rank ends the world from
+    /// outside the main thread (the collective watchdog).
+    pub fn from_env(fatal: fn(&str)) -> Result<Self> {
+        let Some(launch) = launched(&|k| std::env::var(k).ok()) else { return Ok(Self::single()) };
+        #[cfg(feature = "mpi")]
+        {
+            Ok(Self::new(Box::new(mpi::Mpi::init(&launch, fatal)?)))
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            let _ = fatal;
+            Err(Error::invalid(format!(
+                "started as rank {} of {} by a launcher ({}={}), but this build has no MPI: build with `cargo build --release --features mpi` (needs OpenMPI: Debian's openmpi-bin libopenmpi-dev libclang-dev), or run one process",
+                launch.rank, launch.size, launch.var, launch.size
+            )))
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    /// Rank 0, which owns the run folder and reports.
+    pub fn is_root(&self) -> bool {
+        self.rank() == 0
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        self.comm.barrier()
+    }
+
+    pub fn abort(&self, code: i32) -> ! {
+        self.comm.abort(code)
+    }
+
+    /// Every rank's rows of `local` [n, d] (the same n everywhere), in rank order [R n, d], on
+    /// `local`'s device, without a graph.
+    pub fn gather_rows(&self, local: &Tensor) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(local.detach());
+        }
+        let (n, d) = local.dims2()?;
+        let flat = local.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let all = self.counted(flat.len(), || self.comm.all_gather(&flat))?;
+        let rows = self.size() * n;
+        Ok(Tensor::from_vec(all, (rows, d), local.device())?.to_dtype(local.dtype())?)
+    }
+
+    /// Whether `flag` is set on any rank (every rank gets the same answer).
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let mut v = [f32::from(u8::from(flag))];
+        self.comm.all_reduce_sum(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// `value` as rank 0 has it, on every rank (rank 0 passes `Some`, the others anything).
+    pub fn broadcast_json<T: Serialize + DeserializeOwned>(&self, value: Option<&T>) -> Result<T> {
+        let bytes = match value {
+            Some(v) if self.is_root() => serde_json::to_vec(v).map_err(|e| Error::json("a broadcast value", e))?,
+            _ => Vec::new(),
+        };
+        let mut len = (bytes.len() as u64).to_le_bytes();
+        self.comm.broadcast(&mut len)?;
+        let mut buf = bytes;
+        buf.resize(u64::from_le_bytes(len) as usize, 0);
+        self.comm.broadcast(&mut buf)?;
+        serde_json::from_slice(&buf).map_err(|e| Error::json("a broadcast value", e))
+    }
+
+    /// The embeddings of `texts` ([n, hidden] row-major, input order) on every rank: each rank
+    /// embeds a contiguous share (the last ones may be short by a row), and the ranks gather.
+    pub fn embed(
+        &self,
+        encoder: &crate::model::Encoder,
+        tokenizer: &crate::data::batch::TextTokenizer,
+        texts: &[&str],
+        batch: usize,
+        device: &candle_core::Device,
+    ) -> Result<Vec<f32>> {
+        if self.size() == 1 {
+            return crate::model::embed_texts(encoder, tokenizer, texts, batch, device);
+        }
+        let hidden = encoder.config.hidden_size;
+        let share = texts.len().div_ceil(self.size());
+        let start = (self.rank() * share).min(texts.len());
+        let mine = &texts[start..(start + share).min(texts.len())];
+        let mut rows = if mine.is_empty() {
+            Vec::new()
+        } else {
+            crate::model::embed_texts(encoder, tokenizer, mine, batch, device)?
+        };
+        rows.resize(share * hidden, 0.0);
+        let mut all = self.comm.all_gather(&rows)?;
+        all.truncate(texts.len() * hidden);
+        Ok(all)
+    }
+
+    /// The gradients of `params` summed over the ranks, in buckets of [`BUCKET`] values; a
+    /// parameter without a gradient on this rank counts as zeros. A vocabulary-sized matrix
+    /// (at least [`SPARSE_ROWS`] rows: the word embeddings, half of MiniLM's values) goes as
+    /// the rows that are non-zero on some rank only: the ranks first sum a 0/1 mask of their
+    /// non-zero rows. A batch touches a few thousand of 30,522 rows, so this halves the bytes;
+    /// the sum is the dense one (the rows left out are zero everywhere).
+    pub fn all_reduce_grads(&self, params: &[(String, Var)], grads: GradStore) -> Result<GradStore> {
+        if self.size() == 1 {
+            return Ok(grads);
+        }
+        let mut local: Vec<Option<Tensor>> = Vec::with_capacity(params.len());
+        for (_, var) in params {
+            local.push(grads.get(var.as_tensor()).map(|g| g.to_dtype(candle_core::DType::F32)).transpose()?);
+        }
+        let rows = self.sparse_rows(params, &local)?;
+        let mut flat = Vec::new();
+        for (((_, var), g), rows) in params.iter().zip(&local).zip(&rows) {
+            let start = flat.len();
+            match (g, rows) {
+                (Some(g), None) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                (Some(_), Some(r)) if r.elem_count() == 0 => {}
+                (Some(g), Some(r)) => flat.extend(g.index_select(r, 0)?.flatten_all()?.to_vec1::<f32>()?),
+                (None, None) => flat.resize(start + var.elem_count(), 0.0),
+                (None, Some(r)) => flat.resize(start + r.elem_count() * var.elem_count() / var.dims()[0], 0.0),
+            }
+        }
+        for chunk in flat.chunks_mut(BUCKET) {
+            self.counted(chunk.len(), || self.comm.all_reduce_sum(chunk))?;
+        }
+        // One tensor owns the sums; each gradient is a view of it (no copy).
+        let device = params.first().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
+        let total = flat.len();
+        let sums = Tensor::from_vec(flat, total, &device)?;
+        // candle has no public constructor of an empty store: the gradients of a fresh scalar.
+        let mut out = Var::new(0f32, &device)?.as_tensor().backward()?;
+        let mut offset = 0;
+        for ((_, var), rows) in params.iter().zip(rows) {
+            let g = match rows {
+                None => {
+                    let n = var.elem_count();
+                    offset += n;
+                    sums.narrow(0, offset - n, n)?.reshape(var.shape())?
+                }
+                Some(r) if r.elem_count() == 0 => var.as_tensor().to_dtype(candle_core::DType::F32)?.zeros_like()?,
+                Some(r) => {
+                    let mut dims = var.dims().to_vec();
+                    dims[0] = r.elem_count();
+                    let n: usize = dims.iter().product();
+                    offset += n;
+                    let packed = sums.narrow(0, offset - n, n)?.reshape(dims)?;
+                    var.as_tensor().to_dtype(candle_core::DType::F32)?.zeros_like()?.index_add(&r, &packed, 0)?
+                }
+            };
+            out.insert(var.as_tensor(), g.to_dtype(var.dtype())?);
+        }
+        Ok(out)
+    }
+
+    /// For each vocabulary-sized parameter: the rows (u32 indices, ascending) whose gradient is
+    /// non-zero on at least one rank; None for the others.
+    fn sparse_rows(&self, params: &[(String, Var)], local: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let mut masks = Vec::new();
+        for ((_, var), g) in params.iter().zip(local) {
+            if var.rank() < 2 || var.dims()[0] < SPARSE_ROWS {
+                continue;
+            }
+            let used: Vec<f32> = match g {
+                Some(g) => g.abs()?.flatten_from(1)?.max(1)?.to_vec1::<f32>()?,
+                None => vec![0.0; var.dims()[0]],
+            };
+            masks.extend(used.into_iter().map(|m| f32::from(u8::from(m != 0.0))));
+        }
+        if masks.is_empty() {
+            return Ok(vec![None; params.len()]);
+        }
+        self.counted(masks.len(), || self.comm.all_reduce_sum(&mut masks))?;
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(params.len());
+        for (_, var) in params {
+            if var.rank() < 2 || var.dims()[0] < SPARSE_ROWS {
+                out.push(None);
+                continue;
+            }
+            let n = var.dims()[0];
+            let rows: Vec<u32> = (0..n).filter(|&i| masks[offset + i] > 0.0).map(|i| i as u32).collect();
+            offset += n;
+            let len = rows.len();
+            out.push(Some(Tensor::from_vec(rows, len, var.device())?));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Option<Launch> {
+        let map: std::collections::HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        launched(&|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn launchers_are_read_from_their_variables() {
+        let ompi = [("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")];
+        assert_eq!(env(&ompi), Some(Launch { rank: 3, size: 4, local_size: Some(2), var: "OMPI_COMM_WORLD_SIZE" }));
+        let srun = [("SLURM_STEP_NUM_TASKS", "8"), ("SLURM_PROCID", "5"), ("SLURM_STEP_TASKS_PER_NODE", "2(x4)")];
+        assert_eq!(env(&srun), Some(Launch { rank: 5, size: 8, local_size: None, var: "SLURM_STEP_NUM_TASKS" }));
+        // A batch script's own commands: the job's task count, but no step of several tasks.
+        assert_eq!(env(&[("SLURM_NTASKS", "8"), ("SLURM_PROCID", "0")]), None);
+        assert_eq!(env(&[("PMI_SIZE", "1"), ("PMI_RANK", "0")]), None);
+        assert_eq!(env(&[]), None);
+    }
+}
