@@ -275,7 +275,7 @@ fn dispatch(cli: Cli, world: &World) -> Result<bool> {
             };
             let mut opts = app::eval_options(root, tasks, quick, seed, !no_cache);
             // Every user file is read before anything is embedded.
-            opts.user_sts = sts.iter().map(|s| UserSts::parse(s)).collect::<hypersphere::Result<Vec<_>>>()?;
+            opts.user_sts = UserSts::parse_all(&sts)?;
             app::evaluate(&model, &opts, &out, &device()?, world)?;
             Ok(true)
         }
@@ -348,7 +348,11 @@ fn install_signals(resume_hint: String, speak: bool) -> Interrupt {
 fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: Option<&str>, world: &World) -> Result<bool> {
     let hint = match resume {
         Some(dir) => format!("hypersphere finetune --resume {}", dir.display()),
-        None => "hypersphere finetune --resume runs/NAME".into(),
+        // The run folder the config names (a bad config fails later, with its own message).
+        None => match RunConfig::load(args.config.as_deref(), &args.overrides) {
+            Ok(cfg) => format!("hypersphere finetune --resume {}", cfg.out_dir.join(&cfg.name).display()),
+            Err(_) => "hypersphere finetune --resume runs/NAME".into(),
+        },
     };
     let interrupt = install_signals(hint, world.is_root());
     let req = Finetune {

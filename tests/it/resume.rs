@@ -168,6 +168,8 @@ fn non_finite_loss_stops_with_advice() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("3 bad steps") && stderr.contains("lower train.lr"), "{stderr}");
     assert_eq!(stderr.matches("skipped without an update").count(), 2, "{stderr}");
+    // One account of what is left (issue 25: it said both "kept" and "no checkpoint yet").
+    assert!(!stderr.contains("checkpoint is kept") && stderr.contains("no checkpoint yet"), "{stderr}");
 }
 
 /// Ctrl-C (SIGINT) finishes the step, writes a checkpoint and exits 1 naming `--resume`;
@@ -293,4 +295,8 @@ fn resume_records_allowed_changes_and_refuses_others() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["train"]["steps"], 5);
+    // A budget below the checkpoint's step is refused, not "trained 5 of 2 steps".
+    let shrunk = resume("train.steps=2");
+    let stderr = String::from_utf8_lossy(&shrunk.stderr);
+    assert!(!shrunk.status.success() && stderr.contains("train.steps of at least 5"), "{stderr}");
 }

@@ -30,7 +30,7 @@ pub struct BookFiles {
     /// Sorted by path; a file reached by several paths (links) is listed once, by its first path.
     pub files: Vec<PathBuf>,
     /// Paths not followed: broken links, links to a folder that contains them (loops), and
-    /// folders already walked through another path.
+    /// folders and books already reached through another path (links, hard links).
     pub skipped: Vec<PathBuf>,
 }
 
@@ -110,11 +110,9 @@ pub fn walk_books(path: &Path) -> Result<BookFiles> {
                 continue;
             }
             if !seen.insert(file_id(&p, &meta)?) {
-                // Already listed or walked: a link (or hard link) back to it. A folder reached
-                // again through a link is a loop or a repeat; either way it is skipped.
-                if meta.is_dir() {
-                    walk.skipped.push(p);
-                }
+                // Already listed or walked: a link (or hard link) back to it, a loop or a
+                // repeat; skipped, and listed so the note names it.
+                walk.skipped.push(p);
                 continue;
             }
             if meta.is_dir() {
@@ -332,7 +330,8 @@ mod tests {
         assert_eq!(walk.files, vec![dir.join("book.txt"), dir.join("sub/other.txt")]);
         let mut skipped = walk.skipped.clone();
         skipped.sort();
-        let want = ["broken.txt", "sub/back", "up", "x", "y"].map(|p| dir.join(p));
+        // Every path not followed is named, the links and the hard link to a counted book too.
+        let want = ["alias.txt", "broken.txt", "sub/back", "sub/hard.txt", "up", "x", "y"].map(|p| dir.join(p));
         assert_eq!(skipped, want);
         std::fs::remove_dir_all(&root).unwrap();
     }
