@@ -328,7 +328,12 @@ fn train_run(run: &Loaded, eval: Option<&EvalSetup>, req: &Finetune) -> Result<T
         progress: &console,
         world: req.world,
     });
-    req.interrupt.phase.store(Interrupt::AFTER, SeqCst);
+    // A run that stopped early only exits now; it stays "training" for the signal handler, so
+    // the same interrupt reaching another rank late (a scheduler signals every rank) is not
+    // taken for a second one, whose exit code would become the job's.
+    if summary.as_ref().is_ok_and(|s| s.stopped.is_none()) {
+        req.interrupt.phase.store(Interrupt::AFTER, SeqCst);
+    }
     summary
 }
 
