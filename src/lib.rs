@@ -20,6 +20,7 @@ pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod retrieval;
 pub mod run_dir;
 pub mod train;
 pub mod whiten;

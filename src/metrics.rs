@@ -49,6 +49,10 @@ pub struct Anisotropy {
     pub top_pc_variance: f64,
     /// `mean_i ||a_i - b_i||²` over positive pairs, when pairs are given (alpha = 2).
     pub alignment: Option<f64>,
+    /// Next-sentence retrieval over the same pairs (`retrieval::next_sentence`), when the
+    /// pairs' texts are known: each first sentence a query among all the second sentences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_sentence: Option<crate::retrieval::Retrieval>,
 }
 
 /// L2-normalises each row of a row-major matrix into f64. Errors on dim 0, a length that is
@@ -258,6 +262,7 @@ pub fn anisotropy(x: Embeddings, pairs: Option<(Embeddings, Embeddings)>) -> Res
         effective_rank,
         top_pc_variance,
         alignment,
+        next_sentence: None,
     })
 }
 

@@ -43,7 +43,13 @@ pub fn measure(encoder: &Encoder, tokenizer: &TextTokenizer, sample: &Sample, de
     let b = embed(sample.pairs.iter().map(|p| &*p.positive).collect())?;
     let m = sample.pairs.len();
     let pairs = (m > 0).then(|| (Embeddings { data: &a, n: m, dim }, Embeddings { data: &b, n: m, dim }));
-    anisotropy(Embeddings { data: &x, n: sample.sentences.len(), dim }, pairs)
+    let mut out = anisotropy(Embeddings { data: &x, n: sample.sentences.len(), dim }, pairs)?;
+    if m > 0 {
+        let first: Vec<&str> = sample.pairs.iter().map(|p| &*p.anchor).collect();
+        let second: Vec<&str> = sample.pairs.iter().map(|p| &*p.positive).collect();
+        out.next_sentence = Some(crate::retrieval::next_sentence(&first, &second, &a, &b, dim));
+    }
+    Ok(out)
 }
 
 /// Rows of the before/after table: (name, before, after, better when).
@@ -55,7 +61,14 @@ fn rows(before: &Anisotropy, after: &Anisotropy) -> Vec<(&'static str, f64, f64,
         ("isotropy I(W)", before.isotropy, after.isotropy, "higher, max 1"),
         ("effective rank", before.effective_rank, after.effective_rank, "higher"),
         ("top PC variance", before.top_pc_variance, after.top_pc_variance, "lower"),
+        ("next-sent. nDCG@10", next(before, |r| r.ndcg_at_10), next(after, |r| r.ndcg_at_10), "higher"),
+        ("next-sent. Recall@10", next(before, |r| r.recall_at_10), next(after, |r| r.recall_at_10), "higher"),
     ]
+}
+
+/// A next-sentence retrieval score, NaN when it was not measured.
+fn next(a: &Anisotropy, f: fn(&crate::retrieval::Retrieval) -> f64) -> f64 {
+    a.next_sentence.as_ref().map_or(f64::NAN, f)
 }
 
 /// A plain-text table: metric, before, after, change.
