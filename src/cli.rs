@@ -86,13 +86,17 @@ pub enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Comma-separated: MR,CR,SUBJ,MPQA,SST2,TREC,MRPC,STSB, or all (the default, unless
-        /// --sts is given: then only the --sts sets).
+        /// --sts or --retrieval is given: then only those sets).
         #[arg(long)]
         tasks: Option<String>,
         /// Your own scored pairs, scored like STS-B (Spearman x 100): NAME=FILE, the file
         /// tab-separated sentence1, sentence2, score, an optional header line (repeatable).
         #[arg(long = "sts", value_name = "NAME=FILE")]
         sts: Vec<String>,
+        /// Your own retrieval set in the BEIR layout (corpus.jsonl, queries.jsonl,
+        /// qrels/test.tsv): nDCG@10, MRR@10, Recall@10 and @100 by exact cosine search (repeatable).
+        #[arg(long = "retrieval", value_name = "NAME=DIR")]
+        retrieval: Vec<String>,
         /// Data folder holding senteval/ and sts/ (default: $HYPERSPHERE_DATA).
         #[arg(long, env = "HYPERSPHERE_DATA")]
         data: Option<PathBuf>,
@@ -263,8 +267,8 @@ fn dispatch(cli: Cli, world: &World) -> Result<bool> {
             app::pairs(&run.resolve(corpus, flag)?, stats, sample)?;
             Ok(true)
         }
-        Command::Eval { model, tasks, sts, data, quick, out, seed, no_cache } => {
-            let default = if sts.is_empty() { "all" } else { "" };
+        Command::Eval { model, tasks, sts, retrieval, data, quick, out, seed, no_cache } => {
+            let default = if sts.is_empty() && retrieval.is_empty() { "all" } else { "" };
             let tasks = hypersphere::eval::parse_tasks(&[tasks.unwrap_or(default.into())])?;
             let root = match (data, tasks.is_empty()) {
                 (Some(d), _) => d,
@@ -276,6 +280,7 @@ fn dispatch(cli: Cli, world: &World) -> Result<bool> {
             let mut opts = app::eval_options(root, tasks, quick, seed, !no_cache);
             // Every user file is read before anything is embedded.
             opts.user_sts = UserSts::parse_all(&sts)?;
+            opts.user_retrieval = hypersphere::eval::beir::Beir::parse_all(&retrieval)?;
             app::evaluate(&model, &opts, &out, &device()?, world)?;
             Ok(true)
         }

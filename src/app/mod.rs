@@ -124,7 +124,7 @@ pub fn load_model(
 /// Evaluation options with the embedding cache under the model cache (unless `cache` is off).
 pub fn eval_options(root: PathBuf, tasks: Vec<Task>, quick: bool, seed: u64, cache: bool) -> EvalOptions {
     let cache_dir = cache.then(|| SourceOptions::from_env().cache_dir.join("embeddings"));
-    EvalOptions { root, tasks, quick, seed, cache_dir, user_sts: Vec::new() }
+    EvalOptions { root, tasks, quick, seed, cache_dir, user_sts: Vec::new(), user_retrieval: Vec::new() }
 }
 
 /// Evaluate the encoder whose weights are in `weights` (`embedder`'s), progress on stderr (rank
@@ -330,11 +330,12 @@ pub fn evaluate(
     let (files, encoder, tokenizer) = load_model(&model.model, model.pooling, model.max_len, device)?;
     if root {
         eprintln!(
-            "evaluating {} ({} pooling) on {} tasks and {} STS sets",
+            "evaluating {} ({} pooling) on {} tasks, {} STS sets and {} retrieval sets",
             files.spec,
             encoder.pooling.as_str(),
             opts.tasks.len(),
-            opts.user_sts.len()
+            opts.user_sts.len(),
+            opts.user_retrieval.len()
         );
         std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     }

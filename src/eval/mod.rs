@@ -4,6 +4,7 @@
 //! The embedding itself is the caller's: it asks [`task_sentences`] for the texts, embeds each
 //! once, then hands a lookup to [`run_task`]. Everything here is CPU-only Rust.
 
+pub mod beir;
 pub mod dev;
 pub mod logreg;
 pub mod protocol;

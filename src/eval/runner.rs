@@ -26,6 +26,8 @@ pub struct EvalOptions {
     pub cache_dir: Option<PathBuf>,
     /// The user's scored-pair sets (`eval --sts NAME=FILE`), after the tasks.
     pub user_sts: Vec<UserSts>,
+    /// The user's retrieval sets (`eval --retrieval NAME=DIR`), last.
+    pub user_retrieval: Vec<super::beir::Beir>,
 }
 
 /// One task's scores plus how long its embedding took (0 when it came from the cache).
@@ -93,6 +95,18 @@ pub fn evaluate(
         let embedded = embed_cached(embedder, &set.name, &sentences, cache_file.as_deref(), progress)?;
         let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
         let result = set.score(&|s| lookup.get(s).copied())?;
+        out.push(embedded.done(result, sentences.len(), progress));
+        finished(&out)?;
+    }
+    for set in &opts.user_retrieval {
+        let sentences = set.sentences();
+        let content: String = sentences.concat();
+        let key = cache_key(&format!("retrieval:{}:{content}", set.name));
+        let cache_file =
+            opts.cache_dir.as_ref().map(|d| d.join(format!("retrieval-{}-{}.safetensors", set.name, &key[..16])));
+        let embedded = embed_cached(embedder, &set.name, &sentences, cache_file.as_deref(), progress)?;
+        let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
+        let result = set.score(&|s| lookup.get(s).copied(), encoder.config.hidden_size)?;
         out.push(embedded.done(result, sentences.len(), progress));
         finished(&out)?;
     }

@@ -234,6 +234,7 @@ fn each_finished_task_is_handed_over_as_it_completes() {
         seed: 1,
         cache_dir: None,
         user_sts: Vec::new(),
+        user_retrieval: Vec::new(),
     };
     let world = hypersphere::dist::World::single();
     let embedder = hypersphere::eval::runner::Embedder {
@@ -258,4 +259,56 @@ fn each_finished_task_is_handed_over_as_it_completes() {
         Err(hypersphere::Error::Invalid("disk full".into()))
     });
     assert!(e.is_err() && calls == 1, "a failed save stops the run after the first task");
+}
+
+/// `eval --retrieval NAME=DIR` on a BEIR folder: the four scores from the binary equal the
+/// ranking computed here from `embed`'s vectors of the same texts.
+#[test]
+fn retrieval_sets_match_a_ranking_from_embed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(&tmp.path().join("tiny"), 3, "");
+    let model = files.config.parent().unwrap().to_str().unwrap().to_string();
+    let docs = ["the barge moved along the canal", "nell sat on the roof", "coal smoke filled the city", "apples"];
+    let queries = [("q1", "a barge on the canal", 0), ("q2", "the smell of coal", 2), ("q3", "the roof", 1)];
+    let dir = tmp.path().join("beir");
+    std::fs::create_dir_all(dir.join("qrels")).unwrap();
+    let corpus: String =
+        docs.iter().enumerate().map(|(i, d)| format!("{{\"_id\": \"d{i}\", \"text\": \"{d}\"}}\n")).collect();
+    std::fs::write(dir.join("corpus.jsonl"), corpus).unwrap();
+    let qs: String = queries.iter().map(|(id, q, _)| format!("{{\"_id\": \"{id}\", \"text\": \"{q}\"}}\n")).collect();
+    std::fs::write(dir.join("queries.jsonl"), qs).unwrap();
+    let qrels: String = queries.iter().map(|(id, _, d)| format!("{id}\td{d}\t1\n")).collect();
+    std::fs::write(dir.join("qrels/test.tsv"), format!("query-id\tcorpus-id\tscore\n{qrels}")).unwrap();
+    let out =
+        run(&["eval", "--model", &model, "--retrieval", "mine=beir", "--out", "ev", "--max-len", "32"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&tmp.path().join("ev/eval.json"));
+    let result = &v["results"][0];
+    assert_eq!((result["task"].as_str(), result["n_test"].as_u64()), (Some("mine"), Some(3)));
+    let metric = |k: usize| result["metrics"][k][1].as_f64().unwrap();
+
+    // The reference: rank of each query's document by cosine of `embed`'s unit vectors.
+    let lines: String = docs.iter().chain(queries.iter().map(|(_, q, _)| q)).map(|t| format!("{t}\n")).collect();
+    std::fs::write(tmp.path().join("lines.txt"), lines).unwrap();
+    let out = run(
+        &["embed", "--model", &model, "--input", "lines.txt", "--out", "e.safetensors", "--max-len", "32"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = hypersphere::embedding_file::read_embeddings(&tmp.path().join("e.safetensors")).unwrap();
+    let row = |i: usize| &e.data[i * e.dim..(i + 1) * e.dim];
+    let (mut ndcg, mut mrr, mut r10) = (0.0, 0.0, 0.0);
+    for (qi, (_, _, rel)) in queries.iter().enumerate() {
+        let q = row(docs.len() + qi);
+        let s = |d: usize| cosine(q, row(d));
+        // 1-based rank: documents scoring higher, or equal with a lower index, come first.
+        let rank = 1 + (0..docs.len()).filter(|&d| s(d) > s(*rel) || (s(d) == s(*rel) && d < *rel)).count();
+        ndcg += 1.0 / ((rank + 1) as f64).log2();
+        mrr += 1.0 / rank as f64;
+        r10 += 1.0;
+    }
+    let n = queries.len() as f64;
+    assert!((metric(0) - 100.0 * ndcg / n).abs() < 1e-3, "nDCG@10 {} vs {}", metric(0), 100.0 * ndcg / n);
+    assert!((metric(1) - 100.0 * mrr / n).abs() < 1e-3, "MRR@10 {} vs {}", metric(1), 100.0 * mrr / n);
+    assert_eq!((metric(2), metric(3)), (100.0 * r10 / n, 100.0), "4 documents: all within 10 and 100");
 }
