@@ -39,6 +39,9 @@ pub trait Collective {
     /// Rank 0's `buf` (the same length on every rank) to every rank.
     fn broadcast(&self, buf: &mut [u8]) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// While `on`, collectives may wait as long as rank 0's own phases take (validation,
+    /// checkpoints): a watchdog, if the engine has one, leaves them alone.
+    fn patient(&self, _on: bool) {}
     /// End every rank now, with exit code `code` (an error on this rank; it printed why).
     fn abort(&self, code: i32) -> !;
 }
@@ -193,24 +196,35 @@ impl World {
         Ok(Tensor::from_vec(all, (rows, d), local.device())?.to_dtype(local.dtype())?)
     }
 
-    /// Whether `flag` is set on any rank (every rank gets the same answer).
+    /// Whether `flag` is set on any rank (every rank gets the same answer). It may wait for
+    /// rank 0's validation or checkpoint, so it is not under a collective timeout.
     pub fn any(&self, flag: bool) -> Result<bool> {
         let mut v = [f32::from(u8::from(flag))];
-        self.comm.all_reduce_sum(&mut v)?;
+        self.patiently(|| self.comm.all_reduce_sum(&mut v))?;
         Ok(v[0] > 0.0)
     }
 
-    /// `value` as rank 0 has it, on every rank (rank 0 passes `Some`, the others anything).
+    /// Run `f` with the collective timeout off.
+    fn patiently<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.comm.patient(true);
+        let out = f();
+        self.comm.patient(false);
+        out
+    }
+
+    /// `value` as rank 0 has it, on every rank (rank 0 passes `Some`, the others anything);
+    /// not under a collective timeout.
     pub fn broadcast_json<T: Serialize + DeserializeOwned>(&self, value: Option<&T>) -> Result<T> {
         let bytes = match value {
             Some(v) if self.is_root() => serde_json::to_vec(v).map_err(|e| Error::json("a broadcast value", e))?,
             _ => Vec::new(),
         };
         let mut len = (bytes.len() as u64).to_le_bytes();
-        self.comm.broadcast(&mut len)?;
+        // Broadcasts follow rank 0's own phases (opening the run, validating): not timed.
+        self.patiently(|| self.comm.broadcast(&mut len))?;
         let mut buf = bytes;
         buf.resize(u64::from_le_bytes(len) as usize, 0);
-        self.comm.broadcast(&mut buf)?;
+        self.patiently(|| self.comm.broadcast(&mut buf))?;
         serde_json::from_slice(&buf).map_err(|e| Error::json("a broadcast value", e))
     }
 

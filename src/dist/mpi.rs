@@ -4,7 +4,7 @@
 //! leaves the others waiting forever. Barriers are not watched: they wait for rank 0's own
 //! long phases (measuring, evaluating, exporting).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ struct Watch {
     epoch: Instant,
     since_ms: AtomicU64,
     what: Mutex<&'static str>,
+    /// Collectives are not timed while set (they wait for rank 0's own phases).
+    patient: AtomicBool,
 }
 
 /// This process's rank of an MPI world.
@@ -55,16 +57,36 @@ impl Mpi {
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&s| s > 0)
             .unwrap_or(TIMEOUT_S);
-        let watch = Arc::new(Watch { epoch: Instant::now(), since_ms: AtomicU64::new(0), what: Mutex::new("") });
+        let watch = Arc::new(Watch {
+            epoch: Instant::now(),
+            since_ms: AtomicU64::new(0),
+            what: Mutex::new(""),
+            patient: AtomicBool::new(false),
+        });
         let (rank, size) = (world.rank(), world.size());
         let can_abort = threading == mpi::Threading::Multiple;
         let w = watch.clone();
         std::thread::spawn(move || watchdog(&w, Duration::from_secs(timeout), rank, size, can_abort, fatal));
+        // A panic on one rank ends every rank: unwinding would finalize MPI and wait for ranks
+        // that wait for this one.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            fatal(&format!("rank {rank} of {size}: error: panicked; ending every rank"));
+            if can_abort {
+                // SAFETY: MPI was initialised with MPI_THREAD_MULTIPLE, so any thread may call it.
+                unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 101) };
+            }
+            std::process::exit(101);
+        }));
         Ok(Self { world, watch, _universe: universe })
     }
 
     /// Run a collective under the watchdog.
     fn watched<T>(&self, what: &'static str, f: impl FnOnce() -> T) -> T {
+        if self.watch.patient.load(Ordering::SeqCst) {
+            return f();
+        }
         if let Ok(mut w) = self.watch.what.lock() {
             *w = what;
         }
@@ -124,6 +146,9 @@ impl Collective for Mpi {
     fn barrier(&self) -> Result<()> {
         self.world.barrier();
         Ok(())
+    }
+    fn patient(&self, on: bool) {
+        self.watch.patient.store(on, Ordering::SeqCst);
     }
     fn abort(&self, code: i32) -> ! {
         self.world.abort(code)

@@ -151,11 +151,16 @@ fn embed_cached(
     let dim = encoder.config.hidden_size;
     let start = Instant::now();
     let read = || cache_file.and_then(|f| read_embeddings(f).ok()).filter(|e| e.n == sentences.len() && e.dim == dim);
-    let cached = match world.size() {
-        1 => read(),
-        _ => {
-            let here = world.is_root().then(|| read().is_some());
-            world.broadcast_json(here.as_ref())?.then(read).flatten()
+    // Over several ranks the cache is used only when every rank can read it (it may be a
+    // per-node folder): otherwise they all embed, calling the same collectives.
+    let cached = match (read(), world.size()) {
+        (here, 1) => here,
+        (here, _) => {
+            if world.any(here.is_none())? {
+                None
+            } else {
+                here
+            }
         }
     };
     if let Some(e) = cached {

@@ -122,6 +122,17 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
     }
     let total = inp.run.budget().steps(inp.train.len(), batch_pairs)?;
     let (mut opt, mut state) = optimizer_and_state(inp, total)?;
+    if inp.world.size() > 1 {
+        // Every rank restores on its own: they must have found the same checkpoint.
+        let root: usize = inp.world.broadcast_json(Some(&state.step))?;
+        if root != state.step {
+            return Err(Error::invalid(format!(
+                "rank {} resumed at step {}, rank 0 at step {root}: every rank must read the same run folder (on a shared file system)",
+                inp.world.rank(),
+                state.step
+            )));
+        }
+    }
     if state.step > total {
         return Err(Error::invalid(format!(
             "the checkpoint resumed is at step {}, past the budget of {total} steps: resume with train.steps of at least {} (equal: finish without training)",
