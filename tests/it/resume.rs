@@ -300,3 +300,34 @@ fn resume_records_allowed_changes_and_refuses_others() {
     let stderr = String::from_utf8_lossy(&shrunk.stderr);
     assert!(!shrunk.status.success() && stderr.contains("train.steps of at least 5"), "{stderr}");
 }
+
+/// A checkpoint that cannot be written (here its folder's path is taken by a file, as a full
+/// disk would fail it) stops the run with a message naming the step, the last good
+/// checkpoint and the resume command (issue 25).
+#[test]
+fn a_failed_checkpoint_write_names_the_last_good_one_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("tiny"), 13, "");
+    let run = tmp.path().join("runs/full");
+    let first = finetune_cmd(tmp.path(), model.config.parent().unwrap(), "full")
+        .args(["--set", "train.steps=5"])
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // Take the checkpoints' folder away: the resume starts over and cannot write step 5's.
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::write(run.join("checkpoints"), "not a folder").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hypersphere"))
+        .current_dir(tmp.path())
+        .args(["finetune", "--resume", "runs/full", "--set", "train.steps=10"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("writing the checkpoint of step 5")
+            && stderr.contains("the last good one: none yet")
+            && stderr.contains("--resume runs/full"),
+        "{stderr}"
+    );
+}
