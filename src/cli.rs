@@ -350,16 +350,21 @@ fn install_signals(resume_hint: String, speak: bool) -> Interrupt {
     interrupt
 }
 
-fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: Option<&str>, world: &World) -> Result<bool> {
-    let hint = match resume {
-        Some(dir) => format!("hypersphere finetune --resume {}", dir.display()),
-        // The run folder the config names (a bad config fails later, with its own message).
+/// The command that resumes this run: its folder as given, or as the config names it (a bad
+/// config fails later, with its own message).
+fn resume_hint(args: &RunArgs, resume: Option<&Path>) -> String {
+    let dir = match resume {
+        Some(dir) => dir.to_path_buf(),
         None => match RunConfig::load(args.config.as_deref(), &args.overrides) {
-            Ok(cfg) => format!("hypersphere finetune --resume {}", cfg.out_dir.join(&cfg.name).display()),
-            Err(_) => "hypersphere finetune --resume runs/NAME".into(),
+            Ok(cfg) => cfg.out_dir.join(&cfg.name),
+            Err(_) => PathBuf::from("runs/NAME"),
         },
     };
-    let interrupt = install_signals(hint, world.is_root());
+    format!("hypersphere finetune --resume {}", dir.display())
+}
+
+fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: Option<&str>, world: &World) -> Result<bool> {
+    let interrupt = install_signals(resume_hint(args, resume), world.is_root());
     let req = Finetune {
         config: args.config.as_deref(),
         overrides: &args.overrides,
@@ -379,5 +384,24 @@ fn finetune(args: &RunArgs, force: bool, resume: Option<&Path>, device: Option<&
         // The other ranks exit 0: a launcher ends the job at the first non-zero exit, which would
         // interrupt rank 0 while it finishes; rank 0's exit 1 is the job's.
         Outcome::Stopped(_) => Ok(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The interrupt message names the real run folder, not a placeholder (issue 25).
+    #[test]
+    fn the_resume_hint_names_the_run_folder() {
+        let args = |sets: &[&str]| RunArgs {
+            config: None,
+            overrides: sets.iter().map(|s| s.to_string()).collect(),
+            data: None,
+        };
+        assert_eq!(resume_hint(&args(&["name=books1"]), None), "hypersphere finetune --resume runs/books1");
+        assert_eq!(resume_hint(&args(&[]), None), "hypersphere finetune --resume runs/default");
+        let given = resume_hint(&args(&[]), Some(Path::new("elsewhere/r2")));
+        assert_eq!(given, "hypersphere finetune --resume elsewhere/r2");
     }
 }
