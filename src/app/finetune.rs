@@ -145,8 +145,17 @@ fn open_shared(req: &Finetune) -> Result<(Resolved, PathBuf, Option<RunLock>)> {
         return Ok((res, dir, Some(lock)));
     }
     let opened = world.is_root().then(|| open_run(req)).transpose()?;
-    let shared = opened.as_ref().map(|(res, dir, _)| (res.cfg().clone(), dir.clone()));
-    let (cfg, dir): (RunConfig, PathBuf) = world.broadcast_json(shared.as_ref())?;
+    // The config travels as TOML, as run.toml holds it: JSON has no infinity for a key such as
+    // train.max_grad_norm = inf.
+    let shared = match &opened {
+        Some((res, dir, _)) => {
+            Some((toml::to_string(res.cfg()).map_err(|e| crate::Error::invalid(e.to_string()))?, dir.clone()))
+        }
+        None => None,
+    };
+    let (text, dir): (String, PathBuf) = world.broadcast_json(shared.as_ref())?;
+    let cfg: RunConfig =
+        toml::from_str(&text).map_err(|e| crate::Error::invalid(format!("the run config from rank 0: {e}")))?;
     match opened {
         Some((res, dir, lock)) => Ok((res, dir, Some(lock))),
         None => Ok((Resolved::new(cfg, req.data, req.device)?, dir, None)),
