@@ -323,7 +323,8 @@ impl World {
                 continue;
             }
             let used: Vec<f32> = match g {
-                Some(g) => g.abs()?.flatten_from(1)?.max(1)?.to_vec1::<f32>()?,
+                // A sum, not a max: candle's max passes over NaN, and a NaN row must be sent.
+                Some(g) => g.abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?,
                 None => vec![0.0; var.dims()[0]],
             };
             masks.extend(used.into_iter().map(|m| f32::from(u8::from(m != 0.0))));

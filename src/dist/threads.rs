@@ -155,6 +155,10 @@ mod tests {
                 v[2 * (7 * k + 2)] = 1.5 + k as f32;
                 v[2 + 1] = -(k as f32) - 0.25;
             }
+            if k == 1 {
+                // A NaN in a row's second column only: the row must still be sent.
+                v[2 * 20 + 1] = f32::NAN;
+            }
             (small, (k < 2).then(|| Tensor::from_vec(v, (rows, 2), &Device::Cpu).unwrap()))
         };
         let sums: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
@@ -187,7 +191,10 @@ mod tests {
         vocab[3] = -0.25 - 1.25;
         for got in sums {
             assert_eq!(got[0], vec![3.0; 6]);
-            assert_eq!(got[1], vocab);
+            assert!(got[1][2 * 20 + 1].is_nan(), "the NaN reaches every rank");
+            let rest: Vec<f32> = got[1].iter().enumerate().filter(|(i, _)| *i != 2 * 20 + 1).map(|(_, v)| *v).collect();
+            let want: Vec<f32> = vocab.iter().enumerate().filter(|(i, _)| *i != 2 * 20 + 1).map(|(_, v)| *v).collect();
+            assert_eq!(rest, want);
             assert_eq!(got[2], vec![0.0; rows * 2]);
         }
     }
