@@ -74,7 +74,8 @@ pub enum Command {
         /// The corpus (a .txt file or a folder); defaults to the config's data.corpus.
         #[arg(long)]
         corpus: Option<PathBuf>,
-        /// Print books, chapters, paragraphs, sentences, pairs and a length histogram.
+        /// Print books, chapters, paragraphs, sentences, pairs and a length histogram (with
+        /// data.pairs or data.sentences: the file's rows read, kept and skipped).
         #[arg(long)]
         stats: bool,
         /// Print N random training pairs.
@@ -86,9 +87,14 @@ pub enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Comma-separated: MR,CR,SUBJ,MPQA,SST2,TREC,MRPC,STSB, or all (the default, unless
-        /// --sts or --retrieval is given: then only those sets).
+        /// --sts or --retrieval is given: then only those sets); and BOOKS-NEXT, next-sentence
+        /// retrieval over the held-out books of --corpus.
         #[arg(long)]
         tasks: Option<String>,
+        /// The books BOOKS-NEXT holds out from (a folder of books or a prepared corpus;
+        /// default: $HYPERSPHERE_DATA/books/eltec-eng), held out as the default config does.
+        #[arg(long)]
+        corpus: Option<PathBuf>,
         /// Your own scored pairs, scored like STS-B (Spearman x 100): NAME=FILE, the file
         /// tab-separated sentence1, sentence2, score, an optional header line (repeatable).
         #[arg(long = "sts", value_name = "NAME=FILE")]
@@ -267,9 +273,17 @@ fn dispatch(cli: Cli, world: &World) -> Result<bool> {
             app::pairs(&run.resolve(corpus, flag)?, stats, sample)?;
             Ok(true)
         }
-        Command::Eval { model, tasks, sts, retrieval, data, quick, out, seed, no_cache } => {
+        Command::Eval { model, tasks, corpus, sts, retrieval, data, quick, out, seed, no_cache } => {
             let default = if sts.is_empty() && retrieval.is_empty() { "all" } else { "" };
-            let tasks = hypersphere::eval::parse_tasks(&[tasks.unwrap_or(default.into())])?;
+            let names = tasks.unwrap_or(default.into());
+            let books_next = names.split(',').any(hypersphere::eval::books_next::is_named);
+            let tasks = hypersphere::eval::parse_tasks(&[names])?;
+            let books_corpus = match (books_next, corpus, &data) {
+                (false, ..) => None,
+                (true, Some(c), _) => Some(c),
+                (true, None, Some(d)) => Some(d.join("books/eltec-eng")),
+                (true, None, None) => bail!("BOOKS-NEXT needs books: pass --corpus DIR or set HYPERSPHERE_DATA"),
+            };
             let root = match (data, tasks.is_empty()) {
                 (Some(d), _) => d,
                 (None, true) => PathBuf::new(),
@@ -281,6 +295,9 @@ fn dispatch(cli: Cli, world: &World) -> Result<bool> {
             // Every user file is read before anything is embedded.
             opts.user_sts = UserSts::parse_all(&sts)?;
             opts.user_retrieval = hypersphere::eval::beir::Beir::parse_all(&retrieval)?;
+            if let Some(corpus) = books_corpus {
+                opts.user_retrieval.insert(0, app::books_next_set(&model.model, &corpus, seed)?);
+            }
             app::evaluate(&model, &opts, &out, &device()?, world)?;
             Ok(true)
         }

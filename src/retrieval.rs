@@ -17,9 +17,16 @@ pub struct Retrieval {
     pub recall_at_100: f64,
 }
 
+/// Queries and documents scored together per block: a block of scores is this many queries by
+/// [`DOC_BLOCK`] documents (512 KiB), so memory does not grow with the corpus.
+const QUERY_BLOCK: usize = 64;
+const DOC_BLOCK: usize = 2048;
+
 /// Each query's `k` best documents (index, score), best first; equal scores rank the lower
 /// index first, so the result does not depend on the thread count. `skip(q, d)` leaves
-/// document `d` out for query `q` (the query's own text, say).
+/// document `d` out for query `q` (the query's own text, say). Scores come from a matrix
+/// product per block of queries and documents (one block of scores per thread), each block's
+/// product on one thread, so the sums do not depend on scheduling either.
 pub fn top_k(
     queries: &[f32],
     docs: &[f32],
@@ -27,29 +34,66 @@ pub fn top_k(
     k: usize,
     skip: &(dyn Fn(usize, usize) -> bool + Sync),
 ) -> Vec<Vec<(usize, f32)>> {
-    let n_docs = docs.len() / dim.max(1);
-    queries
-        .par_chunks(dim.max(1))
+    let dim = dim.max(1);
+    let n_docs = docs.len() / dim;
+    let blocks: Vec<Vec<Vec<(usize, f32)>>> = queries
+        .par_chunks(QUERY_BLOCK * dim)
         .enumerate()
-        .map(|(q, query)| {
-            let mut best: Vec<(usize, f32)> = Vec::with_capacity(k + 1);
-            for d in 0..n_docs {
-                if skip(q, d) {
-                    continue;
+        .map(|(b, block)| {
+            let nq = block.len() / dim;
+            let mut best: Vec<Vec<(usize, f32)>> = vec![Vec::with_capacity(k + 1); nq];
+            let mut scores = vec![0f32; nq * DOC_BLOCK];
+            for d0 in (0..n_docs).step_by(DOC_BLOCK) {
+                let nd = DOC_BLOCK.min(n_docs - d0);
+                block_scores(block, &docs[d0 * dim..(d0 + nd) * dim], nq, nd, dim, &mut scores);
+                for (i, hits) in best.iter_mut().enumerate() {
+                    let q = b * QUERY_BLOCK + i;
+                    for (j, &s) in scores[i * nd..(i + 1) * nd].iter().enumerate() {
+                        // Documents come in index order, so a tie never displaces an earlier one.
+                        if hits.len() == k && hits.last().is_none_or(|&(_, worst)| s <= worst) || skip(q, d0 + j) {
+                            continue;
+                        }
+                        let at = hits.partition_point(|&(_, h)| h >= s);
+                        hits.insert(at, (d0 + j, s));
+                        hits.truncate(k);
+                    }
                 }
-                let doc = &docs[d * dim..(d + 1) * dim];
-                let s: f32 = query.iter().zip(doc).map(|(a, b)| a * b).sum();
-                // Documents come in index order, so a tie never displaces an earlier one.
-                if best.len() == k && best.last().is_none_or(|&(_, worst)| s <= worst) {
-                    continue;
-                }
-                let at = best.partition_point(|&(_, b)| b >= s);
-                best.insert(at, (d, s));
-                best.truncate(k);
             }
             best
         })
-        .collect()
+        .collect();
+    blocks.into_iter().flatten().collect()
+}
+
+/// `out[q, d] = queries[q] . docs[d]` for `nq` queries and `nd` documents of `dim` values, row
+/// by row (`out` is read as `nq` rows of `nd`).
+fn block_scores(queries: &[f32], docs: &[f32], nq: usize, nd: usize, dim: usize, out: &mut [f32]) {
+    assert!(queries.len() == nq * dim && docs.len() == nd * dim && out.len() >= nq * nd);
+    // SAFETY: the three buffers hold at least nq*dim, nd*dim and nq*nd elements (asserted),
+    // and the strides below stay inside them.
+    unsafe {
+        gemm::gemm(
+            nq,
+            nd,
+            dim,
+            out.as_mut_ptr(),
+            1,
+            nd as isize,
+            false,
+            queries.as_ptr(),
+            1,
+            dim as isize,
+            docs.as_ptr(),
+            dim as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// The scores of `ranked` (each query's documents, best first) against `relevant` (each
@@ -142,6 +186,33 @@ mod tests {
             assert_eq!(hits, &all, "query {qi}");
         }
         assert_eq!(got[0][..2], [(1, 1.0), (0, 0.5)]);
+    }
+
+    /// Over several blocks of queries and documents, with many ties (small integer vectors,
+    /// whose dot products are exact), the blocked search equals a plain sort of every score.
+    #[test]
+    fn blocked_search_equals_a_full_sort() {
+        let dim = 5;
+        let (nq, nd, k) = (QUERY_BLOCK * 2 + 7, DOC_BLOCK * 2 + 13, 20);
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) % 5) as f32 - 2.0
+        };
+        let q: Vec<f32> = (0..nq * dim).map(|_| next()).collect();
+        let d: Vec<f32> = (0..nd * dim).map(|_| next()).collect();
+        let skip = |q: usize, d: usize| (q + d).is_multiple_of(7);
+        let got = top_k(&q, &d, dim, k, &skip);
+        assert_eq!(got.len(), nq);
+        for (qi, hits) in got.iter().enumerate() {
+            let mut all: Vec<(usize, f32)> = (0..nd)
+                .filter(|&di| !skip(qi, di))
+                .map(|di| (di, (0..dim).map(|j| q[qi * dim + j] * d[di * dim + j]).sum()))
+                .collect();
+            all.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+            all.truncate(k);
+            assert_eq!(hits, &all, "query {qi}");
+        }
     }
 
     /// Next-sentence retrieval leaves out the query's own text and merges repeated documents.

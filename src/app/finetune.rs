@@ -10,13 +10,12 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::console::Console;
-use super::{eval_options, run_eval, sources, tokenizer_and_corpus};
+use super::{eval_options, run_eval, sources, training_data};
 use crate::bail;
 use crate::config::resolved::Resolved;
 use crate::config::{RunConfig, Select};
 use crate::data::batch::TextTokenizer;
-use crate::data::books::prepared::{Prepared, Split};
-use crate::data::books::BookPairs;
+use crate::data::dataset::Dataset;
 use crate::data::source::{Pair, PairSource};
 use crate::dist::World;
 use crate::error::{Context, Result};
@@ -83,8 +82,7 @@ struct Loaded {
     run_dir: PathBuf,
     files: ModelFiles,
     tokenizer: TextTokenizer,
-    corpus: Prepared,
-    split: Split,
+    data: Dataset,
     /// The frozen starting model for `loss.mean_teacher`.
     teacher: Option<Encoder>,
     encoder: Encoder,
@@ -125,7 +123,7 @@ pub fn finetune(req: &Finetune) -> Result<Outcome> {
         write_run_toml(&run)?;
     }
     let cfg = run.res.cfg();
-    let sample = Sample::draw(&run.val(), cfg.report.sentences, cfg.report.pairs, cfg.seed)?;
+    let sample = Sample::draw(&*run.val(), cfg.report.sentences, cfg.report.pairs, cfg.seed)?;
     let eval = eval_setup(&run)?;
     let before = before(&run, &sample, &eval, req.resume.is_some())?;
     world.barrier()?;
@@ -201,21 +199,29 @@ fn load(res: Resolved, run_dir: PathBuf, say: bool) -> Result<Loaded> {
     let t0 = Instant::now();
     let cfg = res.cfg();
     let files = resolve(&cfg.model.source, &sources())?;
-    let (tokenizer, corpus, split) = tokenizer_and_corpus(&res, &files)?;
-    let stats = corpus.stats(res.max_books());
+    let (tokenizer, data) = training_data(&res, &files)?;
+    let (train, val) = (data.train().len(), data.val().len());
     if say {
-        eprintln!(
-            "corpus: {} books, {} sentences -> {} train pairs, {} validation pairs ({} held-out books) in {:.1}s",
-            stats.books,
-            stats.sentences,
-            split.train.len(),
-            split.val.len(),
-            split.val_books.len(),
-            t0.elapsed().as_secs_f64()
-        );
+        let what = match &data {
+            Dataset::Books { corpus, split } => {
+                let stats = corpus.stats(res.max_books());
+                format!(
+                    "corpus: {} books, {} sentences -> {train} train pairs, {val} validation pairs ({} held-out books)",
+                    stats.books,
+                    stats.sentences,
+                    split.val_books.len(),
+                )
+            }
+            Dataset::File { train: t, .. } => format!(
+                "{}: {train} training examples{}, {val} held out",
+                t.manifest.source.display(),
+                if data.train().has_negatives() { " with hard negatives" } else { "" }
+            ),
+        };
+        eprintln!("{what} in {:.1}s", t0.elapsed().as_secs_f64());
     }
-    if split.val.is_empty() {
-        bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 for the before/after report");
+    if val == 0 {
+        bail!("no validation pairs: the corpus needs at least 2 books and data.val_fraction > 0 (or a data.val_file) for the before/after report");
     }
     let (encoder, teacher) = super::training_encoders(&files, &res)?;
     if cfg.model.max_len > encoder.config.max_position_embeddings {
@@ -230,7 +236,7 @@ fn load(res: Resolved, run_dir: PathBuf, say: bool) -> Result<Loaded> {
         let pooling = cfg.model.pooling.as_str();
         eprintln!("model: {} ({} parameters, pooling {pooling})", files.spec, encoder.num_params());
     }
-    Ok(Loaded { res, run_dir, files, tokenizer, corpus, split, encoder, teacher })
+    Ok(Loaded { res, run_dir, files, tokenizer, data, encoder, teacher })
 }
 
 fn write_run_toml(run: &Loaded) -> Result<()> {
@@ -247,10 +253,17 @@ fn write_run_toml(run: &Loaded) -> Result<()> {
 /// model's declared length unless `eval.max_len` is set).
 fn eval_setup(run: &Loaded) -> Result<EvalSetup> {
     let (res, cfg) = (&run.res, run.res.cfg());
-    let opts = match res.tasks().is_empty() {
-        true => None,
-        false => {
-            Some(eval_options(res.data_dir()?.to_path_buf(), res.tasks().to_vec(), cfg.eval.quick, cfg.seed, true))
+    // BOOKS-NEXT is the books' task: a file's pairs are not a book's sentences in order.
+    let books_next = cfg.report.books_next && matches!(run.data, Dataset::Books { .. });
+    let opts = match (res.tasks().is_empty(), books_next) {
+        (true, false) => None,
+        (no_tasks, books_next) => {
+            let root = if no_tasks { PathBuf::new() } else { res.data_dir()?.to_path_buf() };
+            let mut o = eval_options(root, res.tasks().to_vec(), cfg.eval.quick, cfg.seed, true);
+            if books_next {
+                o.user_retrieval.push(crate::eval::books_next::books_next(&*run.val())?);
+            }
+            Some(o)
         }
     };
     let positions = run.encoder.config.max_position_embeddings;
@@ -282,7 +295,7 @@ fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool) -> Resu
     let eval_before = match (&eval.opts, saved_eval) {
         (Some(_), Some(saved)) => Some(saved),
         (Some(o), None) => {
-            eprintln!("evaluating the model before training on {} tasks", o.tasks.len());
+            eprintln!("evaluating the model before training on {} tasks", o.tasks.len() + o.user_retrieval.len());
             let embedder =
                 Embedder { encoder: &run.encoder, tokenizer: &eval.tokenizer, device, world: &World::single() };
             Some(run_eval(&embedder, &run.files.weights, o, &mut |_| Ok(()))?)
@@ -295,12 +308,12 @@ fn before(run: &Loaded, sample: &Sample, eval: &EvalSetup, resume: bool) -> Resu
 }
 
 impl Loaded {
-    fn train(&self) -> BookPairs<'_> {
-        BookPairs::new(&self.corpus, &self.split.train)
+    fn train(&self) -> Box<dyn PairSource + '_> {
+        self.data.train()
     }
 
-    fn val(&self) -> BookPairs<'_> {
-        BookPairs::new(&self.corpus, &self.split.val)
+    fn val(&self) -> Box<dyn PairSource + '_> {
+        self.data.val()
     }
 }
 
@@ -328,7 +341,7 @@ fn train_run(run: &Loaded, eval: Option<&EvalSetup>, req: &Finetune) -> Result<T
         teacher: run.teacher.as_ref(),
         tokenizer: &run.tokenizer,
         run: &run.res,
-        train: &run.train(),
+        train: &*run.train(),
         val_pairs: &val,
         dev: dev.as_ref(),
         run_dir: &run.run_dir,
@@ -389,13 +402,13 @@ fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summ
         );
     }
     let after = measure(&run.encoder, &run.tokenizer, sample, device)?;
-    println!("\nheld-out books: {}", run.split.val_books.join(", "));
+    println!("\nheld out: {}", run.data.held_out().join(", "));
     println!("{}", table(&before.anisotropy, &after));
     let model_dir = run.run_dir.join("model");
     write_model(&run.encoder, &model_dir, declared_max_len(&run.files, run.encoder.config.max_position_embeddings))?;
     let eval_after = match &eval.opts {
         Some(o) => {
-            eprintln!("evaluating the trained model on {} tasks", o.tasks.len());
+            eprintln!("evaluating the trained model on {} tasks", o.tasks.len() + o.user_retrieval.len());
             let weights = model_dir.join("model.safetensors");
             let embedder =
                 Embedder { encoder: &run.encoder, tokenizer: &eval.tokenizer, device, world: &World::single() };
@@ -411,7 +424,7 @@ fn finish(run: &Loaded, sample: &Sample, eval: &EvalSetup, before: &Before, summ
         model: &run.files.spec,
         pooling: run.res.cfg().model.pooling.as_str(),
         sample: SampleInfo {
-            val_books: run.split.val_books.clone(),
+            val_books: run.data.held_out(),
             sentences: sample.sentences.len(),
             pairs: sample.pairs.len(),
         },

@@ -19,6 +19,7 @@ use crate::data::batch::TextTokenizer;
 use crate::data::books::pairs::PairOptions;
 use crate::data::books::prepared::{Prepared, Recipe, Split};
 use crate::data::books::BookPairs;
+use crate::data::dataset::Dataset;
 use crate::data::source::PairSource;
 use crate::error::Result;
 use crate::eval::runner::{EvalOptions, Evaluated};
@@ -54,6 +55,56 @@ pub fn tokenizer_and_corpus(run: &Resolved, files: &ModelFiles) -> Result<(TextT
         );
     }
     Ok((tokenizer, corpus, split))
+}
+
+/// The training tokenizer and the run's examples: the books (see [`tokenizer_and_corpus`]) or
+/// a file's (`data.pairs`, `data.sentences`, prepared once into `<cache>/files/`), split.
+pub fn training_data(run: &Resolved, files: &ModelFiles) -> Result<(TextTokenizer, Dataset)> {
+    use crate::data::files::Examples;
+    let Some((file, wanted, val_file)) = run.data_files() else {
+        let (tokenizer, corpus, split) = tokenizer_and_corpus(run, files)?;
+        return Ok((tokenizer, Dataset::Books { corpus, split }));
+    };
+    let cfg = run.cfg();
+    let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
+    let (sha, encode) = (sha256_file(&files.tokenizer)?, tokenizer.encoder()?);
+    let cache = SourceOptions::from_env().cache_dir.join("files");
+    let open = |path: &Path| -> Result<Examples> {
+        let ex = Examples::open(path, wanted, &cache, &sha, &encode)?;
+        let c = &ex.manifest.counts;
+        if c.empty + c.duplicate > 0 {
+            eprintln!(
+                "note: {}: skipped {} rows with an empty field (lines {:?}{}) and {} repeated rows, of {}",
+                path.display(),
+                c.empty,
+                c.empty_lines,
+                if c.empty > c.empty_lines.len() { ", ..." } else { "" },
+                c.duplicate,
+                c.rows
+            );
+        }
+        Ok(ex)
+    };
+    let train = open(file)?;
+    let (train_rows, val, val_rows) = match val_file {
+        Some(v) => {
+            let val = open(v)?;
+            let n = val.len();
+            ((0..train.len()).collect(), Some(val), (0..n).collect())
+        }
+        None => {
+            let (t, v) = train.split(cfg.data.val_fraction);
+            (t, None, v)
+        }
+    };
+    if train_rows.is_empty() {
+        bail!(
+            "{}: no training examples left after holding out data.val_fraction = {}",
+            file.display(),
+            cfg.data.val_fraction
+        );
+    }
+    Ok((tokenizer, Dataset::File { train, val, train_rows, val_rows }))
 }
 
 /// `corpus` as a prepared corpus: the folder itself when it is one (with `strict`, it must
@@ -140,6 +191,26 @@ pub fn run_eval(
     crate::eval::runner::evaluate(embedder, &sha, opts, &console, finished)
 }
 
+/// `BOOKS-NEXT` over a corpus of books (`eval --tasks BOOKS-NEXT --corpus DIR`): its held-out
+/// books as the default config holds them out (`data.val_fraction`, pairing options) with
+/// `seed`, the corpus prepared with the model's tokenizer (or a prepared folder read as it is).
+pub fn books_next_set(model: &str, corpus: &Path, seed: u64) -> Result<crate::eval::beir::Beir> {
+    let cfg = crate::config::RunConfig::load(None, &[])?;
+    let spec = model.rsplit_once('@').map_or(model, |(s, _)| s);
+    let files = resolve(spec, &sources())?;
+    let tokenizer = TextTokenizer::load(&files.tokenizer, cfg.model.max_len)?;
+    let prepared = open_corpus(corpus, &files.tokenizer, &tokenizer, &cfg.data.pair_options(), false)?;
+    let split = prepared.split(None, cfg.data.val_fraction, seed);
+    if split.val.is_empty() {
+        bail!(
+            "{}: no held-out pairs for {}: the corpus needs at least 2 books",
+            corpus.display(),
+            crate::eval::books_next::NAME
+        );
+    }
+    crate::eval::books_next::books_next(&crate::data::books::BookPairs::new(&prepared, &split.val))
+}
+
 /// `prepare`: the run's corpus split and tokenized into `out` with the run's model tokenizer
 /// and pairing options; a summary on stdout. With `verify`, every read is checked afterwards.
 pub fn prepare(run: &Resolved, out: &Path, verify: bool) -> Result<()> {
@@ -177,6 +248,29 @@ pub fn prepare(run: &Resolved, out: &Path, verify: bool) -> Result<()> {
 /// prepared corpus), and/or `sample` random training pairs.
 pub fn pairs(run: &Resolved, stats: bool, sample: Option<usize>) -> Result<()> {
     let files = resolve(&run.cfg().model.source, &sources())?;
+    if run.data_files().is_some() {
+        let (_, data) = training_data(run, &files)?;
+        if let Dataset::File { train, val, .. } = &data {
+            if stats || sample.is_none() {
+                for ex in std::iter::once(train).chain(val) {
+                    print_file_stats(ex);
+                }
+                println!("held out    {}", data.held_out().join(", "));
+            }
+        }
+        if let Some(n) = sample {
+            let train = data.train();
+            let mut rng = StdRng::seed_from_u64(run.cfg().seed);
+            for k in rand::seq::index::sample(&mut rng, train.len(), n.min(train.len())) {
+                let p = train.pair(k)?;
+                println!("\nA: {}\nB: {}", p.anchor, p.positive);
+                if let Some(neg) = p.negative {
+                    println!("N: {neg}");
+                }
+            }
+        }
+        return Ok(());
+    }
     let (_, corpus, set) = tokenizer_and_corpus(run, &files)?;
     if stats || sample.is_none() {
         corpus.verify()?;
@@ -191,6 +285,18 @@ pub fn pairs(run: &Resolved, stats: bool, sample: Option<usize>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A data file's rows: read, kept, skipped, and how long preparing it took.
+fn print_file_stats(ex: &crate::data::files::Examples) {
+    let m = &ex.manifest;
+    let c = &m.counts;
+    println!("file        {}", m.source.display());
+    println!(
+        "rows        {} read, {} kept, {} with an empty field, {} repeated; {} texts per example",
+        c.rows, c.kept, c.empty, c.duplicate, m.per_example
+    );
+    println!("prepared    read in {:.2}s, tokenized in {:.2}s (when first prepared)", m.read_s, m.tokenize_s);
 }
 
 /// Books, chapters, paragraphs, sentences, pairs and a histogram of sentence lengths.

@@ -8,6 +8,7 @@ pub mod resolved;
 
 use std::path::{Path, PathBuf};
 
+use crate::data::files::Wanted;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -73,6 +74,19 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// Use only the first N books (sorted by file name); 0 = all.
     pub max_books: usize,
+    /// A file of pairs to train on instead of the books (.tsv/.csv with a header, .jsonl or
+    /// .parquet), with optional hard negatives; `$HYPERSPHERE_DATA` is expanded.
+    pub pairs: String,
+    /// A file of sentences to train on instead of the books (.txt one per line, or a text
+    /// column of .tsv/.csv/.jsonl/.parquet): each is its own positive.
+    pub sentences: String,
+    /// Held-out examples from this file (same format) instead of a share of `pairs`/`sentences`.
+    pub val_file: String,
+    /// Column names in `pairs` and `sentences` files.
+    pub anchor_column: String,
+    pub positive_column: String,
+    pub negative_column: String,
+    pub text_column: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -213,6 +227,9 @@ pub struct ReportConfig {
     pub sentences: usize,
     /// Held-out positive pairs measured before and after training.
     pub pairs: usize,
+    /// Score `BOOKS-NEXT` (next-sentence retrieval over every held-out sentence) before and
+    /// after training, with the `[eval]` tasks (when training on books).
+    pub books_next: bool,
 }
 
 impl Default for RunConfig {
@@ -252,6 +269,13 @@ impl Default for DataConfig {
             max_tokens: pairs.max_tokens,
             val_fraction: 0.05,
             max_books: 0,
+            pairs: String::new(),
+            sentences: String::new(),
+            val_file: String::new(),
+            anchor_column: "anchor".into(),
+            positive_column: "positive".into(),
+            negative_column: "negative".into(),
+            text_column: "text".into(),
         }
     }
 }
@@ -337,7 +361,7 @@ impl LossConfig {
 
 impl Default for ReportConfig {
     fn default() -> Self {
-        Self { sentences: 2000, pairs: 1000 }
+        Self { sentences: 2000, pairs: 1000, books_next: true }
     }
 }
 
@@ -384,7 +408,7 @@ impl RunConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> std::result::Result<(), &'static str> {
         let t = &self.train;
-        let checks: [(bool, &str); 20] = [
+        let checks: [(bool, &str); 22] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
             (self.model.max_len <= 512, "model.max_len must be at most 512"),
             (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
@@ -394,6 +418,14 @@ impl RunConfig {
             (t.weight_decay >= 0.0 && t.max_grad_norm >= 0.0, "train.weight_decay and max_grad_norm must be >= 0"),
             ((0.0..1.0).contains(&self.data.val_fraction), "data.val_fraction must be in [0, 1)"),
             (self.data.min_tokens <= self.data.max_tokens, "data.min_tokens must be <= data.max_tokens"),
+            (
+                self.data.pairs.is_empty() || self.data.sentences.is_empty(),
+                "set data.pairs or data.sentences, not both",
+            ),
+            (
+                self.data.val_file.is_empty() || !(self.data.pairs.is_empty() && self.data.sentences.is_empty()),
+                "data.val_file holds out examples of data.pairs or data.sentences: set one of them too",
+            ),
             (
                 self.loss.t > 0.0 && self.loss.tau > 0.0 && self.loss.alpha > 0.0 && self.loss.distill_z_tau >= 0.0,
                 "loss.t, loss.tau and loss.alpha must be positive, loss.distill_z_tau >= 0",
@@ -436,13 +468,40 @@ impl RunConfig {
 
     /// The corpus path with `$HYPERSPHERE_DATA` replaced by `data_dir`.
     pub fn corpus_path(&self, data_dir: Option<&Path>) -> Result<PathBuf> {
-        let raw = &self.data.corpus;
+        expand_data(&self.data.corpus, "data.corpus", data_dir)
+    }
+
+    /// The training file (`data.pairs` or `data.sentences`) and what to read from it, and the
+    /// held-out file (`data.val_file`), expanded; None when training on books.
+    pub fn data_files(&self, data_dir: Option<&Path>) -> Result<Option<(PathBuf, Wanted, Option<PathBuf>)>> {
+        let d = &self.data;
+        let (file, key, wanted) = match (d.pairs.is_empty(), d.sentences.is_empty()) {
+            (false, _) => (
+                &d.pairs,
+                "data.pairs",
+                Wanted::Pairs {
+                    anchor: d.anchor_column.clone(),
+                    positive: d.positive_column.clone(),
+                    negative: d.negative_column.clone(),
+                },
+            ),
+            (true, false) => (&d.sentences, "data.sentences", Wanted::Sentences { text: d.text_column.clone() }),
+            (true, true) => return Ok(None),
+        };
+        let val = (!d.val_file.is_empty()).then(|| expand_data(&d.val_file, "data.val_file", data_dir)).transpose()?;
+        Ok(Some((expand_data(file, key, data_dir)?, wanted, val)))
+    }
+}
+
+/// `raw` with `$HYPERSPHERE_DATA` replaced by the data folder (`key` names it in errors).
+fn expand_data(raw: &str, key: &str, data_dir: Option<&Path>) -> Result<PathBuf> {
+    {
         match raw.strip_prefix("$HYPERSPHERE_DATA") {
             None => Ok(PathBuf::from(raw)),
             Some(rest) => match data_dir {
                 Some(dir) => Ok(dir.join(rest.trim_start_matches(['/', '\\']))),
                 None => Err(Error::Invalid(format!(
-                    "data.corpus is {raw} but HYPERSPHERE_DATA is not set: set it (e.g. HYPERSPHERE_DATA=../shared/data) or pass --data DIR"
+                    "{key} is {raw} but HYPERSPHERE_DATA is not set: set it (e.g. HYPERSPHERE_DATA=../shared/data) or pass --data DIR"
                 ))),
             },
         }

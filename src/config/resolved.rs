@@ -47,6 +47,7 @@ impl Budget {
 pub struct Resolved {
     cfg: RunConfig,
     corpus: PathBuf,
+    files: Option<(PathBuf, crate::data::files::Wanted, Option<PathBuf>)>,
     tasks: Vec<Task>,
     data: Option<PathBuf>,
     device: Device,
@@ -66,7 +67,12 @@ impl Resolved {
             None => parse_device(&cfg.model.device, "model.device")?,
         };
         let tasks = crate::eval::parse_tasks(&cfg.eval.tasks)?;
-        let corpus = cfg.corpus_path(data)?;
+        let files = cfg.data_files(data)?;
+        // Training on a file, the books' path is not read (and may name an unset data folder).
+        let corpus = match files {
+            Some(_) => cfg.corpus_path(data).unwrap_or_default(),
+            None => cfg.corpus_path(data)?,
+        };
         let nonzero = |n: usize| (n > 0).then_some(n);
         let t = &cfg.train;
         Ok(Self {
@@ -78,6 +84,7 @@ impl Resolved {
             data: data.map(Path::to_path_buf),
             cfg,
             corpus,
+            files,
             tasks,
             device,
         })
@@ -92,6 +99,12 @@ impl Resolved {
     /// `data.corpus`, with `$HYPERSPHERE_DATA` replaced by the data folder.
     pub fn corpus(&self) -> &Path {
         &self.corpus
+    }
+
+    /// The file trained on (`data.pairs` or `data.sentences`), what to read from it and the
+    /// held-out file (`data.val_file`), expanded; None when training on books.
+    pub fn data_files(&self) -> Option<(&Path, &crate::data::files::Wanted, Option<&Path>)> {
+        self.files.as_ref().map(|(f, w, v)| (f.as_path(), w, v.as_deref()))
     }
 
     /// `eval.tasks`, parsed (empty: no downstream evaluation).

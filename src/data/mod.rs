@@ -2,6 +2,8 @@
 
 pub mod batch;
 pub mod books;
+pub mod dataset;
+pub mod files;
 pub mod order;
 pub mod source;
 

@@ -52,12 +52,3 @@ pub trait PairSource: Sync {
     /// Example `k` as text.
     fn pair(&self, k: usize) -> Result<Pair>;
 }
-
-/// A source's examples split into training and held-out ones: what a run trains on and what it
-/// validates and reports on (never trained on).
-pub struct Dataset<'a> {
-    pub train: Box<dyn PairSource + 'a>,
-    pub val: Box<dyn PairSource + 'a>,
-    /// What was held out, in words, for the report: the held-out books, or the share of examples.
-    pub held_out: Vec<String>,
-}

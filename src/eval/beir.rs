@@ -12,16 +12,40 @@ use super::tasks::read_lines;
 use super::{Task, TaskResult};
 use crate::error::{Error, Result};
 
-/// A retrieval set read and checked.
+/// A retrieval set read and checked: documents and queries as indices into its distinct
+/// texts, so each text is embedded once and the documents' rows are used in place.
 #[derive(Debug, Clone)]
 pub struct Beir {
     pub name: String,
-    /// Document texts (title and text), in file order.
-    pub docs: Vec<String>,
-    /// Queries with at least one relevant document, in file order.
-    pub queries: Vec<String>,
+    /// The distinct texts of the documents (title and text) and queries, documents first.
+    pub texts: Vec<String>,
+    /// Each document's text, in file order.
+    pub docs: Vec<usize>,
+    /// Each query's text: the queries with at least one relevant document, in file order.
+    pub queries: Vec<usize>,
     /// Each query's relevant documents (indices into `docs`, score > 0).
     pub relevant: Vec<Vec<usize>>,
+    /// Leave out, for each query, a document whose text is the query's own (next-sentence
+    /// retrieval, where every sentence is also a document).
+    pub skip_own_text: bool,
+}
+
+/// Distinct texts, numbered in first-seen order.
+#[derive(Default)]
+pub struct Interner {
+    index: HashMap<String, usize>,
+    pub texts: Vec<String>,
+}
+
+impl Interner {
+    pub fn id(&mut self, text: String) -> usize {
+        if let Some(&i) = self.index.get(&text) {
+            return i;
+        }
+        self.texts.push(text.clone());
+        self.index.insert(text, self.texts.len() - 1);
+        self.texts.len() - 1
+    }
 }
 
 /// `(line number, object)` of each non-empty line of a JSON Lines file.
@@ -86,8 +110,8 @@ impl Beir {
             return Err(bad("that is a built-in task's name; pick another"));
         }
         let dir = PathBuf::from(dir);
-        let (doc_ids, docs) = records(&dir.join("corpus.jsonl"), true)?;
-        let (query_ids, query_texts) = records(&dir.join("queries.jsonl"), false)?;
+        let (doc_ids, doc_texts) = records(&dir.join("corpus.jsonl"), true)?;
+        let (query_ids, mut query_texts) = records(&dir.join("queries.jsonl"), false)?;
         let qrels = dir.join("qrels").join("test.tsv");
         let mut relevant: Vec<Vec<usize>> = vec![Vec::new(); query_texts.len()];
         for (i, line) in read_lines(&qrels)?.iter().enumerate().skip(1).filter(|(_, l)| !l.trim().is_empty()) {
@@ -110,11 +134,16 @@ impl Beir {
         if judged.is_empty() {
             return Err(Error::data(&qrels, "no query has a relevant document (score > 0)"));
         }
+        let mut texts = Interner::default();
+        let docs = doc_texts.into_iter().map(|t| texts.id(t)).collect();
+        let queries = judged.iter().map(|&q| texts.id(std::mem::take(&mut query_texts[q]))).collect();
         Ok(Self {
             name: name.to_string(),
+            texts: texts.texts,
             docs,
-            queries: judged.iter().map(|&q| query_texts[q].clone()).collect(),
+            queries,
             relevant: judged.iter().map(|&q| std::mem::take(&mut relevant[q])).collect(),
+            skip_own_text: false,
         })
     }
 
@@ -131,26 +160,33 @@ impl Beir {
         Ok(out)
     }
 
-    /// Distinct texts of the documents and queries, first-seen order.
-    pub fn sentences(&self) -> Vec<String> {
-        let mut seen = std::collections::HashSet::new();
-        self.docs.iter().chain(&self.queries).filter(|s| seen.insert(s.as_str())).cloned().collect()
-    }
-
-    /// The scores (x 100) given a lookup from text to unit-vector embedding of `dim` values.
-    pub fn score<'e>(&self, embed: &dyn Fn(&str) -> Option<&'e [f32]>, dim: usize) -> Result<TaskResult> {
+    /// The scores (x 100) given the unit-vector embeddings of `texts`, row by row, `dim`
+    /// values each. Where the documents are the first texts in order (every set whose
+    /// documents are distinct), their rows are searched in place, not copied.
+    pub fn score(&self, rows: &[f32], dim: usize) -> Result<TaskResult> {
         let start = Instant::now();
-        let rows = |texts: &[String]| -> Result<Vec<f32>> {
-            let mut out = Vec::with_capacity(texts.len() * dim);
-            for t in texts {
-                out.extend_from_slice(
-                    embed(t).ok_or_else(|| Error::invalid(format!("{}: no embedding for {t:?}", self.name)))?,
-                );
+        if rows.len() != self.texts.len() * dim {
+            return Err(Error::invalid(format!(
+                "{}: {} embedding values for {} texts of {dim}",
+                self.name,
+                rows.len(),
+                self.texts.len()
+            )));
+        }
+        let gather =
+            |ids: &[usize]| -> Vec<f32> { ids.iter().flat_map(|&i| &rows[i * dim..(i + 1) * dim]).copied().collect() };
+        let in_place = self.docs.iter().enumerate().all(|(i, &t)| i == t);
+        let copied;
+        let docs = match in_place {
+            true => &rows[..self.docs.len() * dim],
+            false => {
+                copied = gather(&self.docs);
+                &copied[..]
             }
-            Ok(out)
         };
-        let (docs, queries) = (rows(&self.docs)?, rows(&self.queries)?);
-        let ranked = crate::retrieval::top_k(&queries, &docs, dim, 100, &|_, _| false);
+        let queries = gather(&self.queries);
+        let skip = |q: usize, d: usize| self.skip_own_text && self.docs[d] == self.queries[q];
+        let ranked = crate::retrieval::top_k(&queries, docs, dim, 100, &skip);
         let r = crate::retrieval::score(&ranked, &self.relevant, self.docs.len());
         Ok(TaskResult {
             task: self.name.clone(),
@@ -195,8 +231,8 @@ mod tests {
     fn scores_a_small_folder() {
         let tmp = folder("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t2\nq2\t3\t0\n");
         let set = Beir::parse(&format!("mine={}", tmp.path().display())).unwrap();
-        assert_eq!(set.docs, ["Ships a boat", "a cat", "rain"]);
-        assert_eq!(set.queries, ["sea", "pets"]);
+        assert_eq!(set.texts, ["Ships a boat", "a cat", "rain", "sea", "pets"]);
+        assert_eq!((&set.docs[..], &set.queries[..]), (&[0, 1, 2][..], &[3, 4][..]));
         assert_eq!(set.relevant, [vec![0], vec![1]]);
         let vecs: HashMap<&str, [f32; 2]> = [
             ("Ships a boat", [1.0, 0.0]),
@@ -207,8 +243,8 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let embed = |s: &str| vecs.get(s).map(|v| &v[..]);
-        let r = set.score(&embed, 2).unwrap();
+        let rows: Vec<f32> = set.texts.iter().flat_map(|t| vecs[t.as_str()]).collect();
+        let r = set.score(&rows, 2).unwrap();
         // q2 ranks "Ships a boat" (0.8) and "rain" (0.96) above "a cat" (0.6): third.
         let ndcg = (1.0 + 1.0 / 4f64.log2()) / 2.0;
         assert!((r.metrics[0].1 - 100.0 * ndcg).abs() < 1e-9, "{:?}", r.metrics);

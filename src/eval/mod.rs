@@ -5,6 +5,7 @@
 //! once, then hands a lookup to [`run_task`]. Everything here is CPU-only Rust.
 
 pub mod beir;
+pub mod books_next;
 pub mod dev;
 pub mod logreg;
 pub mod protocol;
@@ -448,9 +449,13 @@ pub fn parse_tasks(names: &[String]) -> Result<Vec<Task>> {
         return Ok(Task::ALL.to_vec());
     }
     let mut tasks = Vec::new();
-    for n in names.iter().flat_map(|n| n.split(',')).map(str::trim).filter(|n| !n.is_empty()) {
+    // BOOKS-NEXT is not a data-folder task: the caller builds it from a corpus.
+    let named = names.iter().flat_map(|n| n.split(',')).map(str::trim);
+    for n in named.filter(|n| !n.is_empty() && !books_next::is_named(n)) {
         let t = Task::parse(n).ok_or_else(|| {
-            Error::Invalid(format!("unknown eval task `{n}` (use MR, CR, SUBJ, MPQA, SST2, TREC, MRPC, STSB or all)"))
+            Error::Invalid(format!(
+                "unknown eval task `{n}` (use MR, CR, SUBJ, MPQA, SST2, TREC, MRPC, STSB, BOOKS-NEXT or all)"
+            ))
         })?;
         if !tasks.contains(&t) {
             tasks.push(t);

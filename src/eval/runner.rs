@@ -99,15 +99,19 @@ pub fn evaluate(
         finished(&out)?;
     }
     for set in &opts.user_retrieval {
-        let sentences = set.sentences();
-        let content: String = sentences.concat();
-        let key = cache_key(&format!("retrieval:{}:{content}", set.name));
+        // Keyed by a hash of the content, not the content itself (a million documents).
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for t in &set.texts {
+            h.update((t.len() as u64).to_le_bytes());
+            h.update(t.as_bytes());
+        }
+        let key = cache_key(&format!("retrieval:{}:{}:{:x}", set.name, set.skip_own_text, h.finalize()));
         let cache_file =
             opts.cache_dir.as_ref().map(|d| d.join(format!("retrieval-{}-{}.safetensors", set.name, &key[..16])));
-        let embedded = embed_cached(embedder, &set.name, &sentences, cache_file.as_deref(), progress)?;
-        let lookup = embedded.lookup(&sentences, encoder.config.hidden_size);
-        let result = set.score(&|s| lookup.get(s).copied(), encoder.config.hidden_size)?;
-        out.push(embedded.done(result, sentences.len(), progress));
+        let embedded = embed_cached(embedder, &set.name, &set.texts, cache_file.as_deref(), progress)?;
+        let result = set.score(&embedded.flat, encoder.config.hidden_size)?;
+        out.push(embedded.done(result, set.texts.len(), progress));
         finished(&out)?;
     }
     Ok(out)
@@ -210,12 +214,14 @@ fn display_name(task: &str) -> String {
 
 /// Text and Markdown tables: one row per (task, metric); with `before`, before/after/change.
 pub fn tables(after: &[Evaluated], before: Option<&[Evaluated]>) -> (String, String) {
+    // The task column fits the longest name (user sets, BOOKS-NEXT) and a space.
+    let w = after.iter().map(|e| display_name(&e.result.task).len() + 1).max().unwrap_or(0).max(8);
     let mut text = match before {
         Some(_) => format!(
-            "{:<8}{:<16}{:>10}{:>10}{:>10}{:>9}   reference\n",
+            "{:<w$}{:<16}{:>10}{:>10}{:>10}{:>9}   reference\n",
             "task", "metric", "before", "after", "change", "secs"
         ),
-        None => format!("{:<8}{:<16}{:>10}{:>9}   reference\n", "task", "metric", "value", "secs"),
+        None => format!("{:<w$}{:<16}{:>10}{:>9}   reference\n", "task", "metric", "value", "secs"),
     };
     let mut md = match before {
         Some(_) => "| task | metric | before | after | change | seconds | published reference |\n|---|---|---:|---:|---:|---:|---|\n".to_string(),
@@ -230,12 +236,12 @@ pub fn tables(after: &[Evaluated], before: Option<&[Evaluated]>) -> (String, Str
             match prior.as_ref().and_then(|p| p.get(j)) {
                 Some((_, b)) => {
                     text +=
-                        &format!("{name:<8}{metric:<16}{b:>10.2}{v:>10.2}{:>+10.2}{secs:>9.1}   {reference}\n", v - b);
+                        &format!("{name:<w$}{metric:<16}{b:>10.2}{v:>10.2}{:>+10.2}{secs:>9.1}   {reference}\n", v - b);
                     md +=
                         &format!("| {name} | {metric} | {b:.2} | {v:.2} | {:+.2} | {secs:.1} | {reference} |\n", v - b);
                 }
                 None => {
-                    text += &format!("{name:<8}{metric:<16}{v:>10.2}{secs:>9.1}   {reference}\n");
+                    text += &format!("{name:<w$}{metric:<16}{v:>10.2}{secs:>9.1}   {reference}\n");
                     md += &format!("| {name} | {metric} | {v:.2} | {secs:.1} | {reference} |\n");
                 }
             }

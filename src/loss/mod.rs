@@ -44,18 +44,25 @@ pub fn uniform(x: &Tensor, t: f64) -> Result<Tensor> {
 }
 
 /// Symmetric InfoNCE: cross-entropy of `x yᵀ / tau` towards the diagonal, both directions.
+/// With hard negatives `neg`, each anchor's candidates are every positive and every hard
+/// negative (`x [y; neg]ᵀ / tau`, SimCSE's supervised form); each positive's candidates stay
+/// the anchors.
 ///
 /// # Shapes
-/// `x`, `y`: [n, d] unit rows -> scalar.
-pub fn infonce(x: &Tensor, y: &Tensor, tau: f64) -> Result<Tensor> {
+/// `x`, `y`, `neg`: [n, d] unit rows -> scalar.
+pub fn infonce(x: &Tensor, y: &Tensor, neg: Option<&Tensor>, tau: f64) -> Result<Tensor> {
     let n = x.dim(0)?;
     let logits = (x.matmul(&y.t()?)? / tau)?;
     let eye = Tensor::eye(n, x.dtype(), x.device())?;
     let xent = |l: &Tensor| -> Result<Tensor> {
-        let logp = candle_nn::ops::log_softmax(l, D::Minus1)?;
+        let logp = candle_nn::ops::log_softmax(l, D::Minus1)?.narrow(1, 0, n)?;
         (logp * &eye)?.sum_all()? / (-(n as f64))
     };
-    (xent(&logits)? + xent(&logits.t()?)?)? / 2.0
+    let forward = match neg {
+        Some(neg) => xent(&Tensor::cat(&[&logits, &(x.matmul(&neg.t()?)? / tau)?], 1)?)?,
+        None => xent(&logits)?,
+    };
+    (forward + xent(&logits.t()?)?)? / 2.0
 }
 
 /// Relational distillation: each row's softmax over its similarities to the other rows
@@ -184,6 +191,15 @@ pub(crate) mod tests {
         (dir(x, y) + dir(y, x)) / 2.0
     }
 
+    /// InfoNCE's anchor-to-positive direction alone.
+    fn ref_infonce_dir(x: &[Vec<f64>], y: &[Vec<f64>], tau: f64) -> f64 {
+        let n = x.len();
+        (0..n)
+            .map(|i| (0..n).map(|j| (dot(&x[i], &y[j]) / tau).exp()).sum::<f64>().ln() - dot(&x[i], &y[i]) / tau)
+            .sum::<f64>()
+            / n as f64
+    }
+
     pub(crate) fn ref_distill(s: &[Vec<f64>], t: &[Vec<f64>], tau: f64, standardize: bool) -> f64 {
         let n = s.len();
         let row = |z: &[Vec<f64>], i: usize| -> Vec<f64> {
@@ -220,8 +236,22 @@ pub(crate) mod tests {
             let got = uniform(&tx, t).unwrap().to_scalar::<f64>().unwrap();
             assert!((got - ref_uniform(&x, t)).abs() < 1e-9, "t {t}");
         }
-        let got = infonce(&tx, &ty, 0.05).unwrap().to_scalar::<f64>().unwrap();
+        let got = infonce(&tx, &ty, None, 0.05).unwrap().to_scalar::<f64>().unwrap();
         assert!((got - ref_infonce(&x, &y, 0.05)).abs() < 1e-9);
+        // Hard negatives: each anchor's denominator also sums over every negative; the
+        // positives' direction is unchanged.
+        let neg = unit_rows(&mut rng, 6, 5);
+        let got = infonce(&tx, &ty, Some(&tensor(&neg)), 0.1).unwrap().to_scalar::<f64>().unwrap();
+        let tau = 0.1;
+        let forward = (0..6)
+            .map(|i| {
+                let all = (0..6).map(|j| (dot(&x[i], &y[j]) / tau).exp() + (dot(&x[i], &neg[j]) / tau).exp());
+                all.sum::<f64>().ln() - dot(&x[i], &y[i]) / tau
+            })
+            .sum::<f64>()
+            / 6.0;
+        let backward = 2.0 * ref_infonce(&x, &y, tau) - ref_infonce_dir(&x, &y, tau);
+        assert!((got - (forward + backward) / 2.0).abs() < 1e-9, "{got}");
         for (tau, z) in [(0.05, false), (0.5, false), (0.5, true), (2.0, true)] {
             let got = distill(&tx, &ty, tau, z).unwrap().to_scalar::<f64>().unwrap();
             assert!((got - ref_distill(&x, &y, tau, z)).abs() < 1e-9, "tau {tau} standardize {z}");
@@ -358,7 +388,7 @@ pub(crate) mod tests {
             ("align", Box::new(|x: &Tensor| align(&l2_normalize(x)?, &ty, 2.0))),
             ("align1", Box::new(|x: &Tensor| align(&l2_normalize(x)?, &ty, 1.0))),
             ("uniform", Box::new(|x: &Tensor| uniform(&l2_normalize(x)?, 2.0))),
-            ("infonce", Box::new(|x: &Tensor| infonce(&l2_normalize(x)?, &ty, 0.1))),
+            ("infonce", Box::new(|x: &Tensor| infonce(&l2_normalize(x)?, &ty, None, 0.1))),
             ("distill", Box::new(|x: &Tensor| distill(&l2_normalize(x)?, &ty, 0.1, false))),
             ("distill_z", Box::new(|x: &Tensor| distill(&l2_normalize(x)?, &ty, 0.5, true))),
             ("simcorr", Box::new(|x: &Tensor| sim_corr(&l2_normalize(x)?, &ty))),

@@ -26,7 +26,7 @@ impl Scorer {
     fn score(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         match self {
             Scorer::Align { alpha } => align(a, b, alpha),
-            Scorer::InfoNce { tau } => infonce(a, b, tau),
+            Scorer::InfoNce { tau } => infonce(a, b, None, tau),
         }
     }
 }
@@ -36,7 +36,7 @@ impl Scorer {
 pub enum Term {
     /// Anchors against their positives.
     Pairs(Scorer),
-    /// `(L_uniform(anchors) + L_uniform(positives)) / 2` at temperature `t`.
+    /// `(L_uniform(anchors) + L_uniform(positives and hard negatives)) / 2` at temperature `t`.
     Uniformity { t: f64 },
     /// Anchors against themselves under other dropout masks (SimCSE's positives).
     Dropout(Scorer),
@@ -71,6 +71,9 @@ pub struct Views<'a> {
     pub y: &'a Tensor,
     /// The anchors again under independent dropout masks [n, d] (with a dropout term).
     pub x_drop: Option<&'a Tensor>,
+    /// Each anchor's hard negative [n, d] (from a pairs file with a negative column): more
+    /// negatives for InfoNCE and more points for uniformity.
+    pub neg: Option<&'a Tensor>,
     /// The mean-pooled vectors of the anchors then the positives [2n, d], detached: a fixed
     /// target (with a mean, distillation or correlation term).
     pub mean_xy: Option<&'a Tensor>,
@@ -203,8 +206,15 @@ impl Objective {
     /// One term's value, or None when its views are absent.
     fn term(&self, term: Term, v: &Views, xy: Option<&Tensor>) -> Result<Option<Tensor>> {
         Ok(Some(match (term, v.x_drop, xy.zip(v.mean_xy)) {
+            (Term::Pairs(Scorer::InfoNce { tau }), ..) if v.neg.is_some() => infonce(v.x, v.y, v.neg, tau)?,
             (Term::Pairs(s), ..) => s.score(v.x, v.y)?,
-            (Term::Uniformity { t }, ..) => ((uniform(v.x, t)? + uniform(v.y, t)?)? / 2.0)?,
+            (Term::Uniformity { t }, ..) => {
+                let others = match v.neg {
+                    Some(neg) => uniform(&Tensor::cat(&[v.y, neg], 0)?, t)?,
+                    None => uniform(v.y, t)?,
+                };
+                ((uniform(v.x, t)? + others)? / 2.0)?
+            }
             (Term::Dropout(s), Some(x2), _) => s.score(v.x, x2)?,
             (Term::Mean(s), _, Some((xy, m))) => s.score(xy, m)?,
             (Term::Distill { tau, standardize }, _, Some((xy, m))) => distill(xy, m, tau, standardize)?,
@@ -233,7 +243,7 @@ mod tests {
         let (tx, ty, tx2) = (tensor(&x), tensor(&y), tensor(&x2));
         let u = (ref_uniform(&x, 2.0) + ref_uniform(&y, 2.0)) / 2.0;
         let cfg = LossConfig { w_align: 0.7, w_uniform: 0.4, w_dropout: 1.5, ..Default::default() };
-        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &cfg).unwrap();
+        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None, neg: None }, &cfg).unwrap();
         let want = 0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + 1.5 * ref_align(&x, &x2, 2.0);
         assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
         let names: Vec<&str> = parts.parts.iter().map(|(n, _)| *n).collect();
@@ -241,12 +251,12 @@ mod tests {
         assert!((parts.get("dropout").unwrap() as f64 - ref_align(&x, &x2, 2.0)).abs() < 1e-5);
         // Without dropout views (or with weight 0) the term is absent.
         let off = LossConfig { w_dropout: 0.0, ..cfg.clone() };
-        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &off).unwrap();
+        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None, neg: None }, &off).unwrap();
         assert!((parts.total.to_scalar::<f64>().unwrap() - (0.7 * ref_align(&x, &y, 2.0) + 0.4 * u)).abs() < 1e-9);
         assert_eq!(parts.get("dropout"), None);
         // InfoNCE: w_align * InfoNCE(x, y) + w_dropout * InfoNCE(x, x').
         let nce = LossConfig { kind: LossKind::Infonce, tau: 0.1, ..cfg };
-        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None }, &nce).unwrap();
+        let parts = objective(&Views { x: &tx, y: &ty, x_drop: Some(&tx2), mean_xy: None, neg: None }, &nce).unwrap();
         let want = 0.7 * ref_infonce(&x, &y, 0.1) + 1.5 * ref_infonce(&x, &x2, 0.1);
         assert!((parts.total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
         assert!(Objective::new(&nce).needs_dropout_view() && !Objective::new(&off).needs_dropout_view());
@@ -255,7 +265,7 @@ mod tests {
         let mrows = [mx, my].concat();
         let m = tensor(&mrows);
         let cfg = LossConfig { w_align: 0.7, w_uniform: 0.4, w_mean: 2.0, ..Default::default() };
-        let v = Views { x: &tx, y: &ty, x_drop: None, mean_xy: Some(&m) };
+        let v = Views { x: &tx, y: &ty, x_drop: None, mean_xy: Some(&m), neg: None };
         let xy = [x.clone(), y.clone()].concat();
         let want = 0.7 * ref_align(&x, &y, 2.0) + 0.4 * u + 2.0 * ref_align(&xy, &mrows, 2.0);
         assert!((objective(&v, &cfg).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
@@ -279,5 +289,13 @@ mod tests {
             + ref_infonce(&x, &y, 0.1)
             + 3.0 * ref_distill(&xy, &mrows, 0.7, true);
         assert!((objective(&v, &z).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+        // Hard negatives join the positives' side of uniformity; alignment ignores them.
+        let negs = unit_rows(&mut rng, 6, 5);
+        let tn = tensor(&negs);
+        let cfg = LossConfig { w_align: 0.7, w_uniform: 0.4, t: 2.0, ..Default::default() };
+        let v = Views { x: &tx, y: &ty, x_drop: None, mean_xy: None, neg: Some(&tn) };
+        let yn = [y.clone(), negs].concat();
+        let want = 0.7 * ref_align(&x, &y, 2.0) + 0.4 * (ref_uniform(&x, 2.0) + ref_uniform(&yn, 2.0)) / 2.0;
+        assert!((objective(&v, &cfg).unwrap().total.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
     }
 }

@@ -325,7 +325,7 @@ impl<'a> Run<'a> {
         inp.progress.start("training", state.step as u64, total as u64);
         Self {
             inp,
-            layout: StepLayout::new(inp.run.objective()),
+            layout: StepLayout::new(inp.run.objective()).with_negatives(inp.train.has_negatives()),
             total,
             // A resume continues its epoch's order at `state.batch_in_epoch`.
             order: (state.epoch > 0).then(|| Self::shuffle(inp, state.epoch)),

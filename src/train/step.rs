@@ -24,6 +24,8 @@ pub enum Block {
     Positive,
     /// The anchors again, under other dropout masks (a dropout-view term).
     AnchorAgain,
+    /// Each example's hard negative (a pairs file with a negative column).
+    Negative,
 }
 
 /// How a step lays out its rows: one block per view, each with a row per example, in this order.
@@ -43,6 +45,14 @@ impl StepLayout {
         Self { blocks }
     }
 
+    /// With a block of hard negatives (every example has one), after the others.
+    pub fn with_negatives(mut self, yes: bool) -> Self {
+        if yes && !self.blocks.contains(&Block::Negative) {
+            self.blocks.push(Block::Negative);
+        }
+        self
+    }
+
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
     }
@@ -56,7 +66,7 @@ impl StepLayout {
     pub fn rows<'a, T: ?Sized>(&self, examples: &[(&'a T, &'a T)]) -> Vec<&'a T> {
         let side = |b: Block, &(anchor, positive): &(&'a T, &'a T)| match b {
             Block::Anchor | Block::AnchorAgain => anchor,
-            Block::Positive => positive,
+            Block::Positive | Block::Negative => positive,
         };
         self.blocks.iter().flat_map(|&b| examples.iter().map(move |e| side(b, e))).collect()
     }
@@ -70,8 +80,21 @@ impl StepLayout {
         device: &Device,
     ) -> Result<Vec<Batch>> {
         let size = micro.unwrap_or(examples.len()).max(1);
-        let sides: Vec<(&[u32], &[u32])> = examples.iter().map(|e| (&e.anchor[..], &e.positive[..])).collect();
-        sides.chunks(size).map(|c| tokenizer.batch_ids(&self.rows(c), device)).collect()
+        fn side(b: Block, e: &PairIds) -> Result<&[u32]> {
+            Ok(match b {
+                Block::Anchor | Block::AnchorAgain => &e.anchor,
+                Block::Positive => &e.positive,
+                Block::Negative => e.negative.as_deref().ok_or_else(|| {
+                    crate::Error::invalid("an example without a hard negative in a batch of examples with them")
+                })?,
+            })
+        }
+        let mut out = Vec::new();
+        for chunk in examples.chunks(size) {
+            let rows = self.blocks.iter().flat_map(|&b| chunk.iter().map(move |e| side(b, e)));
+            out.push(tokenizer.batch_ids(&rows.collect::<Result<Vec<_>>>()?, device)?);
+        }
+        Ok(out)
     }
 
     /// A batch's embeddings [views * n, d] cut into its blocks.
@@ -94,6 +117,7 @@ impl StepLayout {
             y: find(Block::Positive).unwrap_or(&blocks[0]),
             x_drop: find(Block::AnchorAgain),
             mean_xy: mean,
+            neg: find(Block::Negative),
         }
     }
 
@@ -397,5 +421,31 @@ pub fn train_step(
     match batch_gradients(model, micro, dropout_rng)? {
         Ok(g) => apply(opt, g, max_grad_norm),
         Err(e) => Ok(StepOutcome::Skipped(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LossConfig;
+
+    /// With hard negatives, a batch holds the anchors, the positives, then the negatives; an
+    /// example without one is an error, not a silent row of something else.
+    #[test]
+    fn negatives_are_a_block_of_their_own() {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/vocab.txt");
+        let tok = TextTokenizer::load(&tiny, 16).unwrap();
+        let layout = StepLayout::new(&Objective::new(&LossConfig::default())).with_negatives(true);
+        assert_eq!(layout.blocks(), [Block::Anchor, Block::Positive, Block::Negative]);
+        let ex = |k: u32| PairIds { anchor: vec![10 + k], positive: vec![20 + k], negative: Some(vec![30 + k]) };
+        let batches = layout.batches(&[ex(0), ex(1)], None, &tok, &Device::Cpu).unwrap();
+        let ids = batches[0].input_ids.to_vec2::<u32>().unwrap();
+        let middle: Vec<u32> = ids.iter().map(|r| r[1]).collect();
+        assert_eq!(middle, [10, 11, 20, 21, 30, 31]);
+        let bad = PairIds { negative: None, ..ex(2) };
+        assert!(layout.batches(&[ex(0), bad], None, &tok, &Device::Cpu).is_err());
+        // Without negatives the layout is unchanged.
+        let plain = StepLayout::new(&Objective::new(&LossConfig::default())).with_negatives(false);
+        assert_eq!(plain.blocks(), [Block::Anchor, Block::Positive]);
     }
 }

@@ -100,8 +100,10 @@ fn finetune_with_quick_eval_reports_before_and_after() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("before") && stdout.contains("TREC"), "{stdout}");
     let report = json(&tmp.path().join("runs/default/report.json"));
-    assert_eq!(report["eval"]["before"].as_array().unwrap().len(), 2);
-    assert_eq!(report["eval"]["after"].as_array().unwrap().len(), 2);
+    // The two tasks, then BOOKS-NEXT (report.books_next, on by default).
+    assert_eq!(report["eval"]["before"].as_array().unwrap().len(), 3);
+    assert_eq!(report["eval"]["after"].as_array().unwrap().len(), 3);
+    assert_eq!(report["eval"]["after"][2]["task"], "BOOKS-NEXT");
     let (u, c) = (report["before"]["uniformity"].as_f64().unwrap(), report["before"]["mean_cosine"].as_f64().unwrap());
     assert!(u <= 0.0 && u >= -4.0 * (1.0 - c) - 1e-9, "uniformity {u} vs mean cosine {c} (Jensen)");
     assert!(tmp.path().join("runs/default/eval.md").is_file());
@@ -311,4 +313,51 @@ fn retrieval_sets_match_a_ranking_from_embed() {
     assert!((metric(0) - 100.0 * ndcg / n).abs() < 1e-3, "nDCG@10 {} vs {}", metric(0), 100.0 * ndcg / n);
     assert!((metric(1) - 100.0 * mrr / n).abs() < 1e-3, "MRR@10 {} vs {}", metric(1), 100.0 * mrr / n);
     assert_eq!((metric(2), metric(3)), (100.0 * r10 / n, 100.0), "4 documents: all within 10 and 100");
+}
+
+/// `eval --tasks BOOKS-NEXT --corpus BOOKS` holds out the books the default config holds out and
+/// scores the starting model as `finetune` does before training: the same queries, documents
+/// and scores by two paths.
+#[test]
+fn books_next_from_eval_equals_the_finetune_before_score() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(&tmp.path().join("tiny"), 4, "");
+    let model = files.config.parent().unwrap().to_str().unwrap().to_string();
+    let books = fixtures().join("books");
+    let books = books.to_str().unwrap();
+    // finetune's default pooling is [CLS]; eval's, for a model folder that names none, mean.
+    let cls = format!("{model}@cls");
+    let out = run(&["eval", "--model", &cls, "--tasks", "books-next", "--corpus", books, "--out", "ev"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&tmp.path().join("ev/eval.json"));
+    let from_eval = &v["results"][0];
+    assert_eq!(from_eval["task"], "BOOKS-NEXT");
+    assert!(from_eval["n_test"].as_u64().unwrap() > 5, "{from_eval}");
+
+    let sets = [
+        format!("model.source={model}"),
+        format!("data.corpus={books}"),
+        "train.steps=2".into(),
+        "train.batch_pairs=4".into(),
+        "train.select=\"last\"".into(),
+        "report.sentences=10".into(),
+    ];
+    let mut args = vec!["finetune"];
+    args.extend(sets.iter().flat_map(|s| ["--set", s.as_str()]));
+    let out = run(&args, tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = json(&tmp.path().join("runs/default/report.json"));
+    let before = &report["eval"]["before"][0];
+    assert_eq!(before["task"], "BOOKS-NEXT");
+    for key in ["n_test", "n_train"] {
+        assert_eq!(before[key], from_eval[key], "{key}");
+    }
+    for k in 0..4 {
+        let (a, b) = (before["metrics"][k][1].as_f64().unwrap(), from_eval["metrics"][k][1].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-9, "metric {k}: {a} vs {b}");
+    }
+    assert_eq!(report["eval"]["after"][0]["task"], "BOOKS-NEXT");
+    let out = run(&["eval", "--model", &model, "--tasks", "BOOKS-NEXT", "--out", "ev2"], tmp.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--corpus"), "{err}");
 }

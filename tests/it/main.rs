@@ -5,6 +5,7 @@ mod architecture;
 mod cli;
 mod common;
 mod damage;
+mod data_files;
 mod dist;
 #[cfg(feature = "mpi")]
 mod dist_mpi;

@@ -84,7 +84,7 @@ fn every_real_parameter_gets_a_gradient() {
     let batch = tok.batch(&SENTENCES[..4], &dev).unwrap();
     let emb = enc.embed(&batch, Some(&mut StdRng::seed_from_u64(0))).unwrap();
     let (x, y) = (emb.narrow(0, 0, 2).unwrap(), emb.narrow(0, 2, 2).unwrap());
-    let views = Views { x: &x, y: &y, x_drop: None, mean_xy: None };
+    let views = Views { x: &x, y: &y, x_drop: None, mean_xy: None, neg: None };
     let parts = Objective::new(&LossConfig::default()).loss(&views).unwrap();
     let grads = parts.total.backward().unwrap();
     for (name, var) in &enc.params {
