@@ -130,6 +130,60 @@ pub fn read_embeddings(path: &Path) -> Result<EmbeddingFile> {
     Ok(EmbeddingFile { data, n: *n, dim: *dim, metadata })
 }
 
+/// The `embeddings` rows of an F32 file written by [`EmbeddingWriter`], read by range without
+/// loading the file: what a search streams its documents from.
+pub struct EmbeddingRows {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    pub n: usize,
+    pub dim: usize,
+    /// Where row 0 starts in the file.
+    start: u64,
+}
+
+impl EmbeddingRows {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let bad = |msg: String| Error::data(path, msg);
+        let mut len = [0u8; 8];
+        crate::io::read_exact_at(&file, &mut len, 0).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        if len > 1 << 20 {
+            return Err(bad(format!("a header of {len} bytes: not an embeddings file")));
+        }
+        let mut header = vec![0u8; len as usize];
+        crate::io::read_exact_at(&file, &mut header, 8).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors header: {e}")))?;
+        let t = &header["embeddings"];
+        let (Some(n), Some(dim), Some(offset)) =
+            (t["shape"][0].as_u64(), t["shape"][1].as_u64(), t["data_offsets"][0].as_u64())
+        else {
+            return Err(bad("no [n, dim] `embeddings` tensor".into()));
+        };
+        if t["dtype"] != "F32" {
+            return Err(bad(format!("`embeddings` is {}, expected F32", t["dtype"])));
+        }
+        let start = 8 + len + offset;
+        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if start + n * dim * 4 > size {
+            return Err(bad(format!("{size} bytes, too short for [{n}, {dim}] F32 rows (truncated?)")));
+        }
+        Ok(Self { file, path: path.to_path_buf(), n: n as usize, dim: dim as usize, start })
+    }
+
+    /// Rows `first..first + count`, flat.
+    pub fn rows(&self, first: usize, count: usize) -> Result<Vec<f32>> {
+        if first + count > self.n {
+            return Err(Error::data(&self.path, format!("rows {first}..{} of {}", first + count, self.n)));
+        }
+        let mut buf = vec![0u8; count * self.dim * 4];
+        let at = self.start + (first * self.dim * 4) as u64;
+        crate::io::read_exact_at(&self.file, &mut buf, at).map_err(|e| Error::io(&self.path, e))?;
+        Ok(buf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +210,15 @@ mod tests {
             // candle reads the same file, the line index included.
             let t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
             assert_eq!(t["line"].to_vec1::<i64>().unwrap(), vec![0, 2, 4]);
+            // Read by range: F32 files only.
+            match EmbeddingRows::open(&path) {
+                Ok(r) => {
+                    assert!(!f16 && (r.n, r.dim) == (3, 3));
+                    assert_eq!(r.rows(1, 2).unwrap(), [rows[1], rows[2]].concat());
+                    assert!(r.rows(2, 2).is_err());
+                }
+                Err(e) => assert!(f16 && e.to_string().contains("expected F32"), "{e}"),
+            }
         }
     }
 

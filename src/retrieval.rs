@@ -34,66 +34,66 @@ pub fn top_k(
     k: usize,
     skip: &(dyn Fn(usize, usize) -> bool + Sync),
 ) -> Vec<Vec<(usize, f32)>> {
-    let dim = dim.max(1);
-    let n_docs = docs.len() / dim;
-    let blocks: Vec<Vec<Vec<(usize, f32)>>> = queries
-        .par_chunks(QUERY_BLOCK * dim)
-        .enumerate()
-        .map(|(b, block)| {
-            let nq = block.len() / dim;
-            let mut best: Vec<Vec<(usize, f32)>> = vec![Vec::with_capacity(k + 1); nq];
-            let mut scores = vec![0f32; nq * DOC_BLOCK];
-            for d0 in (0..n_docs).step_by(DOC_BLOCK) {
-                let nd = DOC_BLOCK.min(n_docs - d0);
-                block_scores(block, &docs[d0 * dim..(d0 + nd) * dim], nq, nd, dim, &mut scores);
-                for (i, hits) in best.iter_mut().enumerate() {
-                    let q = b * QUERY_BLOCK + i;
-                    for (j, &s) in scores[i * nd..(i + 1) * nd].iter().enumerate() {
-                        // Documents come in index order, so a tie never displaces an earlier one.
-                        if hits.len() == k && hits.last().is_none_or(|&(_, worst)| s <= worst) || skip(q, d0 + j) {
-                            continue;
+    let mut search = TopK::new(queries, dim, k);
+    search.add(docs, 0, skip);
+    search.finish()
+}
+
+/// An exact search fed documents a block at a time, in index order: memory is the queries,
+/// `k` hits per query and one block of scores per thread, whatever the number of documents.
+pub struct TopK<'q> {
+    queries: &'q [f32],
+    dim: usize,
+    k: usize,
+    best: Vec<Vec<(usize, f32)>>,
+}
+
+impl<'q> TopK<'q> {
+    pub fn new(queries: &'q [f32], dim: usize, k: usize) -> Self {
+        let dim = dim.max(1);
+        let best = vec![Vec::with_capacity(k + 1); queries.len() / dim];
+        Self { queries, dim, k, best }
+    }
+
+    /// Documents `first..first + docs.len() / dim` (rows of `docs`), after every earlier one.
+    pub fn add(&mut self, docs: &[f32], first: usize, skip: &(dyn Fn(usize, usize) -> bool + Sync)) {
+        let (dim, k) = (self.dim, self.k);
+        let n_docs = docs.len() / dim;
+        self.queries.par_chunks(QUERY_BLOCK * dim).zip(self.best.par_chunks_mut(QUERY_BLOCK)).enumerate().for_each(
+            |(b, (block, best))| {
+                let nq = block.len() / dim;
+                let mut scores = vec![0f32; nq * DOC_BLOCK];
+                for d0 in (0..n_docs).step_by(DOC_BLOCK) {
+                    let nd = DOC_BLOCK.min(n_docs - d0);
+                    block_scores(block, &docs[d0 * dim..(d0 + nd) * dim], nq, nd, dim, &mut scores);
+                    for (i, hits) in best.iter_mut().enumerate() {
+                        let q = b * QUERY_BLOCK + i;
+                        for (j, &s) in scores[i * nd..(i + 1) * nd].iter().enumerate() {
+                            let d = first + d0 + j;
+                            // Documents come in index order, so a tie never displaces an earlier one.
+                            if hits.len() == k && hits.last().is_none_or(|&(_, worst)| s <= worst) || skip(q, d) {
+                                continue;
+                            }
+                            let at = hits.partition_point(|&(_, h)| h >= s);
+                            hits.insert(at, (d, s));
+                            hits.truncate(k);
                         }
-                        let at = hits.partition_point(|&(_, h)| h >= s);
-                        hits.insert(at, (d0 + j, s));
-                        hits.truncate(k);
                     }
                 }
-            }
-            best
-        })
-        .collect();
-    blocks.into_iter().flatten().collect()
+            },
+        );
+    }
+
+    /// Each query's hits, best first.
+    pub fn finish(self) -> Vec<Vec<(usize, f32)>> {
+        self.best
+    }
 }
 
 /// `out[q, d] = queries[q] . docs[d]` for `nq` queries and `nd` documents of `dim` values, row
-/// by row (`out` is read as `nq` rows of `nd`).
+/// by row (`out` is read as `nq` rows of `nd`): documents read column-wise as `docsᵀ`.
 fn block_scores(queries: &[f32], docs: &[f32], nq: usize, nd: usize, dim: usize, out: &mut [f32]) {
-    assert!(queries.len() == nq * dim && docs.len() == nd * dim && out.len() >= nq * nd);
-    // SAFETY: the three buffers hold at least nq*dim, nd*dim and nq*nd elements (asserted),
-    // and the strides below stay inside them.
-    unsafe {
-        gemm::gemm(
-            nq,
-            nd,
-            dim,
-            out.as_mut_ptr(),
-            1,
-            nd as isize,
-            false,
-            queries.as_ptr(),
-            1,
-            dim as isize,
-            docs.as_ptr(),
-            dim as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    crate::cpu::gemm_small(nq, nd, dim, out, nd, (queries, dim, 1), (docs, 1, dim));
 }
 
 /// The scores of `ranked` (each query's documents, best first) against `relevant` (each
@@ -204,6 +204,12 @@ mod tests {
         let skip = |q: usize, d: usize| (q + d).is_multiple_of(7);
         let got = top_k(&q, &d, dim, k, &skip);
         assert_eq!(got.len(), nq);
+        // Fed in uneven pieces, as a search streams documents from a file: the same hits.
+        let mut search = TopK::new(&q, dim, k);
+        for (first, end) in [(0, 7), (7, 3000), (3000, nd)] {
+            search.add(&d[first * dim..end * dim], first, &skip);
+        }
+        assert_eq!(search.finish(), got);
         for (qi, hits) in got.iter().enumerate() {
             let mut all: Vec<(usize, f32)> = (0..nd)
                 .filter(|&di| !skip(qi, di))

@@ -7,7 +7,8 @@
 //! missing column, invalid UTF-8 or a malformed line is an error naming the file and the line
 //! (or the Parquet row).
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -105,8 +106,10 @@ pub fn read_rows(path: &Path, wanted: &Wanted) -> Result<(Vec<Vec<String>>, Read
         }
     };
     let mut counts = ReadCounts { rows: rows.len(), ..Default::default() };
-    let mut seen = HashSet::new();
-    let mut kept = Vec::with_capacity(rows.len());
+    // Repeats found by a 64-bit hash of the row, checked against the row it names (rows whose
+    // hashes collide are compared in full): no second copy of every row.
+    let (mut seen, mut collided) = (HashMap::<u64, usize>::new(), HashSet::<Vec<String>>::new());
+    let mut kept: Vec<Vec<String>> = Vec::with_capacity(rows.len());
     for (line, fields) in rows {
         if fields[..wanted.required()].iter().any(|f| f.trim().is_empty()) {
             counts.empty += 1;
@@ -115,7 +118,14 @@ pub fn read_rows(path: &Path, wanted: &Wanted) -> Result<(Vec<Vec<String>>, Read
             }
             continue;
         }
-        if !seen.insert(fields.clone()) {
+        let repeated = match seen.entry(row_hash(&fields)) {
+            Entry::Vacant(v) => {
+                v.insert(kept.len());
+                false
+            }
+            Entry::Occupied(o) => kept[*o.get()] == fields || !collided.insert(fields.clone()),
+        };
+        if repeated {
             counts.duplicate += 1;
             continue;
         }
@@ -129,6 +139,11 @@ pub fn read_rows(path: &Path, wanted: &Wanted) -> Result<(Vec<Vec<String>>, Read
         ));
     }
     Ok((kept, counts))
+}
+
+fn row_hash(fields: &[String]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(fields)
 }
 
 /// Where each wanted column is among `header`: required ones must be there.
@@ -294,6 +309,24 @@ pub struct Examples {
 
 const FILES: [&str; 4] = ["text.bin", "text.idx", "tokens.bin", "tokens.idx"];
 
+impl Manifest {
+    /// A placeholder while the examples are being built.
+    fn default_for(wanted: &Wanted, per_example: usize) -> Self {
+        Self {
+            format: FORMAT,
+            source: PathBuf::new(),
+            source_sha256: String::new(),
+            tokenizer_sha256: String::new(),
+            wanted: wanted.clone(),
+            per_example,
+            examples: 0,
+            counts: ReadCounts::default(),
+            read_s: 0.0,
+            tokenize_s: 0.0,
+        }
+    }
+}
+
 impl Examples {
     /// The examples of `path`: from the prepared folder under `cache` when one matches the
     /// file's content, the tokenizer and the columns, else read, tokenized and prepared there
@@ -326,35 +359,45 @@ impl Examples {
             Wanted::Pairs { .. } if rows.iter().all(|r| !r[2].trim().is_empty()) => 3,
             Wanted::Pairs { .. } => 2,
         };
-        let texts: Vec<&str> = rows.iter().flat_map(|r| r[..per].iter().map(String::as_str)).collect();
-        let ids = tokenize(path, &texts, encode)?;
+        let mut ex = Self::from_parts(Manifest::default_for(wanted, per), &[], Vec::new());
+        // Tokenized a chunk at a time into the flat arrays: no per-text id vector for the file.
+        for (c, chunk) in rows.chunks(16384).enumerate() {
+            let texts: Vec<&str> = chunk.iter().flat_map(|r| r[..per].iter().map(String::as_str)).collect();
+            ex.append(&texts, tokenize(path, &texts, encode, c * 16384 * per)?);
+        }
         let tokenize_s = t0.elapsed().as_secs_f64() - read_s;
-        let manifest = Manifest {
+        let examples = rows.len();
+        drop(rows);
+        ex.manifest = Manifest {
             format: FORMAT,
             source: path.to_path_buf(),
             source_sha256,
             tokenizer_sha256: tokenizer_sha256.to_string(),
             wanted: wanted.clone(),
             per_example: per,
-            examples: rows.len(),
+            examples,
             counts,
             read_s,
             tokenize_s,
         };
-        let ex = Self::from_parts(manifest, &texts, ids);
         ex.save(&dir)?;
         Ok(ex)
     }
 
     fn from_parts(manifest: Manifest, texts: &[&str], ids: Vec<Vec<u32>>) -> Self {
         let mut ex = Self { manifest, text: Vec::new(), text_ends: Vec::new(), ids: Vec::new(), id_ends: Vec::new() };
-        for (t, i) in texts.iter().zip(ids) {
-            ex.text.extend_from_slice(t.as_bytes());
-            ex.text_ends.push(ex.text.len() as u64);
-            ex.ids.extend(i);
-            ex.id_ends.push(ex.ids.len() as u64);
-        }
+        ex.append(texts, ids);
         ex
+    }
+
+    /// Append texts and their ids.
+    fn append(&mut self, texts: &[&str], ids: Vec<Vec<u32>>) {
+        for (t, i) in texts.iter().zip(ids) {
+            self.text.extend_from_slice(t.as_bytes());
+            self.text_ends.push(self.text.len() as u64);
+            self.ids.extend(i);
+            self.id_ends.push(self.ids.len() as u64);
+        }
     }
 
     /// Write the folder under a temporary name, then rename it into place.
@@ -368,12 +411,18 @@ impl Examples {
         ));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let le64 = |v: &[u64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let le32 = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let data = [self.text.clone(), le64(&self.text_ends), le32(&self.ids), le64(&self.id_ends)];
-        for (name, bytes) in FILES.iter().zip(data) {
-            std::fs::write(tmp.join(name), bytes).map_err(|e| Error::io(tmp.join(name), e))?;
-        }
+        // Streamed through a buffer: no second copy of the data in memory.
+        let write = |name: &str, each: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>| -> Result<()> {
+            use std::io::Write;
+            let path = tmp.join(name);
+            let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+            let mut w = std::io::BufWriter::new(file);
+            each(&mut w).and_then(|_| w.flush()).map_err(|e| Error::io(&path, e))
+        };
+        write(FILES[0], &mut |w| w.write_all(&self.text))?;
+        write(FILES[1], &mut |w| self.text_ends.iter().try_for_each(|x| w.write_all(&x.to_le_bytes())))?;
+        write(FILES[2], &mut |w| self.ids.iter().try_for_each(|x| w.write_all(&x.to_le_bytes())))?;
+        write(FILES[3], &mut |w| self.id_ends.iter().try_for_each(|x| w.write_all(&x.to_le_bytes())))?;
         crate::io::write_json(&tmp.join("manifest.json"), &self.manifest)?;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
@@ -449,13 +498,19 @@ impl Examples {
     }
 }
 
-/// Every text's word pieces on every core; a text the tokenizer refuses names its row.
-fn tokenize(path: &Path, texts: &[&str], encode: &(dyn Fn(&str) -> Option<Vec<u32>> + Sync)) -> Result<Vec<Vec<u32>>> {
+/// Every text's word pieces on every core; a text the tokenizer refuses is named by its
+/// number in the file (`first`: the number of texts before these).
+fn tokenize(
+    path: &Path,
+    texts: &[&str],
+    encode: &(dyn Fn(&str) -> Option<Vec<u32>> + Sync),
+    first: usize,
+) -> Result<Vec<Vec<u32>>> {
     use rayon::prelude::*;
     let ids: Vec<Option<Vec<u32>>> = texts.par_iter().map(|t| encode(t)).collect();
     ids.into_iter()
         .enumerate()
-        .map(|(i, x)| x.ok_or_else(|| Error::data(path, format!("text {} cannot be tokenized", i + 1))))
+        .map(|(i, x)| x.ok_or_else(|| Error::data(path, format!("text {} cannot be tokenized", first + i + 1))))
         .collect()
 }
 

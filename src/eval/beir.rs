@@ -30,35 +30,69 @@ pub struct Beir {
     pub skip_own_text: bool,
 }
 
-/// Distinct texts, numbered in first-seen order.
+/// Distinct texts, numbered in first-seen order. Indexed by a 64-bit hash of the text, so each
+/// text is held once; a text whose hash an earlier, different text has goes to a second index
+/// keyed by the text itself.
 #[derive(Default)]
 pub struct Interner {
-    index: HashMap<String, usize>,
+    index: HashMap<u64, usize>,
+    collided: HashMap<String, usize>,
     pub texts: Vec<String>,
 }
 
 impl Interner {
     pub fn id(&mut self, text: String) -> usize {
-        if let Some(&i) = self.index.get(&text) {
-            return i;
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(&text);
+        self.id_hashed(text, h)
+    }
+
+    fn id_hashed(&mut self, text: String, h: u64) -> usize {
+        let n = self.texts.len();
+        match self.index.get(&h) {
+            None => {
+                self.index.insert(h, n);
+            }
+            Some(&i) if self.texts[i] == text => return i,
+            Some(_) => match self.collided.get(&text) {
+                Some(&i) => return i,
+                None => {
+                    self.collided.insert(text.clone(), n);
+                }
+            },
         }
-        self.texts.push(text.clone());
-        self.index.insert(text, self.texts.len() - 1);
-        self.texts.len() - 1
+        self.texts.push(text);
+        n
     }
 }
 
-/// `(line number, object)` of each non-empty line of a JSON Lines file.
-fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, serde_json::Value>)>> {
-    let mut out = Vec::new();
-    for (i, line) in read_lines(path)?.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+/// Each non-empty line of a JSON Lines file as an object, handed to `each` with its line
+/// number, one at a time: the file is streamed, never held whole (a million documents).
+fn json_lines(
+    path: &Path,
+    each: &mut dyn FnMut(usize, serde_json::Map<String, serde_json::Value>) -> Result<()>,
+) -> Result<()> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut buf = Vec::new();
+    for i in 1.. {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf).map_err(|e| Error::io(path, e))? == 0 {
+            break;
+        }
+        let line = std::str::from_utf8(&buf)
+            .map_err(|_| Error::data(path, format!("line {i}: not valid UTF-8; convert the file to UTF-8")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
         match serde_json::from_str(line) {
-            Ok(serde_json::Value::Object(o)) => out.push((i + 1, o)),
-            Ok(_) => return Err(Error::data(path, format!("line {}: expected a JSON object", i + 1))),
-            Err(e) => return Err(Error::data(path, format!("line {}: {e}", i + 1))),
+            Ok(serde_json::Value::Object(o)) => each(i, o)?,
+            Ok(_) => return Err(Error::data(path, format!("line {i}: expected a JSON object"))),
+            Err(e) => return Err(Error::data(path, format!("line {i}: {e}"))),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Field `key` of a JSON object as a string (an id may be a number); `optional` gives "" when absent.
@@ -77,24 +111,101 @@ fn field(
     }
 }
 
-/// Ids and texts of a JSON Lines file, ids unique.
-fn records(path: &Path, with_title: bool) -> Result<(HashMap<String, usize>, Vec<String>)> {
-    let (mut ids, mut texts) = (HashMap::new(), Vec::new());
-    for (line, o) in json_lines(path)? {
+/// Record ids, numbered in file order, in one buffer with a 64-bit hash index (a million ids
+/// cost a few bytes each, not a `String` each).
+#[derive(Default)]
+struct Ids {
+    buf: String,
+    ends: Vec<usize>,
+    index: HashMap<u64, usize>,
+    collided: HashMap<String, usize>,
+}
+
+impl Ids {
+    fn hash(id: &str) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
+    }
+
+    fn at(&self, i: usize) -> &str {
+        &self.buf[if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]]
+    }
+
+    fn get(&self, id: &str) -> Option<usize> {
+        match self.index.get(&Self::hash(id)) {
+            Some(&i) if self.at(i) == id => Some(i),
+            Some(_) => self.collided.get(id).copied(),
+            None => None,
+        }
+    }
+
+    /// Number `id`, or None when it was numbered before.
+    fn insert(&mut self, id: &str) -> Option<usize> {
+        if self.get(id).is_some() {
+            return None;
+        }
+        let n = self.ends.len();
+        match self.index.entry(Self::hash(id)) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(n);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.collided.insert(id.to_string(), n);
+            }
+        }
+        self.buf.push_str(id);
+        self.ends.push(self.buf.len());
+        Some(n)
+    }
+}
+
+/// Ids and texts of a JSON Lines file, ids unique; each text numbered by `texts` as it is read.
+fn records(path: &Path, with_title: bool, texts: &mut Interner) -> Result<(Ids, Vec<usize>)> {
+    let (mut ids, mut rows) = (Ids::default(), Vec::new());
+    json_lines(path, &mut |line, o| {
         let id = field(path, line, &o, "_id", false)?;
         let text = field(path, line, &o, "text", false)?;
         let title = if with_title { field(path, line, &o, "title", true)? } else { String::new() };
         let joined = if title.trim().is_empty() { text } else { format!("{} {}", title.trim(), text) };
-        if ids.insert(id.clone(), texts.len()).is_some() {
+        if ids.insert(&id).is_none() {
             return Err(Error::data(path, format!("line {line}: _id {id:?} appears twice")));
         }
-        texts.push(joined);
-    }
-    if texts.is_empty() {
+        rows.push(texts.id(joined));
+        Ok(())
+    })?;
+    if rows.is_empty() {
         return Err(Error::data(path, "no records"));
     }
-    Ok((ids, texts))
+    Ok((ids, rows))
 }
+
+/// Where a retrieval set's embeddings come from: rows by index, a range at a time (a file read
+/// in place, or rows in memory).
+pub trait Rows {
+    fn rows(&self, first: usize, count: usize) -> Result<Vec<f32>>;
+}
+
+impl Rows for crate::embedding_file::EmbeddingRows {
+    fn rows(&self, first: usize, count: usize) -> Result<Vec<f32>> {
+        crate::embedding_file::EmbeddingRows::rows(self, first, count)
+    }
+}
+
+/// Rows held in memory: `.0` flat, `.1` values per row.
+pub struct InMemory<'a>(pub &'a [f32], pub usize);
+
+impl Rows for InMemory<'_> {
+    fn rows(&self, first: usize, count: usize) -> Result<Vec<f32>> {
+        let d = self.1;
+        self.0
+            .get(first * d..(first + count) * d)
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| Error::invalid(format!("rows {first}..{} of {}", first + count, self.0.len() / d.max(1))))
+    }
+}
+
+/// Documents searched per read.
+const DOCS_PER_READ: usize = 65536;
 
 impl Beir {
     /// Parse `NAME=DIR` and read and check the folder: malformed lines, duplicate ids and
@@ -110,8 +221,12 @@ impl Beir {
             return Err(bad("that is a built-in task's name; pick another"));
         }
         let dir = PathBuf::from(dir);
-        let (doc_ids, doc_texts) = records(&dir.join("corpus.jsonl"), true)?;
-        let (query_ids, mut query_texts) = records(&dir.join("queries.jsonl"), false)?;
+        // Documents are numbered first, so distinct documents are texts 0..n in order.
+        let mut texts = Interner::default();
+        let (doc_ids, docs) = records(&dir.join("corpus.jsonl"), true, &mut texts)?;
+        // Queries join the table only when judged (a BEIR file may hold every split's).
+        let mut asked = Interner::default();
+        let (query_ids, query_texts) = records(&dir.join("queries.jsonl"), false, &mut asked)?;
         let qrels = dir.join("qrels").join("test.tsv");
         let mut relevant: Vec<Vec<usize>> = vec![Vec::new(); query_texts.len()];
         for (i, line) in read_lines(&qrels)?.iter().enumerate().skip(1).filter(|(_, l)| !l.trim().is_empty()) {
@@ -123,8 +238,8 @@ impl Beir {
                     f.len()
                 )));
             }
-            let q = *query_ids.get(f[0]).ok_or_else(|| at(format!("query {:?} is not in queries.jsonl", f[0])))?;
-            let d = *doc_ids.get(f[1]).ok_or_else(|| at(format!("document {:?} is not in corpus.jsonl", f[1])))?;
+            let q = query_ids.get(f[0]).ok_or_else(|| at(format!("query {:?} is not in queries.jsonl", f[0])))?;
+            let d = doc_ids.get(f[1]).ok_or_else(|| at(format!("document {:?} is not in corpus.jsonl", f[1])))?;
             let score: f64 = f[2].trim().parse().map_err(|_| at(format!("score {:?} is not a number", f[2])))?;
             if score > 0.0 && !relevant[q].contains(&d) {
                 relevant[q].push(d);
@@ -134,9 +249,7 @@ impl Beir {
         if judged.is_empty() {
             return Err(Error::data(&qrels, "no query has a relevant document (score > 0)"));
         }
-        let mut texts = Interner::default();
-        let docs = doc_texts.into_iter().map(|t| texts.id(t)).collect();
-        let queries = judged.iter().map(|&q| texts.id(std::mem::take(&mut query_texts[q]))).collect();
+        let queries = judged.iter().map(|&q| texts.id(asked.texts[query_texts[q]].clone())).collect();
         Ok(Self {
             name: name.to_string(),
             texts: texts.texts,
@@ -160,34 +273,34 @@ impl Beir {
         Ok(out)
     }
 
-    /// The scores (x 100) given the unit-vector embeddings of `texts`, row by row, `dim`
-    /// values each. Where the documents are the first texts in order (every set whose
-    /// documents are distinct), their rows are searched in place, not copied.
-    pub fn score(&self, rows: &[f32], dim: usize) -> Result<TaskResult> {
+    /// The scores (x 100) given the unit-vector embeddings of `texts` (row `i` is text `i`'s,
+    /// `dim` values each): the queries' rows are read, then the documents' a block at a time,
+    /// so memory is the queries, their hits and one block, whatever the number of documents.
+    pub fn score(&self, rows: &dyn Rows, dim: usize) -> Result<TaskResult> {
         let start = Instant::now();
-        if rows.len() != self.texts.len() * dim {
-            return Err(Error::invalid(format!(
-                "{}: {} embedding values for {} texts of {dim}",
-                self.name,
-                rows.len(),
-                self.texts.len()
-            )));
+        let mut queries = Vec::with_capacity(self.queries.len() * dim);
+        for &t in &self.queries {
+            queries.extend(rows.rows(t, 1)?);
         }
-        let gather =
-            |ids: &[usize]| -> Vec<f32> { ids.iter().flat_map(|&i| &rows[i * dim..(i + 1) * dim]).copied().collect() };
-        let in_place = self.docs.iter().enumerate().all(|(i, &t)| i == t);
-        let copied;
-        let docs = match in_place {
-            true => &rows[..self.docs.len() * dim],
-            false => {
-                copied = gather(&self.docs);
-                &copied[..]
-            }
-        };
-        let queries = gather(&self.queries);
+        let mut search = crate::retrieval::TopK::new(&queries, dim, 100);
         let skip = |q: usize, d: usize| self.skip_own_text && self.docs[d] == self.queries[q];
-        let ranked = crate::retrieval::top_k(&queries, docs, dim, 100, &skip);
-        let r = crate::retrieval::score(&ranked, &self.relevant, self.docs.len());
+        // Documents that are the first texts in order (distinct documents) are read as ranges.
+        let in_place = self.docs.iter().enumerate().all(|(i, &t)| i == t);
+        for first in (0..self.docs.len()).step_by(DOCS_PER_READ) {
+            let count = DOCS_PER_READ.min(self.docs.len() - first);
+            let block = match in_place {
+                true => rows.rows(first, count)?,
+                false => {
+                    let mut b = Vec::with_capacity(count * dim);
+                    for &t in &self.docs[first..first + count] {
+                        b.extend(rows.rows(t, 1)?);
+                    }
+                    b
+                }
+            };
+            search.add(&block, first, &skip);
+        }
+        let r = crate::retrieval::score(&search.finish(), &self.relevant, self.docs.len());
         Ok(TaskResult {
             task: self.name.clone(),
             metrics: vec![
@@ -244,12 +357,34 @@ mod tests {
         .into_iter()
         .collect();
         let rows: Vec<f32> = set.texts.iter().flat_map(|t| vecs[t.as_str()]).collect();
-        let r = set.score(&rows, 2).unwrap();
+        let r = set.score(&InMemory(&rows, 2), 2).unwrap();
         // q2 ranks "Ships a boat" (0.8) and "rain" (0.96) above "a cat" (0.6): third.
         let ndcg = (1.0 + 1.0 / 4f64.log2()) / 2.0;
         assert!((r.metrics[0].1 - 100.0 * ndcg).abs() < 1e-9, "{:?}", r.metrics);
         assert!((r.metrics[1].1 - 100.0 * (1.0 + 1.0 / 3.0) / 2.0).abs() < 1e-9);
         assert_eq!((r.metrics[2].1, r.metrics[3].1), (100.0, 100.0));
+    }
+
+    /// Ids whose hashes collide stay distinct; a repeated id is refused.
+    #[test]
+    fn ids_resolve_collisions_and_refuse_repeats() {
+        let mut ids = Ids::default();
+        assert_eq!((ids.insert("d1"), ids.insert("d22"), ids.insert("d1")), (Some(0), Some(1), None));
+        assert_eq!((ids.get("d22"), ids.get("d3")), (Some(1), None));
+        // A forced collision: an entry under another id's hash goes to the second index.
+        ids.index.insert(Ids::hash("zz"), 0);
+        assert_eq!((ids.insert("zz"), ids.get("zz"), ids.get("d1")), (Some(2), Some(2), Some(0)));
+    }
+
+    /// Texts whose hashes collide stay distinct, and each is found again.
+    #[test]
+    fn interner_resolves_hash_collisions() {
+        let mut t = Interner::default();
+        assert_eq!((t.id_hashed("a".into(), 1), t.id_hashed("b".into(), 1), t.id_hashed("c".into(), 2)), (0, 1, 2));
+        assert_eq!((t.id_hashed("b".into(), 1), t.id_hashed("a".into(), 1), t.id_hashed("c".into(), 2)), (1, 0, 2));
+        assert_eq!(t.texts, ["a", "b", "c"]);
+        let mut real = Interner::default();
+        assert_eq!((real.id("x".into()), real.id("y".into()), real.id("x".into())), (0, 1, 0));
     }
 
     /// Bad folders name the file and line before anything is embedded.

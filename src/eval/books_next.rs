@@ -41,6 +41,7 @@ pub fn books_next(pairs: &dyn PairSource) -> Result<Beir> {
 mod tests {
     use super::*;
     use crate::data::source::{Pair, PairIds};
+    use crate::eval::beir::InMemory;
 
     /// Adjacent sentences s0..s3 of a book, as pairs (s0,s1), (s1,s2), (s2,s3), plus a pair of
     /// one repeated text.
@@ -73,12 +74,12 @@ mod tests {
         let v = |deg: f32| [deg.to_radians().cos(), deg.to_radians().sin()];
         // Gaps shrink, so each sentence is nearer the next than the one before; "Yes." is far.
         let rows: Vec<f32> = [0.0, 20.0, 35.0, 45.0, 180.0].into_iter().flat_map(v).collect();
-        let r = set.score(&rows, 2).unwrap();
+        let r = set.score(&InMemory(&rows, 2), 2).unwrap();
         assert_eq!((r.n_test, r.n_train), (3, 5));
         assert!((r.metrics[0].1 - 100.0).abs() < 1e-9, "{:?}", r.metrics);
         // Without the skip, every query finds itself first, its next sentence second.
         let plain = Beir { skip_own_text: false, ..set };
-        let r = plain.score(&rows, 2).unwrap();
+        let r = plain.score(&InMemory(&rows, 2), 2).unwrap();
         let want = 100.0 / 3f64.log2();
         assert!((r.metrics[0].1 - want).abs() < 1e-9, "{:?}", r.metrics);
         assert!(is_named("books-next") && is_named("BooksNext") && !is_named("books"));

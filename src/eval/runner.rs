@@ -8,10 +8,11 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::Serialize;
 
+use super::beir::Beir;
 use super::{run_task, task_sentences, Task, TaskResult, UserSts};
 use crate::data::batch::TextTokenizer;
 use crate::dist::World;
-use crate::embedding_file::{read_embeddings, EmbeddingWriter};
+use crate::embedding_file::{read_embeddings, EmbeddingRows, EmbeddingWriter};
 use crate::error::Result;
 use crate::model::{Encoder, EMBED_BATCH};
 use crate::progress::Progress;
@@ -27,7 +28,7 @@ pub struct EvalOptions {
     /// The user's scored-pair sets (`eval --sts NAME=FILE`), after the tasks.
     pub user_sts: Vec<UserSts>,
     /// The user's retrieval sets (`eval --retrieval NAME=DIR`), last.
-    pub user_retrieval: Vec<super::beir::Beir>,
+    pub user_retrieval: Vec<Beir>,
 }
 
 /// One task's scores plus how long its embedding took (0 when it came from the cache).
@@ -109,9 +110,7 @@ pub fn evaluate(
         let key = cache_key(&format!("retrieval:{}:{}:{:x}", set.name, set.skip_own_text, h.finalize()));
         let cache_file =
             opts.cache_dir.as_ref().map(|d| d.join(format!("retrieval-{}-{}.safetensors", set.name, &key[..16])));
-        let embedded = embed_cached(embedder, &set.name, &set.texts, cache_file.as_deref(), progress)?;
-        let result = set.score(&embedded.flat, encoder.config.hidden_size)?;
-        out.push(embedded.done(result, set.texts.len(), progress));
+        out.push(retrieval_task(embedder, set, cache_file.as_deref(), progress)?);
         finished(&out)?;
     }
     Ok(out)
@@ -183,6 +182,86 @@ fn embed_cached(
         write_cache(f, &flat, sentences.len(), dim)?;
     }
     Ok(Embedded { flat, cached: false, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// A retrieval set: its texts embedded a chunk at a time into an embeddings file (the cache,
+/// or a temporary file removed afterwards) or read from the cache, then searched with the
+/// documents streamed back from the file ([`Beir::score`]): no rank ever holds every
+/// document's embedding. Over several ranks each writes its own file.
+fn retrieval_task(
+    embedder: &Embedder,
+    set: &Beir,
+    cache_file: Option<&Path>,
+    progress: &dyn Progress,
+) -> Result<Evaluated> {
+    let (encoder, world) = (embedder.encoder, embedder.world);
+    let dim = encoder.config.hidden_size;
+    let start = Instant::now();
+    let readable = |f: &Path| EmbeddingRows::open(f).ok().filter(|r| r.n == set.texts.len() && r.dim == dim);
+    let here = cache_file.and_then(readable);
+    let cached = match world.size() {
+        1 => here,
+        _ if world.any(here.is_none())? => None,
+        _ => here,
+    };
+    let mut temp = None;
+    let (rows, was_cached) = match cached {
+        Some(rows) => (rows, true),
+        None => {
+            let path = match (cache_file, world.is_root()) {
+                (Some(f), true) => f.to_path_buf(),
+                _ => {
+                    let name = format!("hypersphere-{}-{}-{}.safetensors", std::process::id(), world.rank(), set.name);
+                    temp.insert(TempFile(std::env::temp_dir().join(name))).0.clone()
+                }
+            };
+            embed_to_file(embedder, &set.name, &set.texts, &path, progress)?;
+            (EmbeddingRows::open(&path)?, false)
+        }
+    };
+    let seconds = if was_cached { 0.0 } else { start.elapsed().as_secs_f64() };
+    let result = set.score(&rows, dim)?;
+    drop(temp);
+    let embedded = Embedded { flat: Vec::new(), cached: was_cached, seconds };
+    Ok(embedded.done(result, set.texts.len(), progress))
+}
+
+/// A file removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Embed `texts` into an F32 embeddings file at `path`, 512 per rank at a time.
+fn embed_to_file(
+    embedder: &Embedder,
+    label: &str,
+    texts: &[String],
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let (encoder, world) = (embedder.encoder, embedder.world);
+    let dim = encoder.config.hidden_size;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| crate::Error::io(parent, e))?;
+    }
+    progress.line(&format!("{label}: embedding {} texts", texts.len()));
+    progress.start(label, 0, texts.len() as u64);
+    let mut w = EmbeddingWriter::create(path, texts.len(), dim, false, &Default::default())?;
+    let mut done = 0;
+    for chunk in texts.chunks(512 * world.size()) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        for row in world.embed(encoder, embedder.tokenizer, &chunk, EMBED_BATCH, embedder.device)?.chunks_exact(dim) {
+            w.push(row, done)?;
+            done += 1;
+        }
+        progress.advance(done as u64, "texts");
+    }
+    progress.finish();
+    w.finish()
 }
 
 fn write_cache(path: &Path, flat: &[f32], n: usize, dim: usize) -> Result<()> {

@@ -207,7 +207,7 @@ impl Prepared {
             return Err(self.damaged(file, format!("{len} bytes at offset {offset} run past its end ({size} bytes)")));
         }
         let mut buf = vec![0u8; len as usize];
-        read_exact_at(handle, &mut buf, offset).map_err(|e| {
+        crate::io::read_exact_at(handle, &mut buf, offset).map_err(|e| {
             Error::data(self.dir.join(FILES[file]), format!("{e}; the prepared corpus changed or the disk failed"))
         })?;
         Ok(buf)
@@ -319,25 +319,6 @@ impl Prepared {
             val: ranges(&val),
             val_books: val.iter().map(|&i| books[i].name.clone()).collect(),
         }
-    }
-}
-
-/// Fill `buf` from `file` at `offset`, without moving a shared cursor (threads may read at once).
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-    }
-    #[cfg(windows)]
-    {
-        let mut done = 0;
-        while done < buf.len() {
-            match std::os::windows::fs::FileExt::seek_read(file, &mut buf[done..], offset + done as u64)? {
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n => done += n,
-            }
-        }
-        Ok(())
     }
 }
 
