@@ -5,6 +5,9 @@ Writes every run's numbers and the medians to `--out`/mpi.json and a Markdown ta
 `--out`/mpi.md. Needs `cargo build --release --features mpi` and OpenMPI's `mpirun`.
 
     python3 bench/mpi.py --data ../shared/data --steps 24 --repeats 2 --out bench/results-mpi
+
+`--ceiling` measures only two independent one-thread processes at once against one alone (no
+MPI needed): the share of twice one core that this machine gives two busy processes.
 """
 
 import argparse
@@ -23,13 +26,43 @@ SETS = [
     "report.sentences=200",
     "report.pairs=100",
     "train.val_pairs=64",
+    "report.books_next=false",
 ]
 
-# (name, ranks, rayon threads per process)
+# (name, ranks, rayon threads per process); ranks -2: two independent one-thread processes at
+# once (no communication: the machine's own ceiling for two cores, summed over both)
 LAYOUTS = [("2 ranks x 1 thread", 2, 1), ("1 process x 1 thread", 0, 1), ("1 process x 2 threads", 0, 2)]
+CEILING = ("2 independent processes x 1 thread", -2, 1)
+
+
+def ceiling(binary, data, steps, cwd, name):
+    """Two one-thread runs at once, each its own process and run folder: their summed pairs/s."""
+    procs = []
+    for k in range(2):
+        args = [binary, "finetune", "--data", data]
+        for s in SETS + [f"train.steps={steps}", f"name={name}-{k}"]:
+            args += ["--set", s]
+        env = dict(os.environ, RAYON_NUM_THREADS="1")
+        procs.append(subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    t = time.time()
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            sys.exit(f"an independent run failed:\n{err[-3000:]}")
+    trains = []
+    for k in range(2):
+        with open(os.path.join(cwd, "runs", f"{name}-{k}", "report.json")) as f:
+            trains.append(json.load(f)["train"])
+    return {"pairs_per_s": sum(t["pairs_per_s"] for t in trains),
+            "each_pairs_per_s": [t["pairs_per_s"] for t in trains],
+            "train_seconds": max(t["seconds"] for t in trains), "steps": steps,
+            "wall_seconds": time.time() - t}
 
 
 def run(binary, data, steps, ranks, threads, cwd, name):
+    if ranks == -2:
+        return ceiling(binary, data, steps, cwd, name)
     args = [binary, "finetune", "--data", data]
     for s in SETS + [f"train.steps={steps}", f"name={name}"]:
         args += ["--set", s]
@@ -62,7 +95,11 @@ def main():
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default="bench/results-mpi")
+    p.add_argument("--ceiling", action="store_true",
+                   help="measure only the machine's ceiling: two independent 1-thread processes against one")
     a = p.parse_args()
+    if a.ceiling:
+        return measure_ceiling(a)
     binary, data = os.path.abspath(a.binary), os.path.abspath(a.data)
     os.makedirs(a.out, exist_ok=True)
     runs = {name: [] for name, _, _ in LAYOUTS}
@@ -103,6 +140,28 @@ def main():
     with open(os.path.join(a.out, "mpi.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def measure_ceiling(a):
+    """Two independent one-thread processes at once against one alone, alternating: how much of
+    twice one core this machine gives to two busy processes that never communicate."""
+    binary, data = os.path.abspath(a.binary), os.path.abspath(a.data)
+    os.makedirs(a.out, exist_ok=True)
+    layouts = [CEILING, LAYOUTS[1]]
+    runs = {name: [] for name, _, _ in layouts}
+    with tempfile.TemporaryDirectory() as cwd:
+        for r in range(a.repeats):
+            for name, ranks, threads in layouts:
+                res = run(binary, data, a.steps, ranks, threads, cwd, f"c{r}-{ranks}-{threads}")
+                print(f"repeat {r}: {name}: {res['pairs_per_s']:.2f} pairs/s", file=sys.stderr)
+                runs[name].append(res)
+    med = {name: statistics.median(x["pairs_per_s"] for x in rs) for name, rs in runs.items()}
+    summary = {"command": " ".join(sys.argv), "sets": SETS + [f"train.steps={a.steps}"], "runs": runs,
+               "median_pairs_per_s": med,
+               "ceiling_efficiency": med[CEILING[0]] / (2 * med[LAYOUTS[1][0]])}
+    with open(os.path.join(a.out, "ceiling.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({"median_pairs_per_s": med, "ceiling_efficiency": summary["ceiling_efficiency"]}, indent=2))
 
 
 if __name__ == "__main__":
