@@ -34,6 +34,10 @@ pub struct TrainState {
     /// Seconds spent training so far, over every process that worked on the run.
     #[serde(default)]
     pub seconds: f64,
+    /// Of those, the seconds inside the training steps (batching, forward, backward,
+    /// collectives, update): without validation and checkpoints, which rank 0 does alone.
+    #[serde(default)]
+    pub step_seconds: f64,
     /// Loss sums since the last log line and how many steps they hold, so the first line after
     /// a resume averages the same steps an uninterrupted run's would.
     #[serde(default)]

@@ -6,7 +6,9 @@ of sentences through the encoder (150 steps x 128 sentences = 19,200; candidates
 positives encode 3 sentences per pair, so they run 100 steps). Each run is scored on:
   - STS-B dev (the selection metric) and STS-B test (max_len 128, full sets);
   - the seven SentEval classification tasks with --quick (1000-example subsets);
-  - the held-out geometry of report.json (uniformity t=2, mean cosine, alignment).
+  - the held-out geometry of report.json (uniformity t=2, mean cosine, alignment);
+  - BOOKS-NEXT (next-sentence retrieval over the held-out books), from report.json, when the
+    run measured it (round 6 on; earlier rows leave it empty).
 
   python3 study/study.py run [--only NAME,...] [--seeds 42,1,2]   # resumable: finished runs are skipped
   python3 study/study.py table                                      # study/results/*.json -> study/results.md
@@ -126,6 +128,11 @@ CANDIDATES = {
     "au-meanT10-adj3-u20-t0.5-norm-lr1e-4": ["loss.w_align=3", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=20", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
     "au-meanT10-u10-t0.5-norm-lr1e-4": ["loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
     "au-3-1-norm-b128": ["loss.w_align=3", "loss.w_uniform=1", "train.norm_lr_scale=1000", "train.batch_pairs=128", "train.steps=75"],
+    # Round 6: the books' adjacent sentences back as positives on top of the default
+    # (au-meanT10-u10-t0.5-norm-lr1e-4), scored in-domain on BOOKS-NEXT as well.
+    "au-meanT10-adj10-u10-t0.5-norm-lr1e-4": ["loss.w_align=10", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    "au-meanT10-adj30-u10-t0.5-norm-lr1e-4": ["loss.w_align=30", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    "mix0.3-meanT10-u10-t0.5-norm-lr1e-4": ["loss.kind=\"mix\"", "loss.w_infonce=0.3", "loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
 }
 
 
@@ -182,6 +189,11 @@ def run_one(name, seed):
         result["quick"] = {t: v.get("accuracy") for t, v in quick.items()}
         result["quick_avg"] = statistics.mean(result["quick"].values())
         result["log"] = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
+        # BOOKS-NEXT (held-out next-sentence retrieval), measured by finetune before and after.
+        for when in ["before", "after"]:
+            found = [r for r in (report.get("eval") or {}).get(when) or [] if r.get("task") == "BOOKS-NEXT"]
+            if found:
+                result[f"books_next_{when}"] = dict(found[0]["metrics"])
     else:
         result["error"] = [l for l in log.read_text().splitlines() if l.startswith("error")][-1:]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -203,20 +215,21 @@ def table():
             return f"{vals[0]:.2f}"
         return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
-    lines = ["| candidate | seeds | STS-B dev | STS-B test | SentEval quick avg | uniformity | mean cos | alignment | selected step | overrides |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = ["| candidate | seeds | STS-B dev | STS-B test | SentEval quick avg | BOOKS-NEXT nDCG@10 | uniformity | mean cos | alignment | selected step | overrides |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name in [n for n in CANDIDATES if n in rows] + [n for n in rows if n not in CANDIDATES]:
         rs = rows[name]
         ok = [r for r in rs if r["exit"] == 0]
         seeds = ",".join(str(r["seed"]) for r in rs)
         if not ok:
             err = (rs[0].get("error") or [""])[0][:110]
-            lines.append(f"| {name} | {seeds} | stopped: {err}... | | | | | | | `{' '.join(rs[0]['sets'])}` |")
+            lines.append(f"| {name} | {seeds} | stopped: {err}... | | | | | | | | `{' '.join(rs[0]['sets'])}` |")
             continue
         sel = ",".join(str((r.get("selected") or {}).get("step")) for r in ok)
         lines.append("| " + " | ".join([
             name, seeds,
             fmt([r["stsb_dev"] for r in ok]), fmt([r["stsb_test"] for r in ok]), fmt([r["quick_avg"] for r in ok]),
+            fmt([(r.get("books_next_after") or {}).get("ndcg_at_10") for r in ok]),
             fmt([r["report"]["uniformity"] for r in ok]), fmt([r["report"]["mean_cosine"] for r in ok]),
             fmt([r["report"]["alignment"] for r in ok]), sel, "`" + " ".join(rs[0]["sets"]) + "`"]) + " |")
     text = "\n".join(lines) + "\n"

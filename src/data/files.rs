@@ -309,24 +309,6 @@ pub struct Examples {
 
 const FILES: [&str; 4] = ["text.bin", "text.idx", "tokens.bin", "tokens.idx"];
 
-impl Manifest {
-    /// A placeholder while the examples are being built.
-    fn default_for(wanted: &Wanted, per_example: usize) -> Self {
-        Self {
-            format: FORMAT,
-            source: PathBuf::new(),
-            source_sha256: String::new(),
-            tokenizer_sha256: String::new(),
-            wanted: wanted.clone(),
-            per_example,
-            examples: 0,
-            counts: ReadCounts::default(),
-            read_s: 0.0,
-            tokenize_s: 0.0,
-        }
-    }
-}
-
 impl Examples {
     /// The examples of `path`: from the prepared folder under `cache` when one matches the
     /// file's content, the tokenizer and the columns, else read, tokenized and prepared there
@@ -359,27 +341,26 @@ impl Examples {
             Wanted::Pairs { .. } if rows.iter().all(|r| !r[2].trim().is_empty()) => 3,
             Wanted::Pairs { .. } => 2,
         };
-        let mut ex = Self::from_parts(Manifest::default_for(wanted, per), &[], Vec::new());
-        // Tokenized a chunk at a time into the flat arrays: no per-text id vector for the file.
-        for (c, chunk) in rows.chunks(16384).enumerate() {
-            let texts: Vec<&str> = chunk.iter().flat_map(|r| r[..per].iter().map(String::as_str)).collect();
-            ex.append(&texts, tokenize(path, &texts, encode, c * 16384 * per)?);
-        }
-        let tokenize_s = t0.elapsed().as_secs_f64() - read_s;
-        let examples = rows.len();
-        drop(rows);
-        ex.manifest = Manifest {
+        let manifest = Manifest {
             format: FORMAT,
             source: path.to_path_buf(),
             source_sha256,
             tokenizer_sha256: tokenizer_sha256.to_string(),
             wanted: wanted.clone(),
             per_example: per,
-            examples,
+            examples: rows.len(),
             counts,
             read_s,
-            tokenize_s,
+            tokenize_s: 0.0,
         };
+        let mut ex = Self::from_parts(manifest, &[], Vec::new());
+        // Tokenized a chunk at a time into the flat arrays: no per-text id vector for the file.
+        for (c, chunk) in rows.chunks(16384).enumerate() {
+            let texts: Vec<&str> = chunk.iter().flat_map(|r| r[..per].iter().map(String::as_str)).collect();
+            ex.append(&texts, tokenize(path, &texts, encode, c * 16384 * per)?);
+        }
+        ex.manifest.tokenize_s = t0.elapsed().as_secs_f64() - read_s;
+        drop(rows);
         ex.save(&dir)?;
         Ok(ex)
     }

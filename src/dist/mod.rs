@@ -179,6 +179,11 @@ impl World {
         self.comm.barrier()
     }
 
+    /// A barrier that may wait as long as rank 0's own phases take (no collective timeout).
+    pub fn barrier_patiently(&self) -> Result<()> {
+        self.patiently(|| self.comm.barrier())
+    }
+
     pub fn abort(&self, code: i32) -> ! {
         self.comm.abort(code)
     }
@@ -271,15 +276,19 @@ impl World {
             local.push(grads.get(var.as_tensor()).map(|g| g.to_dtype(candle_core::DType::F32)).transpose()?);
         }
         let rows = self.sparse_rows(params, &local)?;
-        let mut flat = Vec::new();
+        let len = |var: &Var, rows: &Option<Tensor>| match rows {
+            None => var.elem_count(),
+            Some(r) => r.elem_count() * (var.elem_count() / var.dims()[0]),
+        };
+        // Sized once: growing a buffer of tens of MB by doubling copies it several times a step.
+        let mut flat = Vec::with_capacity(params.iter().zip(&rows).map(|((_, v), r)| len(v, r)).sum());
         for (((_, var), g), rows) in params.iter().zip(&local).zip(&rows) {
             let start = flat.len();
             match (g, rows) {
                 (Some(g), None) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
                 (Some(_), Some(r)) if r.elem_count() == 0 => {}
                 (Some(g), Some(r)) => flat.extend(g.index_select(r, 0)?.flatten_all()?.to_vec1::<f32>()?),
-                (None, None) => flat.resize(start + var.elem_count(), 0.0),
-                (None, Some(r)) => flat.resize(start + r.elem_count() * var.elem_count() / var.dims()[0], 0.0),
+                (None, rows) => flat.resize(start + len(var, rows), 0.0),
             }
         }
         for chunk in flat.chunks_mut(BUCKET) {

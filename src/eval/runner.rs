@@ -129,16 +129,22 @@ impl Embedded {
     }
 
     fn done(&self, result: TaskResult, sentences: usize, progress: &dyn Progress) -> Evaluated {
-        progress.line(&format!(
-            "{}: done in {:.1}s (embedding {:.1}s{}, scoring {:.1}s)",
-            result.task,
-            self.seconds + result.seconds,
-            self.seconds,
-            if self.cached { ", cached" } else { "" },
-            result.seconds
-        ));
-        Evaluated { result, sentences, embed_seconds: self.seconds, cached: self.cached }
+        evaluated(result, sentences, self.seconds, self.cached, progress)
     }
+}
+
+/// A task's result with its embedding cost (`seconds`, 0 when read from the cache), said on
+/// the progress line.
+fn evaluated(result: TaskResult, sentences: usize, seconds: f64, cached: bool, progress: &dyn Progress) -> Evaluated {
+    progress.line(&format!(
+        "{}: done in {:.1}s (embedding {:.1}s{}, scoring {:.1}s)",
+        result.task,
+        seconds + result.seconds,
+        seconds,
+        if cached { ", cached" } else { "" },
+        result.seconds
+    ));
+    Evaluated { result, sentences, embed_seconds: seconds, cached }
 }
 
 /// Embed `sentences` (or read them from `cache_file`), with a progress bar labelled `label`.
@@ -222,8 +228,7 @@ fn retrieval_task(
     let seconds = if was_cached { 0.0 } else { start.elapsed().as_secs_f64() };
     let result = set.score(&rows, dim)?;
     drop(temp);
-    let embedded = Embedded { flat: Vec::new(), cached: was_cached, seconds };
-    Ok(embedded.done(result, set.texts.len(), progress))
+    Ok(evaluated(result, set.texts.len(), seconds, was_cached, progress))
 }
 
 /// A file removed when dropped.

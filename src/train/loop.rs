@@ -66,6 +66,11 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Pairs per second over the whole run.
     pub pairs_per_s: f64,
+    /// Seconds inside the training steps (batching, forward, backward, collectives, update),
+    /// resumes included: `seconds` without validation and checkpoints.
+    pub step_seconds: f64,
+    /// Pairs per second inside the steps: the throughput that data parallelism scales.
+    pub step_pairs_per_s: f64,
     /// Steps skipped for a non-finite loss or gradient.
     pub bad_steps: usize,
     /// Why the run stopped before its budget (a NaN loss, a collapse); the weights are the last
@@ -140,6 +145,8 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         )));
     }
     let mut watch = inp.world.is_root().then(|| Watch::open(inp, state.step)).transpose()?;
+    // Every rank starts its clock, and its first collective, once rank 0 has validated step 0.
+    inp.world.barrier_patiently()?;
     let mut run = Run::new(inp, &mut state, total);
     let mut end = None;
     while state.step < total && end.is_none() {
@@ -162,6 +169,8 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         resumed_at: inp.resume.then_some(run.first_step),
         seconds,
         pairs_per_s: (state.step * batch_pairs) as f64 / seconds.max(1e-9),
+        step_seconds: state.step_seconds,
+        step_pairs_per_s: (state.step * batch_pairs) as f64 / state.step_seconds.max(1e-9),
         bad_steps: state.bad_steps,
         stopped,
         collapsed,
@@ -406,10 +415,13 @@ impl<'a> Run<'a> {
             );
             return Ok(Some(End::Stopped(why)));
         }
+        let clock = Instant::now();
         let batch = self.next_batch(state)?;
         let lr = lr_at(state.step + 1, self.total, tc.lr, tc.warmup_steps);
         opt.set_lr(lr);
-        let stats = match self.step(state, opt, &batch)? {
+        let outcome = self.step(state, opt, &batch)?;
+        state.step_seconds += clock.elapsed().as_secs_f64();
+        let stats = match outcome {
             StepOutcome::Updated(s) => s,
             StepOutcome::Skipped(NonFinite(msg)) => return Ok(self.bad_step(state, msg)),
         };

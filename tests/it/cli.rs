@@ -78,6 +78,12 @@ fn tiny_finetune_writes_a_complete_run_folder() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["train"]["steps"], 4);
+    // The steps' time is part of the loop's (which adds validation and the final checkpoint),
+    // and each throughput is the pairs over its own time.
+    let t = |k: &str| report["train"][k].as_f64().unwrap_or_else(|| panic!("train.{k}"));
+    assert!(t("step_seconds") > 0.0 && t("step_seconds") < t("seconds"), "{}", report["train"]);
+    let (in_steps, in_loop) = (t("step_pairs_per_s") * t("step_seconds"), t("pairs_per_s") * t("seconds"));
+    assert!((in_steps - in_loop).abs() < 1e-9 * in_loop && in_loop > 0.0, "{in_steps} vs {in_loop} pairs");
     // Relations every honest measurement of unit vectors satisfies (each can fail on a bug):
     // uniformity (t=2) lies between -4 (1 - mean cosine), by Jensen, and 0; isotropy and the top
     // PC's share in (0, 1]; the effective rank at most the dimension (tiny model: 32).

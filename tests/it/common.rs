@@ -130,3 +130,20 @@ pub fn sts_dev_folder(root: &Path) -> PathBuf {
     std::fs::write(dir.join("sts-dev.csv"), text).unwrap();
     root.join("data")
 }
+
+/// `--set` values of a short finetune of the tiny model `model` (a folder) on the fixture books:
+/// a quarter of them held out, batches of 8 pairs, the last step kept (STS-B dev selection would
+/// need the data folder), 20 sentences measured.
+/// Each test adds what it varies.
+pub fn tiny_run(model: &Path, name: &str) -> Vec<String> {
+    vec![
+        format!("model.source={}", model.display()),
+        format!("data.corpus={}", fixtures().join("books").display()),
+        format!("name={name}"),
+        "data.val_fraction=0.25".into(),
+        "data.min_tokens=2".into(),
+        "train.batch_pairs=8".into(),
+        "train.select=\"last\"".into(),
+        "report.sentences=20".into(),
+    ]
+}

@@ -8,24 +8,16 @@ use std::process::Command;
 use hypersphere::config::resolved::Resolved;
 use hypersphere::config::RunConfig;
 
-use crate::common::{fixtures, tiny_model};
+use crate::common::{tiny_model, tiny_run};
 
 /// Settings shared by every run here: a tiny model, 12 steps, selection on the last step.
 fn settings(model: &Path, name: &str) -> Vec<String> {
-    vec![
-        format!("model.source={}", model.display()),
-        format!("data.corpus={}", fixtures().join("books").display()),
-        format!("name={name}"),
-        "data.val_fraction=0.25".into(),
-        "data.min_tokens=2".into(),
-        "train.batch_pairs=8".into(),
-        "train.steps=12".into(),
-        "train.warmup_steps=2".into(),
-        "train.eval_every_steps=4".into(),
-        "report.sentences=20".into(),
-        "train.select=\"last\"".into(),
-        "train.norm_lr_scale=1".into(),
-    ]
+    let mut sets = tiny_run(model, name);
+    sets.extend(
+        ["train.steps=12", "train.warmup_steps=2", "train.eval_every_steps=4", "train.norm_lr_scale=1"]
+            .map(String::from),
+    );
+    sets
 }
 
 fn finetune(dir: &Path, sets: &[String]) -> std::process::Output {

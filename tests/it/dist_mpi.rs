@@ -34,23 +34,10 @@ fn run(ranks: usize, args: &[String], cwd: &Path) -> Output {
 
 /// `finetune` of the tiny model on the fixture books, as run `name`, with `--set`s.
 fn tiny_args(model: &Path, name: &str, sets: &[&str]) -> Vec<String> {
-    let base = [
-        format!("model.source={}", model.display()),
-        format!("data.corpus={}", fixtures().join("books").display()),
-        format!("name={name}"),
-        "data.val_fraction=0.25".into(),
-        "data.min_tokens=2".into(),
-        "train.batch_pairs=8".into(),
-        "train.select=\"last\"".into(),
-        "report.sentences=20".into(),
-        "report.pairs=10".into(),
-        "loss.w_mean=0".into(),
-        "loss.mean_teacher=false".into(),
-        "loss.w_align=1".into(),
-    ];
+    let own = ["report.pairs=10", "loss.w_mean=0", "loss.mean_teacher=false", "loss.w_align=1"].map(String::from);
     let mut args = vec!["finetune".to_string()];
-    for s in base.iter().map(String::as_str).chain(sets.iter().copied()) {
-        args.extend(["--set".to_string(), s.to_string()]);
+    for s in tiny_run(model, name).into_iter().chain(own).chain(sets.iter().map(|s| s.to_string())) {
+        args.extend(["--set".to_string(), s]);
     }
     args
 }

@@ -9,25 +9,17 @@ use crate::common::*;
 fn finetune_cmd(dir: &Path, model: &Path, name: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypersphere"));
     cmd.current_dir(dir).arg("finetune");
-    for s in [
-        format!("model.source={}", model.display()),
-        format!("data.corpus={}", fixtures().join("books").display()),
-        format!("name={name}"),
-        "data.val_fraction=0.25".into(),
-        "data.min_tokens=2".into(),
-        "train.batch_pairs=8".into(),
-        "train.steps=300".into(),
-        "train.warmup_steps=5".into(),
-        "train.lr=1e-3".into(),
-        "train.eval_every_steps=1".into(),
-        "train.checkpoint_every_steps=5".into(),
-        "train.keep_checkpoints=3".into(),
-        "report.sentences=20".into(),
-        // STS-B dev selection needs the data folder; a 1000x LayerNorm rate at lr 1e-3 trains
-        // a random tiny model into a collapse.
-        "train.select=\"last\"".into(),
-        "train.norm_lr_scale=1".into(),
-    ] {
+    let own = [
+        "train.steps=300",
+        "train.warmup_steps=5",
+        "train.lr=1e-3",
+        "train.eval_every_steps=1",
+        "train.checkpoint_every_steps=5",
+        "train.keep_checkpoints=3",
+        // A 1000x LayerNorm rate at lr 1e-3 trains a random tiny model into a collapse.
+        "train.norm_lr_scale=1",
+    ];
+    for s in tiny_run(model, name).into_iter().chain(own.map(String::from)) {
         cmd.args(["--set", &s]);
     }
     cmd
