@@ -132,6 +132,9 @@ CANDIDATES = {
     # (au-meanT10-u10-t0.5-norm-lr1e-4), scored in-domain on BOOKS-NEXT as well.
     "au-meanT10-adj10-u10-t0.5-norm-lr1e-4": ["loss.w_align=10", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
     "au-meanT10-adj30-u10-t0.5-norm-lr1e-4": ["loss.w_align=30", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
+    # InfoNCE over the adjacent pairs alone at the default's rate, its last step (not the best
+    # STS-B dev one): how far the books' own positives move BOOKS-NEXT in this budget.
+    "infonce-lr1e-4-last": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4", "train.select=\"last\""],
     "mix0.3-meanT10-u10-t0.5-norm-lr1e-4": ["loss.kind=\"mix\"", "loss.w_infonce=0.3", "loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
 }
 
