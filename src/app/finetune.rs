@@ -266,9 +266,15 @@ fn eval_setup(run: &Loaded) -> Result<EvalSetup> {
             Some(o)
         }
     };
+    Ok(EvalSetup { opts, tokenizer: eval_tokenizer(run)? })
+}
+
+/// The tokenizer at the evaluation length: the model's declared length unless `eval.max_len`
+/// is set.
+fn eval_tokenizer(run: &Loaded) -> Result<TextTokenizer> {
     let positions = run.encoder.config.max_position_embeddings;
-    let len = res.eval_max_len(declared_max_len(&run.files, positions), positions);
-    Ok(EvalSetup { opts, tokenizer: TextTokenizer::load(&run.files.tokenizer, len)? })
+    let len = run.res.eval_max_len(declared_max_len(&run.files, positions), positions);
+    TextTokenizer::load(&run.files.tokenizer, len)
 }
 
 /// The model before training: read from `before.json` on resume, else measured (and `[eval]`
@@ -329,8 +335,10 @@ fn val_pairs(run: &Loaded) -> Result<Vec<Pair>> {
 /// Train, with STS-B dev loaded when selecting on it (rank 0, which has `eval`);
 /// `interrupt.phase` says so meanwhile.
 fn train_run(run: &Loaded, eval: Option<&EvalSetup>, req: &Finetune) -> Result<TrainSummary> {
+    // Every rank holds STS-B dev: each embeds a share of it at every validation.
     let dev = match (run.res.cfg().train.select, eval) {
         (Select::StsbDev, Some(eval)) => Some(DevSet::stsb(run.res.data_dir()?, eval.tokenizer.clone())?),
+        (Select::StsbDev, None) => Some(DevSet::stsb(run.res.data_dir()?, eval_tokenizer(run)?)?),
         _ => None,
     };
     let val = val_pairs(run)?;

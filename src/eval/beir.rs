@@ -262,15 +262,7 @@ impl Beir {
 
     /// Every `--retrieval NAME=DIR`; a name given twice is an error.
     pub fn parse_all(specs: &[String]) -> Result<Vec<Self>> {
-        let mut out: Vec<Self> = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let set = Self::parse(spec)?;
-            if out.iter().any(|s| s.name == set.name) {
-                return Err(Error::Invalid(format!("--retrieval {spec}: the name {} is given twice", set.name)));
-            }
-            out.push(set);
-        }
-        Ok(out)
+        super::parse_named("--retrieval", specs, Self::parse, |s| &s.name)
     }
 
     /// The scores (x 100) given the unit-vector embeddings of `texts` (row `i` is text `i`'s,

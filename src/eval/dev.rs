@@ -9,8 +9,9 @@ use candle_core::Device;
 use super::sts_spearman;
 use super::tasks::Scored;
 use crate::data::batch::TextTokenizer;
+use crate::dist::World;
 use crate::error::{Error, Result};
-use crate::model::{embed_texts, Encoder, EMBED_BATCH};
+use crate::model::{Encoder, EMBED_BATCH};
 
 /// STS-B dev's scored pairs and the tokenizer at the evaluation length.
 pub struct DevSet {
@@ -29,10 +30,11 @@ impl DevSet {
         Ok(Self { data, tokenizer })
     }
 
-    /// Spearman x 100 of the cosine of each pair's embeddings against the gold scores.
-    pub fn score(&self, encoder: &Encoder, device: &Device) -> Result<f64> {
+    /// Spearman x 100 of the cosine of each pair's embeddings against the gold scores; over
+    /// several ranks each embeds a share of the sentences (every rank must call this).
+    pub fn score(&self, encoder: &Encoder, device: &Device, world: &World) -> Result<f64> {
         let texts: Vec<&str> = self.data.pairs.iter().flat_map(|(a, b)| [a.as_str(), b.as_str()]).collect();
-        let flat = embed_texts(encoder, &self.tokenizer, &texts, EMBED_BATCH, device)?;
+        let flat = world.embed(encoder, &self.tokenizer, &texts, EMBED_BATCH, device)?;
         let rows: HashMap<&str, &[f32]> =
             texts.iter().copied().zip(flat.chunks_exact(encoder.config.hidden_size)).collect();
         sts_spearman(&"STS-B dev", &self.data, &|s| rows.get(s).copied())

@@ -179,6 +179,25 @@ pub struct UserSts {
     pub data: Scored,
 }
 
+/// Every `FLAG NAME=...` spec, parsed by `parse`; a name given twice is an error (its results
+/// would overwrite each other).
+pub fn parse_named<T>(
+    flag: &str,
+    specs: &[String],
+    parse: impl Fn(&str) -> Result<T>,
+    name: impl Fn(&T) -> &str,
+) -> Result<Vec<T>> {
+    let mut out: Vec<T> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let set = parse(spec)?;
+        if out.iter().any(|s| name(s) == name(&set)) {
+            return Err(Error::Invalid(format!("{flag} {spec}: the name {} is given twice", name(&set))));
+        }
+        out.push(set);
+    }
+    Ok(out)
+}
+
 impl UserSts {
     /// Parse `NAME=FILE` and read the file: tab-separated sentence1, sentence2, score (any
     /// real scale), one pair per line; a first line whose score is not a number is a header.
@@ -196,18 +215,9 @@ impl UserSts {
         Ok(Self { name: name.to_string(), data: tasks::scored_pairs(std::path::Path::new(file))? })
     }
 
-    /// Every `--sts NAME=FILE`, parsed; a name given twice is an error (its results would
-    /// overwrite each other).
+    /// Every `--sts NAME=FILE`, parsed.
     pub fn parse_all(specs: &[String]) -> Result<Vec<Self>> {
-        let mut out: Vec<Self> = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let set = Self::parse(spec)?;
-            if out.iter().any(|s| s.name == set.name) {
-                return Err(Error::Invalid(format!("--sts {spec}: the name {} is given twice", set.name)));
-            }
-            out.push(set);
-        }
-        Ok(out)
+        parse_named("--sts", specs, Self::parse, |s| &s.name)
     }
 
     /// Distinct sentences of both sides, first-seen order.
@@ -468,6 +478,22 @@ pub fn parse_tasks(names: &[String]) -> Result<Vec<Task>> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// Named specs keep their order; the second use of a name is refused, naming the flag and
+    /// the spec; a parse error passes through.
+    #[test]
+    fn named_specs_refuse_a_name_twice() {
+        let parse = |s: &str| match s.split_once('=') {
+            Some((n, v)) => Ok((n.to_string(), v.to_string())),
+            None => Err(Error::Invalid(format!("no '=' in {s}"))),
+        };
+        let specs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = parse_named("--retrieval", &specs(&["a=1", "b=2"]), parse, |p| &p.0).unwrap();
+        assert_eq!(ok, [("a".to_string(), "1".to_string()), ("b".to_string(), "2".to_string())]);
+        let twice = parse_named("--retrieval", &specs(&["a=1", "b=2", "a=3"]), parse, |p| &p.0).unwrap_err();
+        assert_eq!(twice.to_string(), Error::Invalid("--retrieval a=3: the name a is given twice".into()).to_string());
+        assert!(parse_named("--sts", &specs(&["a"]), parse, |p| &p.0).is_err());
+    }
 
     #[test]
     fn task_names_parse() {

@@ -36,7 +36,7 @@ pub struct TrainInputs<'a> {
     /// The training examples.
     pub train: &'a dyn PairSource,
     pub val_pairs: &'a [Pair],
-    /// STS-B dev for `train.select = "stsb-dev"`.
+    /// STS-B dev for `train.select = "stsb-dev"` (on every rank: they share its embedding).
     pub dev: Option<&'a DevSet>,
     pub run_dir: &'a Path,
     pub resume: bool,
@@ -44,14 +44,33 @@ pub struct TrainInputs<'a> {
     pub stop: &'a AtomicBool,
     /// Where progress, validation lines and warnings go.
     pub progress: &'a dyn Progress,
-    /// The ranks training together (a world of one: this process alone). Rank 0 validates,
-    /// selects and writes; every rank trains on its shard of each global batch.
+    /// The ranks training together (a world of one: this process alone). Every rank trains on
+    /// its shard of each global batch and embeds its share of each validation; rank 0 logs,
+    /// selects and writes.
     pub world: &'a World,
 }
 
 impl TrainInputs<'_> {
     fn tc(&self) -> &TrainConfig {
         &self.run.cfg().train
+    }
+
+    /// How the kept step is chosen: STS-B dev needs the dev set, else the last step.
+    fn select_by(&self) -> Select {
+        self.dev.map_or(Select::Last, |_| self.tc().select)
+    }
+
+    /// The held-out numbers of the current weights; every rank calls it together.
+    fn validate(&self) -> Result<Validation> {
+        validate(
+            self.encoder,
+            self.tokenizer,
+            self.val_pairs,
+            self.run.objective().t(),
+            self.dev,
+            self.run.device(),
+            self.world,
+        )
     }
 }
 
@@ -145,7 +164,17 @@ pub fn train(inp: &TrainInputs) -> Result<TrainSummary> {
         )));
     }
     let mut watch = inp.world.is_root().then(|| Watch::open(inp, state.step)).transpose()?;
-    // Every rank starts its clock, and its first collective, once rank 0 has validated step 0.
+    // Step 0 is validated (a new run, or a resumed log without it) by every rank together.
+    let pending = watch.as_ref().is_some_and(Watch::needs_start);
+    let pending = match inp.world.size() {
+        1 => pending,
+        _ => inp.world.broadcast_json(Some(&pending))?,
+    };
+    let start = pending.then(|| inp.validate()).transpose()?;
+    if let Some(w) = watch.as_mut() {
+        w.begin(start, state.step)?;
+    }
+    // Every rank starts its clock, and its first collective, once rank 0 has opened the run.
     inp.world.barrier_patiently()?;
     let mut run = Run::new(inp, &mut state, total);
     let mut end = None;
@@ -207,44 +236,55 @@ fn optimizer_and_state(inp: &TrainInputs, total: usize) -> Result<(AdamW, TrainS
 struct Watch<'a> {
     inp: &'a TrainInputs<'a>,
     log: Log,
+    /// The log's lines up to the resumed step, until [`Watch::begin`] replays them.
+    previous: Vec<LogLine>,
     start: Validation,
     warnings: Vec<String>,
     selection: Selection,
 }
 
 impl<'a> Watch<'a> {
-    /// Open the log (trimmed to `step` on resume), validate the model before training unless
-    /// the log has it, warn when the push/pull balance makes collapse downhill, and find the
-    /// best step so far.
+    /// Open the log (trimmed to `step` on resume) and keep its lines for [`Watch::begin`].
     fn open(inp: &'a TrainInputs<'a>, step: usize) -> Result<Self> {
         if !inp.resume {
             checkpoint::clear_best(inp.run_dir);
         }
-        let (log, mut previous) = Log::open(inp.run_dir, inp.resume, step)?;
-        let by = if inp.dev.is_some() { inp.tc().select } else { Select::Last };
+        let (log, previous) = Log::open(inp.run_dir, inp.resume, step)?;
         let warnings = previous.iter().filter_map(|l| l.warning.clone()).collect();
-        let mut w = Self { inp, log, start: Validation::default(), warnings, selection: Selection::new(by) };
-        w.start = match previous.iter().find(|l| l.step == 0) {
-            Some(l) => l.val,
-            None if inp.val_pairs.is_empty() => Validation::default(),
-            None => {
-                let line = LogLine { val: w.validate()?, ..LogLine::default() };
-                w.log.write(&line)?;
+        let selection = Selection::new(inp.select_by());
+        Ok(Self { inp, log, previous, start: Validation::default(), warnings, selection })
+    }
+
+    /// Whether the model before training still has to be validated (the log has no step 0).
+    fn needs_start(&self) -> bool {
+        !self.inp.val_pairs.is_empty() && !self.previous.iter().any(|l| l.step == 0)
+    }
+
+    /// Take step 0's validation (`measured`, when [`Watch::needs_start`] said so) or the log's,
+    /// warn when the push/pull balance makes collapse downhill, and find the best step so far.
+    fn begin(&mut self, measured: Option<Validation>, step: usize) -> Result<()> {
+        let inp = self.inp;
+        let mut previous = std::mem::take(&mut self.previous);
+        self.start = match (previous.iter().find(|l| l.step == 0), measured) {
+            (Some(l), _) => l.val,
+            (None, None) => Validation::default(),
+            (None, Some(val)) => {
+                let line = LogLine { val, ..LogLine::default() };
+                self.log.write(&line)?;
                 inp.progress.line(&format!("step 0 (before training): {}", line.val));
                 previous.push(line);
-                previous.last().map_or_else(Validation::default, |l| l.val)
+                val
             }
         };
-        if let Some(r) = balance(&w.start, inp.run.objective()).filter(|&r| r < 1.0) {
+        if let Some(r) = balance(&self.start, inp.run.objective()).filter(|&r| r < 1.0) {
             let m = format!(
                 "step 0: push/pull balance {r:.2} < 1 (w_uniform * t * random-pair distance over w_align * positive distance): shrinking everything lowers this loss, expect a collapse; raise loss.w_uniform or loss.t, or lower loss.w_align"
             );
             inp.progress.line(&format!("warning: {m}"));
-            w.warnings.push(m);
+            self.warnings.push(m);
         }
-        w.selection = Selection::replay(by, &previous);
-        w.restore_best(step)?;
-        Ok(w)
+        self.selection = Selection::replay(inp.select_by(), &previous);
+        self.restore_best(step)
     }
 
     /// The best step so far has its weights in `best/`, except when it is the current step
@@ -265,15 +305,10 @@ impl<'a> Watch<'a> {
         }
     }
 
-    fn validate(&self) -> Result<Validation> {
-        let i = self.inp;
-        validate(i.encoder, i.tokenizer, i.val_pairs, i.run.objective().t(), i.dev, i.run.device())
-    }
-
     /// Validate after a step, log it (with `line`'s step, lr and train means), keep the best
     /// weights; returns the validation and what the geometry says.
     fn after_step(&mut self, mut line: LogLine) -> Result<(Validation, Health)> {
-        let val = self.validate()?;
+        let val = self.inp.validate()?;
         let verdict = health(&val, &self.start, self.inp.run.objective().t());
         if let Health::Drift(m) | Health::Collapse(m) = &verdict {
             line.warning = Some(format!("step {}: {m}", line.step));
@@ -504,11 +539,15 @@ impl<'a> Run<'a> {
         self.inp.progress.advance(step as u64, &brief);
     }
 
-    /// Validate on rank 0 and tell every rank whether the run ends (a collapse).
+    /// Validate (every rank embeds its share; rank 0 logs and selects) and tell every rank
+    /// whether the run ends (a collapse).
     fn validate(&mut self, state: &TrainState, lr: f64, watch: &mut Option<Watch>) -> Result<Option<End>> {
         let collapse = match watch {
             Some(w) => self.validate_here(state, lr, w)?,
-            None => None,
+            None => {
+                self.inp.validate()?;
+                None
+            }
         };
         let collapse = match self.inp.world.size() {
             1 => collapse,

@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::batch::TextTokenizer;
 use crate::data::source::Pair;
+use crate::dist::World;
 use crate::error::{Error, Result};
 use crate::eval::dev::DevSet;
 use crate::loss::objective::Objective;
 use crate::metrics::{held_out_geometry, Embeddings};
-use crate::model::{embed_texts, Encoder, EMBED_BATCH};
+use crate::model::{Encoder, EMBED_BATCH};
 
 /// Held-out numbers at one validation.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -100,7 +101,8 @@ pub fn balance(start: &Validation, objective: &Objective) -> Option<f64> {
 }
 
 /// Alignment, uniformity (at `t`) and mean cosine of held-out pairs, dropout off; STS-B dev
-/// too when `dev` is given.
+/// too when `dev` is given. Over several ranks every rank must call this with the same inputs:
+/// each embeds a share of the sentences, and all get the same numbers.
 pub fn validate(
     encoder: &Encoder,
     tokenizer: &TextTokenizer,
@@ -108,13 +110,14 @@ pub fn validate(
     t: f64,
     dev: Option<&DevSet>,
     device: &Device,
+    world: &World,
 ) -> Result<Validation> {
     let dim = encoder.config.hidden_size;
-    let embed = |texts: Vec<&str>| embed_texts(encoder, tokenizer, &texts, EMBED_BATCH, device);
+    let embed = |texts: Vec<&str>| world.embed(encoder, tokenizer, &texts, EMBED_BATCH, device);
     let x = embed(pairs.iter().map(|p| &*p.anchor).collect())?;
     let y = embed(pairs.iter().map(|p| &*p.positive).collect())?;
     let n = pairs.len();
-    let sts_dev = dev.map(|d| d.score(encoder, device)).transpose()?;
+    let sts_dev = dev.map(|d| d.score(encoder, device, world)).transpose()?;
     if x.iter().chain(&y).any(|v| !v.is_finite()) {
         // Blown-up weights: the numbers are undefined, and the run's bad-step guard stops it.
         let nan = f64::NAN;

@@ -94,12 +94,17 @@ fn triplets(n: usize) -> Vec<[String; 3]> {
         .collect()
 }
 
-fn write_parquet(path: &Path, rows: &[[String; 3]]) {
+/// `rows` as Parquet columns query, positive and (when `negatives`) negative.
+fn write_parquet(path: &Path, rows: &[[String; 3]], negatives: bool) {
     use arrow_array::{ArrayRef, RecordBatch, StringArray};
     use std::sync::Arc;
     let col =
         |j: usize| Arc::new(StringArray::from(rows.iter().map(|r| r[j].as_str()).collect::<Vec<_>>())) as ArrayRef;
-    let batch = RecordBatch::try_from_iter([("query", col(0)), ("positive", col(1)), ("negative", col(2))]).unwrap();
+    let mut cols = vec![("query", col(0)), ("positive", col(1))];
+    if negatives {
+        cols.push(("negative", col(2)));
+    }
+    let batch = RecordBatch::try_from_iter(cols).unwrap();
     let file = std::fs::File::create(path).unwrap();
     let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
@@ -107,18 +112,21 @@ fn write_parquet(path: &Path, rows: &[[String; 3]]) {
 }
 
 /// A Parquet file of pairs with hard negatives (the anchor column renamed) trains end to end
-/// with InfoNCE; the hard negatives enter the batches; a wrong column name is refused.
+/// with InfoNCE; the hard negatives enter the loss (more candidates: a higher InfoNCE loss than
+/// the same pairs without them, and other weights); a wrong column name is refused.
 #[test]
 fn parquet_pairs_with_hard_negatives_train() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(&tmp.path().join("tiny"), 22, "");
     let path = tmp.path().join("pairs.parquet");
-    write_parquet(&path, &triplets(120));
+    write_parquet(&path, &triplets(120), true);
     let mut sets = settings(model.weights.parent().unwrap(), "parquet");
     sets.extend([
         format!("data.pairs={}", path.display()),
         "data.anchor_column=query".into(),
+        // InfoNCE over the pairs at weight 1 (the built-in config trains on its teacher alone).
         "loss.kind=\"infonce\"".into(),
+        "loss.w_align=1".into(),
         "data.val_fraction=0.2".into(),
     ]);
     let out = finetune(tmp.path(), &sets);
@@ -129,6 +137,25 @@ fn parquet_pairs_with_hard_negatives_train() {
     assert_eq!(report["train"]["steps"], 12);
     let held = report["sample"]["val_books"][0].as_str().unwrap();
     assert!(held.contains("of 120 examples") && held.contains("pairs.parquet"), "{held}");
+
+    // The same pairs without their negatives: the same split and batches (both follow the
+    // anchors), 8 candidates per anchor instead of 16.
+    let plain = tmp.path().join("plain.parquet");
+    write_parquet(&plain, &triplets(120), false);
+    let mut plain_sets: Vec<String> =
+        sets.iter().filter(|s| !s.starts_with("data.pairs=") && !s.starts_with("name=")).cloned().collect();
+    plain_sets.extend([format!("data.pairs={}", plain.display()), "name=plain".into()]);
+    let out = finetune(tmp.path(), &plain_sets);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("with hard negatives"));
+    let first_infonce = |run: &str| -> f64 {
+        let log = std::fs::read_to_string(tmp.path().join("runs").join(run).join("log.jsonl")).unwrap();
+        let line = log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|l| l["step"] == 4);
+        line.and_then(|l| l["train"]["infonce"].as_f64()).unwrap()
+    };
+    let (with, without) = (first_infonce("parquet"), first_infonce("plain"));
+    assert!(with > without + 0.3, "InfoNCE over steps 1-4: {with} with negatives, {without} without");
+    let weights = |run: &str| std::fs::read(tmp.path().join("runs").join(run).join("model/model.safetensors")).unwrap();
+    assert_ne!(weights("parquet"), weights("plain"));
 
     sets.retain(|s| !s.starts_with("data.anchor_column"));
     sets.push("name=bad".into());

@@ -112,6 +112,22 @@ fn ranks_as_threads_train_the_gradcache_weights() {
             let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(diff <= 1e-5 * scale, "config {i}, parameter {p}: {diff} (scale {scale})");
         }
+        // Each validation was embedded half by each rank: rank 0 logged the numbers one
+        // process logs (to float rounding: the weights agree to 1e-5).
+        let log = |dir: &Path| -> Vec<serde_json::Value> {
+            let text = std::fs::read_to_string(dir.join("log.jsonl")).unwrap();
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        };
+        let (solo, shared) = (log(&one_dir), log(&dirs[0]));
+        assert_eq!(solo.len(), 3, "config {i}: validations at steps 0, 3, 6");
+        assert_eq!(solo.len(), shared.len());
+        for (a, b) in solo.iter().zip(&shared) {
+            assert_eq!(a["step"], b["step"]);
+            for k in ["val_align", "val_uniform", "val_mean_cos"] {
+                let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "config {i}, step {}: {k} {x} vs {y}", a["step"]);
+            }
+        }
         // Rank 0 wrote the run folder; rank 1 wrote nothing but its prepared corpus.
         assert!(dirs[0].join("log.jsonl").is_file() && dirs[0].join("checkpoints").is_dir());
         assert!(!dirs[1].join("log.jsonl").exists() && !dirs[1].join("checkpoints").exists());
