@@ -113,7 +113,7 @@ pub fn finetune(req: &Finetune) -> Result<Outcome> {
     };
     if !world.is_root() {
         world.barrier()?;
-        let summary = train_run(&run, None, req)?;
+        let summary = train_run(&run, req)?;
         return Ok(match summary.stopped {
             Some(why) => Outcome::Stopped(why),
             None => Outcome::Done(run.run_dir),
@@ -127,7 +127,7 @@ pub fn finetune(req: &Finetune) -> Result<Outcome> {
     let eval = eval_setup(&run)?;
     let before = before(&run, &sample, &eval, req.resume.is_some())?;
     world.barrier()?;
-    let summary = train_run(&run, Some(&eval), req)?;
+    let summary = train_run(&run, req)?;
     if let Some(why) = &summary.stopped {
         return Ok(Outcome::Stopped(stopped_message(&run.run_dir, &summary, why)));
     }
@@ -334,11 +334,10 @@ fn val_pairs(run: &Loaded) -> Result<Vec<Pair>> {
 
 /// Train, with STS-B dev loaded when selecting on it (rank 0, which has `eval`);
 /// `interrupt.phase` says so meanwhile.
-fn train_run(run: &Loaded, eval: Option<&EvalSetup>, req: &Finetune) -> Result<TrainSummary> {
+fn train_run(run: &Loaded, req: &Finetune) -> Result<TrainSummary> {
     // Every rank holds STS-B dev: each embeds a share of it at every validation.
-    let dev = match (run.res.cfg().train.select, eval) {
-        (Select::StsbDev, Some(eval)) => Some(DevSet::stsb(run.res.data_dir()?, eval.tokenizer.clone())?),
-        (Select::StsbDev, None) => Some(DevSet::stsb(run.res.data_dir()?, eval_tokenizer(run)?)?),
+    let dev = match run.res.cfg().train.select {
+        Select::StsbDev => Some(DevSet::stsb(run.res.data_dir()?, eval_tokenizer(run)?)?),
         _ => None,
     };
     let val = val_pairs(run)?;

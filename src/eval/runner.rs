@@ -147,6 +147,16 @@ fn evaluated(result: TaskResult, sentences: usize, seconds: f64, cached: bool, p
     Evaluated { result, sentences, embed_seconds: seconds, cached }
 }
 
+/// A cache read on this rank, kept only when every rank could read it (the cache may be a
+/// per-node folder): otherwise every rank embeds, calling the same collectives.
+fn on_every_rank<T>(world: &World, here: Option<T>) -> Result<Option<T>> {
+    Ok(match world.size() {
+        1 => here,
+        _ if world.any(here.is_none())? => None,
+        _ => here,
+    })
+}
+
 /// Embed `sentences` (or read them from `cache_file`), with a progress bar labelled `label`.
 /// Over several ranks, rank 0 says whether the cache holds them, and writes it.
 fn embed_cached(
@@ -159,20 +169,8 @@ fn embed_cached(
     let (encoder, world) = (embedder.encoder, embedder.world);
     let dim = encoder.config.hidden_size;
     let start = Instant::now();
-    let read = || cache_file.and_then(|f| read_embeddings(f).ok()).filter(|e| e.n == sentences.len() && e.dim == dim);
-    // Over several ranks the cache is used only when every rank can read it (it may be a
-    // per-node folder): otherwise they all embed, calling the same collectives.
-    let cached = match (read(), world.size()) {
-        (here, 1) => here,
-        (here, _) => {
-            if world.any(here.is_none())? {
-                None
-            } else {
-                here
-            }
-        }
-    };
-    if let Some(e) = cached {
+    let here = cache_file.and_then(|f| read_embeddings(f).ok()).filter(|e| e.n == sentences.len() && e.dim == dim);
+    if let Some(e) = on_every_rank(world, here)? {
         return Ok(Embedded { flat: e.data, cached: true, seconds: 0.0 });
     }
     progress.line(&format!("{label}: embedding {} sentences", sentences.len()));
@@ -204,14 +202,8 @@ fn retrieval_task(
     let dim = encoder.config.hidden_size;
     let start = Instant::now();
     let readable = |f: &Path| EmbeddingRows::open(f).ok().filter(|r| r.n == set.texts.len() && r.dim == dim);
-    let here = cache_file.and_then(readable);
-    let cached = match world.size() {
-        1 => here,
-        _ if world.any(here.is_none())? => None,
-        _ => here,
-    };
     let mut temp = None;
-    let (rows, was_cached) = match cached {
+    let (rows, was_cached) = match on_every_rank(world, cache_file.and_then(readable))? {
         Some(rows) => (rows, true),
         None => {
             let path = match (cache_file, world.is_root()) {
