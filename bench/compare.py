@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: `hypersphere bench` against bench/torch_bench.py.
+"""Side-by-side benchmark: `hypersphere bench` against bench/torch_bench.py in f32 and bf16.
 
     python bench/compare.py --runs 3 --threads 2 --out bench/results [--hypersphere ./target/release/hypersphere]
+        [--torch-dtypes f32,bf16]
 
-Runs the two alternately (ours 1, theirs 1, ours 2, ...), each in a fresh process, then writes
-OUT/summary.md and OUT/summary.json with medians across runs. With --from-existing nothing is
+Runs them alternately (ours 1, PyTorch f32 1, PyTorch bf16 autocast 1, ours 2, ...), each in a
+fresh process, then writes OUT/summary.md and OUT/summary.json with medians across runs; the
+speed-up column compares with the faster PyTorch mode of each row. With --from-existing nothing is
 run: the summary is rebuilt from OUT/hypersphere-*.json and OUT/pytorch-*.json.
 """
 import argparse
@@ -65,6 +67,8 @@ def parse_args():
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--hypersphere", default="./target/release/hypersphere", help="hypersphere binary")
     p.add_argument("--python", default=sys.executable, help="python with torch (default: this one)")
+    p.add_argument("--torch-dtypes", default="f32,bf16",
+                   help="PyTorch modes to run: f32 and/or bf16 (autocast; f32 master weights)")
     p.add_argument("--from-existing", action="store_true",
                    help="run nothing; summarise the JSON files already in --out")
     args = p.parse_args()
@@ -142,13 +146,15 @@ def run_all(args):
         elif digest != first_digest:
             log(f"warning: run {k} exported different inputs from run 1 (export is not deterministic)")
 
-        theirs = [args.python, os.path.join(HERE, "torch_bench.py"), "--model", model,
-                  "--threads", threads, "--steps", str(args.steps), "--pooling", args.pooling, "--inputs", inputs,
-                  "--out", os.path.join(out, f"pytorch-{k}.json")]
-        run(f"pytorch run {k}/{args.runs}", theirs_env, theirs)
         # Recorded with K in place of the run number.
-        commands = {"hypersphere": shell_line(ours_env, ours).replace(f"-{k}.json", "-K.json"),
-                    "pytorch": shell_line(theirs_env, theirs).replace(f"-{k}.json", "-K.json")}
+        commands = {"hypersphere": shell_line(ours_env, ours).replace(f"-{k}.json", "-K.json")}
+        for dtype in args.torch_dtypes.split(","):
+            side = torch_side(dtype)
+            theirs = [args.python, os.path.join(HERE, "torch_bench.py"), "--model", model, "--dtype", dtype,
+                      "--threads", threads, "--steps", str(args.steps), "--pooling", args.pooling, "--inputs", inputs,
+                      "--out", os.path.join(out, f"{side}-{k}.json")]
+            run(f"{side} run {k}/{args.runs}", theirs_env, theirs)
+            commands[side] = shell_line(theirs_env, theirs).replace(f"-{k}.json", "-K.json")
 
     # The commit the hypersphere binary was built from (marked dirty with local changes).
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=HERE)
@@ -157,6 +163,11 @@ def run_all(args):
     with open(os.path.join(out, "commands.json"), "w") as f:
         json.dump(commands, f, indent=2)
     return commands
+
+
+def torch_side(dtype):
+    """The result files' prefix for a PyTorch mode: `pytorch` (f32, as before) or `pytorch-bf16`."""
+    return "pytorch" if dtype == "f32" else f"pytorch-{dtype}"
 
 
 # ---- summarising ------------------------------------------------------------------------
@@ -236,14 +247,23 @@ def machine():
 
 def summarise(out, commands, threads, runs=None):
     ours, theirs = load_runs(out, "hypersphere", runs), load_runs(out, "pytorch", runs)
+    bf16 = load_runs(out, "pytorch-bf16", runs) if glob.glob(os.path.join(out, "pytorch-bf16-*.json")) else []
     if len(ours) != len(theirs):
         log(f"warning: {len(ours)} hypersphere runs but {len(theirs)} pytorch runs")
 
     rows = []
     for label, path, kind in ROWS:
         o, t = median_of(ours, path), median_of(theirs, path)
-        rows.append({"metric": label, "kind": kind, "hypersphere": o, "pytorch": t,
-                     "speedup": speedup(o, t, kind)})
+        row = {"metric": label, "kind": kind, "hypersphere": o, "pytorch": t}
+        if bf16:
+            row["pytorch_bf16"] = b = median_of(bf16, path)
+            # Against the faster PyTorch mode (memory: against f32, the default).
+            if kind == "time":
+                t = min(t, b)
+            elif kind == "rate":
+                t = max(t, b)
+        row["speedup"] = speedup(o, t, kind)
+        rows.append(row)
     # Achieved training GFLOP/s as a share of what the same library reaches on a plain matmul.
     gemm = {r["metric"]: r for r in rows}["gemm 2048 GFLOP/s"]
     for r in rows:
@@ -252,13 +272,14 @@ def summarise(out, commands, threads, runs=None):
             r["pytorch_pct_of_gemm"] = 100 * r["pytorch"] / gemm["pytorch"]
 
     per_run = {label: {"hypersphere": [get(r, path) for r in ours],
-                       "pytorch": [get(r, path) for r in theirs]}
+                       "pytorch": [get(r, path) for r in theirs],
+                       **({"pytorch_bf16": [get(r, path) for r in bf16]} if bf16 else {})}
                for label, path in HEADLINE}
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "threads": threads if threads is not None else ours[0].get("threads"),
-        "runs": {"hypersphere": len(ours), "pytorch": len(theirs)},
+        "runs": {"hypersphere": len(ours), "pytorch": len(theirs), "pytorch_bf16": len(bf16)},
         "commands": commands,
         "versions": {"hypersphere": ours[0].get("versions"), "pytorch": theirs[0].get("versions")},
         "model": theirs[0].get("model"),
@@ -297,10 +318,11 @@ def markdown(s):
         lines.append(f"  - {side}: `{cmd}`")
     if not s["commands"]:
         lines.append("  - (not recorded)")
+    has_bf16 = any("pytorch_bf16" in r for r in s["rows"])
     lines += [
         "",
-        "| metric | hypersphere | pytorch | speed-up |",
-        "|---|---:|---:|---:|",
+        "| metric | hypersphere | pytorch | " + ("pytorch bf16 autocast | " if has_bf16 else "") + "speed-up |",
+        "|---|---:|---:|" + ("---:|" if has_bf16 else "") + "---:|",
     ]
     for r in s["rows"]:
         o, t = fmt(r["hypersphere"]), fmt(r["pytorch"])
@@ -310,11 +332,13 @@ def markdown(s):
         ratio = f"{fmt(r['speedup'])}x"
         if r["kind"] == "mem":
             ratio = f"{fmt(r['speedup'])} (memory ratio)"
-        lines.append(f"| {r['metric']} | {o} | {t} | {ratio} |")
+        b = f"{fmt(r['pytorch_bf16'])} | " if has_bf16 else ""
+        lines.append(f"| {r['metric']} | {o} | {t} | {b}{ratio} |")
     lines += [
         "",
         "speed-up > 1 means hypersphere is faster (pytorch time / hypersphere time, or hypersphere"
-        " rate / pytorch rate); the memory row is hypersphere RSS / pytorch RSS.",
+        " rate / pytorch rate), against the faster PyTorch mode of the row; the memory row is"
+        " hypersphere RSS / pytorch f32 RSS. The gemm row is f32 on both sides.",
         "",
         "Per run:",
         "",
@@ -322,7 +346,8 @@ def markdown(s):
     for label, v in s["per_run"].items():
         ours = ", ".join(fmt(x) for x in v["hypersphere"])
         theirs = ", ".join(fmt(x) for x in v["pytorch"])
-        lines.append(f"- {label}: hypersphere [{ours}]; pytorch [{theirs}]")
+        bf = f"; pytorch bf16 [{', '.join(fmt(x) for x in v['pytorch_bf16'])}]" if "pytorch_bf16" in v else ""
+        lines.append(f"- {label}: hypersphere [{ours}]; pytorch [{theirs}]{bf}")
     return "\n".join(lines) + "\n"
 
 

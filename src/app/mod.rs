@@ -148,12 +148,8 @@ pub fn open_corpus(
 
 /// A model spec with an optional `@pooling` suffix, resolved and loaded for inference at
 /// `max_len` (default: the length the model folder declares).
-pub fn load_model(
-    spec: &str,
-    pooling: Option<Pooling>,
-    max_len: Option<usize>,
-    device: &Device,
-) -> Result<(ModelFiles, Encoder, TextTokenizer)> {
+pub fn load_model(spec: &str, loading: &Loading, device: &Device) -> Result<(ModelFiles, Encoder, TextTokenizer)> {
+    let Loading { pooling, max_len, compute } = *loading;
     use clap::ValueEnum;
     let (spec, pooling) = match spec.rsplit_once('@') {
         Some((s, p)) => match Pooling::from_str(p, true) {
@@ -165,11 +161,25 @@ pub fn load_model(
     let files = resolve(spec, &sources())?;
     crate::model::st_layout::check_weights(&files)?;
     let pooling = pooling.or_else(|| saved_pooling(&files)).unwrap_or(Pooling::Mean);
-    let encoder = Encoder::load(&files, pooling, false, device)?;
+    if compute == crate::model::Compute::Int8 && !crate::model::ops::int8::vnni_supported() {
+        eprintln!(
+            "note: this CPU lacks AVX-512 VNNI, so --dtype int8 runs a portable kernel, slower than f32 (same results)"
+        );
+    }
+    let encoder = Encoder::load_with(&files, pooling, false, device, compute.kernels(device)?)?;
     let positions = encoder.config.max_position_embeddings;
     let max_len = max_len.unwrap_or_else(|| declared_max_len(&files, positions)).min(positions);
     let tokenizer = TextTokenizer::load(&files.tokenizer, max_len)?;
     Ok((files, encoder, tokenizer))
+}
+
+/// How a model is loaded for inference: pooling and length where the spec and the folder do
+/// not say, and the arithmetic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Loading {
+    pub pooling: Option<Pooling>,
+    pub max_len: Option<usize>,
+    pub compute: crate::model::Compute,
 }
 
 /// Evaluation options with the embedding cache under the model cache (unless `cache` is off).
@@ -433,7 +443,7 @@ pub fn evaluate(
     world: &crate::dist::World,
 ) -> Result<Vec<Evaluated>> {
     let root = world.is_root();
-    let (files, encoder, tokenizer) = load_model(&model.model, model.pooling, model.max_len, device)?;
+    let (files, encoder, tokenizer) = load_model(&model.model, &model.loading(), device)?;
     if root {
         eprintln!(
             "evaluating {} ({} pooling) on {} tasks, {} STS sets and {} retrieval sets",
@@ -449,7 +459,7 @@ pub fn evaluate(
     let save = |results: &[Evaluated], complete: bool| match root {
         true => crate::io::write_json(
             &json,
-            &serde_json::json!({"model": files.spec, "pooling": encoder.pooling.as_str(), "quick": opts.quick, "complete": complete, "results": results}),
+            &serde_json::json!({"model": files.spec, "pooling": encoder.pooling.as_str(), "dtype": model.dtype.as_str(), "quick": opts.quick, "complete": complete, "results": results}),
         ),
         false => Ok(()),
     };

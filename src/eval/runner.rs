@@ -68,8 +68,10 @@ pub fn evaluate(
     let mut out = Vec::new();
     let cache_key = |what: &str| {
         use sha2::{Digest, Sha256};
+        // f32 keys stay as they were before int8 existed, so old caches still hit.
+        let int8 = if encoder.compute() == crate::model::Compute::Int8 { "|int8" } else { "" };
         let id = format!(
-            "{weights_sha256}|{}|{}|{what}|{}",
+            "{weights_sha256}|{}|{}|{what}|{}{int8}",
             encoder.pooling.as_str(),
             tokenizer.max_len,
             if opts.quick { "quick" } else { "full" }

@@ -5,11 +5,14 @@
 //! primitive ops that autograd sees. Dropout masks come from our own seeded RNG (candle's
 //! CPU device refuses `set_seed`), and are drawn only in training.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+use super::ops::int8::{Epilogue, QWeight};
 use super::ops::Kernels;
 use super::pooling::{Needs, States};
 
@@ -88,23 +91,52 @@ impl Dropout {
     }
 }
 
-/// `x W^T + b` over the last dimension.
+/// `x W^T + b` over the last dimension; with int8 kernels, from weights quantized at load.
 #[derive(Debug, Clone)]
 struct Linear {
     weight: Tensor,
     bias: Tensor,
     k: Kernels,
+    int8: Option<Arc<QWeight>>,
 }
 
 impl Linear {
     fn load(in_dim: usize, out_dim: usize, vb: VarBuilder, k: Kernels) -> Result<Self> {
-        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, bias: vb.get(out_dim, "bias")?, k })
+        Self::new(vb.get((out_dim, in_dim), "weight")?, vb.get(out_dim, "bias")?, k)
+    }
+
+    fn new(weight: Tensor, bias: Tensor, k: Kernels) -> Result<Self> {
+        let int8 = match k {
+            Kernels::Int8 => {
+                let (out, inp) = weight.dims2()?;
+                let (w, b) = (weight.flatten_all()?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
+                Some(Arc::new(QWeight::new(&w, &b, out, inp)?))
+            }
+            _ => None,
+        };
+        Ok(Self { weight, bias, k, int8 })
+    }
+
+    /// The int8 weights, when `xs` can use them (f32 on the CPU).
+    fn int8_for(&self, xs: &Tensor) -> Option<&Arc<QWeight>> {
+        self.int8.as_ref().filter(|_| xs.device().is_cpu() && xs.dtype() == DType::F32)
+    }
+
+    /// `act(x W^T + b)`; exact GELU runs in the int8 kernel's epilogue, on outputs still in cache.
+    fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        match (self.int8_for(xs), act) {
+            (Some(w), Activation::Gelu) => super::ops::int8::linear_int8(xs, w, Epilogue::BiasGelu),
+            _ => act.forward(self.k, &self.forward(xs)?),
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        super::ops::linear(self.k, xs, &self.weight, &self.bias)
+        match self.int8_for(xs) {
+            Some(w) => super::ops::int8::linear_int8(xs, w, Epilogue::Bias),
+            None => super::ops::linear(self.k, xs, &self.weight, &self.bias),
+        }
     }
 }
 
@@ -168,6 +200,9 @@ struct Layer {
     query: Linear,
     key: Linear,
     value: Linear,
+    /// Keys and values as one layer, quantized together (int8 kernels only: training needs the
+    /// two weights apart, as parameters).
+    kv_int8: Option<Linear>,
     attention_output: Linear,
     attention_norm: LayerNorm,
     intermediate: Linear,
@@ -184,10 +219,20 @@ impl Layer {
     fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         let (h, i, eps, k) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps, cfg.kernels);
         let att = vb.pp("attention");
+        let (key, value) = (Linear::load(h, h, att.pp("self.key"), k)?, Linear::load(h, h, att.pp("self.value"), k)?);
+        let kv_int8 = match k {
+            Kernels::Int8 => Some(Linear::new(
+                Tensor::cat(&[&key.weight, &value.weight], 0)?,
+                Tensor::cat(&[&key.bias, &value.bias], 0)?,
+                k,
+            )?),
+            _ => None,
+        };
         Ok(Self {
             query: Linear::load(h, h, att.pp("self.query"), k)?,
-            key: Linear::load(h, h, att.pp("self.key"), k)?,
-            value: Linear::load(h, h, att.pp("self.value"), k)?,
+            key,
+            value,
+            kv_int8,
             attention_output: Linear::load(h, h, att.pp("output.dense"), k)?,
             attention_norm: LayerNorm::load(h, eps, att.pp("output.LayerNorm"), k)?,
             intermediate: Linear::load(h, i, vb.pp("intermediate.dense"), k)?,
@@ -209,15 +254,20 @@ impl Layer {
         let xq = if queries < s { xs.narrow(1, 0, queries)? } else { xs.clone() };
         let q = self.query.forward(&xq)?;
         // Keys and values in one GEMM: [b, s, 2h].
-        let kv_weight = Tensor::cat(&[&self.key.weight, &self.value.weight], 0)?;
-        let kv_bias = Tensor::cat(&[&self.key.bias, &self.value.bias], 0)?;
-        let kv = super::ops::linear(self.k, xs, &kv_weight, &kv_bias)?;
+        let kv = match &self.kv_int8 {
+            Some(kv) => kv.forward(xs)?,
+            None => {
+                let kv_weight = Tensor::cat(&[&self.key.weight, &self.value.weight], 0)?;
+                let kv_bias = Tensor::cat(&[&self.key.bias, &self.value.bias], 0)?;
+                super::ops::linear(self.k, xs, &kv_weight, &kv_bias)?
+            }
+        };
         let p = self.attention_dropout.p;
         let dropout = rng.as_deref_mut().filter(|_| p > 0.0).map(|r| (p, r));
         let context = super::ops::attention(self.k, &q, &kv, mask_bias, self.heads, dropout)?;
         let attended = self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng.as_deref_mut())?;
         let xs = self.attention_norm.forward(&(attended + xq)?)?;
-        let inner = self.act.forward(self.k, &self.intermediate.forward(&xs)?)?;
+        let inner = self.intermediate.forward_act(&xs, self.act)?;
         let out = self.hidden_dropout.forward(&self.output.forward(&inner)?, rng)?;
         self.output_norm.forward(&(out + xs)?)
     }

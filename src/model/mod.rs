@@ -25,6 +25,38 @@ use source::ModelFiles;
 /// Sentences per batch when embedding without gradients (eval, validation, `embed`).
 pub const EMBED_BATCH: usize = 64;
 
+/// The arithmetic of inference (`--dtype` of `embed`, `eval` and `compare`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compute {
+    /// 32-bit floats throughout.
+    #[default]
+    F32,
+    /// Linear layers in int8: weights quantized per output channel when the model loads,
+    /// activations per row; AVX-512 VNNI where the CPU has it. Attention, layer norm and
+    /// pooling stay f32.
+    Int8,
+}
+
+impl Compute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compute::F32 => "f32",
+            Compute::Int8 => "int8",
+        }
+    }
+
+    /// The ops that compute this way on `device`.
+    pub fn kernels(self, device: &Device) -> Result<ops::Kernels> {
+        match self {
+            Compute::F32 => Ok(ops::Kernels::for_device(device)),
+            Compute::Int8 if !device.is_cpu() => {
+                crate::bail!("--dtype int8 is a CPU path: use it with --device cpu, or drop it")
+            }
+            Compute::Int8 => Ok(ops::Kernels::Int8),
+        }
+    }
+}
+
 /// A BERT with a pooling head whose output rows are unit vectors.
 pub struct Encoder {
     pub bert: Bert,
@@ -172,6 +204,14 @@ impl Encoder {
         Ok(())
     }
 
+    /// The arithmetic its linear layers run in.
+    pub fn compute(&self) -> Compute {
+        match self.config.kernels {
+            ops::Kernels::Int8 => Compute::Int8,
+            _ => Compute::F32,
+        }
+    }
+
     /// Number of scalar parameters the encoder trains.
     pub fn num_params(&self) -> usize {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
@@ -252,7 +292,9 @@ pub fn embed_texts(
     };
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| lengths[i]);
-    let chunks: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
+    // Longest batches first: the allocator then reuses their buffers for the shorter ones,
+    // where growing batches would fault in fresh pages all along.
+    let chunks: Vec<&[usize]> = order.chunks(batch_size.max(1)).rev().collect();
     let mut out = vec![0f32; texts.len() * hidden];
     std::thread::scope(|scope| -> Result<()> {
         // Two batches ahead at most: enough to hide tokenization, little memory.

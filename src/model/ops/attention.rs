@@ -4,15 +4,23 @@ use super::dropout::{dropout_mask, mul};
 use super::*;
 
 kernel! {
-    /// Softmax of `x * scale + mask` for one row.
-    fn softmax_row(x: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
-        for ((o, &v), &m) in out.iter_mut().zip(x).zip(mask) {
-            *o = v * scale + m;
+    /// Softmax of `x * scale + mask` for each row of `x` (rows as long as `mask`). The `exp`
+    /// runs over all rows in one loop: rows of a few dozen keys are too short for vector loops
+    /// unrolled 4 x 16 wide, which left a row-by-row `exp` mostly scalar.
+    fn softmax_rows(x: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
+        let s = mask.len();
+        for (o, x) in out.chunks_exact_mut(s).zip(x.chunks_exact(s)) {
+            for ((o, &v), &m) in o.iter_mut().zip(x).zip(mask) {
+                *o = v * scale + m;
+            }
+            let max = max(o);
+            o.iter_mut().for_each(|o| *o -= max);
         }
-        let max = max(out);
-        out.iter_mut().for_each(|o| *o = exp(*o - max));
-        let inv = 1.0 / sum(out);
-        out.iter_mut().for_each(|o| *o *= inv);
+        out.iter_mut().for_each(|o| *o = exp(*o));
+        for o in out.chunks_exact_mut(s) {
+            let inv = 1.0 / sum(o);
+            o.iter_mut().for_each(|o| *o *= inv);
+        }
     }
 }
 
@@ -111,9 +119,7 @@ fn attention_probs(
     let (s, h, hd) = (d.s, d.h, d.hd);
     // scores = Q_head · K_headᵀ
     gemm_small(d.nq, s, hd, scores, s, (&q[head * hd..], h, 1), (&kv[head * hd..], 1, 2 * h));
-    for i in 0..d.nq {
-        softmax_row(&scores[i * s..(i + 1) * s], mask, scale, &mut p[i * s..(i + 1) * s]);
-    }
+    softmax_rows(&scores[..d.nq * s], mask, scale, &mut p[..d.nq * s]);
     if let Some(m) = drop {
         mul(p, &m[head * d.nq * s..(head + 1) * d.nq * s], scores);
     } else {

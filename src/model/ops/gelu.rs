@@ -12,6 +12,16 @@ kernel! {
 }
 
 kernel! {
+    /// [`gelu_fwd`] in place (the same operations, so the same bits): the epilogue of the
+    /// int8 linear layer that feeds it.
+    pub(crate) fn gelu_in_place(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = 0.5 * *v * (1.0 + erf(*v * FRAC_1_SQRT_2));
+        }
+    }
+}
+
+kernel! {
     /// `dy (Phi(x) + x phi(x))`
     fn gelu_bwd(x: &[f32], dy: &[f32], out: &mut [f32]) {
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {

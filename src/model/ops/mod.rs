@@ -24,6 +24,8 @@ pub enum Kernels {
     /// Primitive candle ops only ([`reference`]): what any device runs, and what the fused
     /// kernels are tested against.
     Reference,
+    /// The fused kernels, with the linear layers in int8 ([`int8`]): CPU inference only.
+    Int8,
 }
 
 impl Kernels {
@@ -39,13 +41,14 @@ impl Kernels {
 
     /// Whether `xs` goes through a fused kernel (f32 on the CPU, with fused kernels chosen).
     fn fused(self, xs: &Tensor) -> bool {
-        self == Kernels::Fused && xs.device().is_cpu() && xs.dtype() == DType::F32
+        self != Kernels::Reference && xs.device().is_cpu() && xs.dtype() == DType::F32
     }
 }
 
 mod attention;
 mod dropout;
-mod gelu;
+pub(crate) mod gelu;
+pub mod int8;
 mod layer_norm;
 mod linear;
 pub mod reference;
