@@ -41,7 +41,11 @@ pub struct BenchOptions {
 #[derive(Debug, Serialize)]
 pub struct Gemm {
     pub n: usize,
+    /// f32 through candle (the `gemm` crate).
     pub gflops: f64,
+    /// Through our bf16 kernel (AVX-512 BF16), when the CPU has it; and our int8 kernel.
+    pub bf16_gflops: Option<f64>,
+    pub int8_gops: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,6 +112,42 @@ pub struct BenchReport {
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
+}
+
+/// Median seconds of 5 calls after a warm-up.
+fn timed(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let times = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f().map(|_| t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(median(times))
+}
+
+/// The CPU's low-precision ceilings on an `n`-square product through our kernels, in G
+/// multiply-adds x 2 a second: bf16 (AVX-512 BF16; None without it) and int8 (activations
+/// quantized per row in the timing, as `--dtype int8` runs).
+pub fn low_precision_gops(n: usize) -> Result<(Option<f64>, f64)> {
+    use crate::model::ops::{bf16, int8};
+    let x: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+    let ops = 2.0 * (n as f64).powi(3);
+    let bf16 = match bf16::supported() {
+        true => {
+            let v = bf16::View { data: &x, rows: n, cols: n, rs: n, cs: 1 };
+            Some(ops / timed(|| bf16::gemm(v, v, None, true).map(|_| ()).map_err(Into::into))? / 1e9)
+        }
+        false => None,
+    };
+    let q = int8::QWeight::new(&x, &vec![0.0; n], n, n)?;
+    let vnni = int8::vnni_supported();
+    let int8 =
+        ops / timed(|| {
+            q.forward(&x, int8::Epilogue::Bias, vnni);
+            Ok(())
+        })? / 1e9;
+    Ok((bf16, int8))
 }
 
 /// f32 GFLOP/s of an `n`-square matmul through candle: the ceiling for everything else.
@@ -184,8 +224,13 @@ pub struct BenchInputs<'a> {
 /// `mix_batches.json` and `sentences.txt`.
 pub fn run(inp: &BenchInputs, opts: &BenchOptions, export: Option<&Path>) -> Result<BenchReport> {
     inp.progress.line("gemm 2048^3 ...");
-    let gemm = Gemm { n: 2048, gflops: gemm_gflops(2048, inp.device)? };
-    inp.progress.line(&format!("  {:.1} GFLOP/s", gemm.gflops));
+    let (bf16_gflops, int8_gops) = low_precision_gops(2048)?;
+    let gemm = Gemm { n: 2048, gflops: gemm_gflops(2048, inp.device)?, bf16_gflops, int8_gops };
+    inp.progress.line(&format!(
+        "  {:.1} GFLOP/s f32, {} bf16, {int8_gops:.1} GOP/s int8",
+        gemm.gflops,
+        bf16_gflops.map_or("n/a".into(), |g| format!("{g:.1} GFLOP/s"))
+    ));
     let mut rng = StdRng::seed_from_u64(inp.cfg.seed);
     let train_fixed = train_fixed(inp, opts, &mut rng)?;
     let train_mix = train_mix(inp, opts, export, &mut rng)?;

@@ -387,10 +387,18 @@ pub fn bench(
 
 /// The encoder a run trains and its frozen teacher, with the device's ops in `train.dtype`.
 pub fn training_encoders(files: &ModelFiles, run: &Resolved) -> Result<(Encoder, Option<Encoder>)> {
+    use crate::model::ops::{bf16, Kernels};
     let (cfg, device) = (run.cfg(), run.device());
-    let kernels = crate::model::ops::Kernels::for_device(device);
+    let bf16_cpu = cfg.train.dtype == crate::config::Precision::Bf16 && device.is_cpu();
+    let (kernels, compute) = match bf16_cpu && bf16::supported() {
+        true => (Kernels::Bf16, candle_core::DType::F32),
+        false => (Kernels::for_device(device), cfg.train.dtype.dtype()),
+    };
+    if bf16_cpu && !bf16::supported() {
+        eprintln!("note: this CPU lacks AVX-512 BF16, so train.dtype = \"bf16\" runs the reference ops, several times slower than f32");
+    }
     let teacher = cfg.loss.mean_teacher;
-    crate::model::load_encoders(files, cfg.model.pooling, teacher, device, kernels, cfg.train.dtype.dtype())
+    crate::model::load_encoders(files, cfg.model.pooling, teacher, device, kernels, compute)
 }
 
 /// `check-device`: [`crate::device_check::check`] on `pairs` x `seq`, a summary on stderr, the

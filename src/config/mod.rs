@@ -134,8 +134,9 @@ pub struct TrainConfig {
     /// every token state, and so every pooled vector, shares. Combines with `norm_lr_scale`.
     pub offset_lr_scale: f64,
     /// The transformer layers' compute dtype: `f32`, or `bf16` (mixed precision: f32 master
-    /// weights, AdamW state, embeddings, layer norms, softmax, pooling and loss). For GPUs:
-    /// on the CPU bf16 runs the slow reference ops.
+    /// weights, AdamW state, embeddings, layer norms, softmax, pooling and loss). On a CPU with
+    /// AVX-512 BF16, the linear layers' products (forward and backward) run in bf16 and all else
+    /// in f32; on other CPUs, bf16 runs the slow reference ops.
     pub dtype: Precision,
 }
 

@@ -22,10 +22,14 @@ pub fn linear(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result
     if !k.fused(xs) {
         return reference::linear(xs, weight, bias);
     }
-    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
+    let op = Linear { bf16: k == Kernels::Bf16 };
+    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
-struct Linear;
+/// `bf16`: the products in bf16 ([`super::bf16`]), forward and backward.
+struct Linear {
+    bf16: bool,
+}
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -49,6 +53,15 @@ impl CustomOp3 for Linear {
             bail!("linear: input with {k} features, weight {:?}, bias of {}", l2.dims(), b.len())
         }
         let rows = x.len() / k.max(1);
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = o;
+        if self.bf16 {
+            use super::bf16::{gemm, supported, View};
+            // x [rows, k] · Wᵀ [k, o], Wᵀ being W read column-wise.
+            let (xv, wt) =
+                (View { data: x, rows, cols: k, rs: k, cs: 1 }, View { data: w, rows: k, cols: o, rs: 1, cs: k });
+            return Ok((CpuStorage::F32(gemm(xv, wt, Some(b), supported())?), Shape::from(shape)));
+        }
         let mut out = Vec::with_capacity(rows * o);
         for _ in 0..rows {
             out.extend_from_slice(b);
@@ -81,8 +94,6 @@ impl CustomOp3 for Linear {
                 par,
             )
         }
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap_or(&mut 0) = o;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
@@ -99,8 +110,11 @@ impl CustomOp3 for Linear {
         let (o, k) = w.dims2()?;
         let g = grad.contiguous()?.reshape(((), o))?;
         let x2 = x.reshape(((), k))?;
-        let dx = g.matmul(&w)?.reshape(x.shape())?;
-        let dw = g.t()?.matmul(&x2)?;
+        let (dx, dw) = match self.bf16 {
+            true => (super::bf16::matmul(&g, &w, false)?, super::bf16::matmul(&g, &x2, true)?),
+            false => (g.matmul(&w)?, g.t()?.matmul(&x2)?),
+        };
+        let dx = dx.reshape(x.shape())?;
         let db = sum_rows(&g, o)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }

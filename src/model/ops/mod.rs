@@ -26,6 +26,9 @@ pub enum Kernels {
     Reference,
     /// The fused kernels, with the linear layers in int8 ([`int8`]): CPU inference only.
     Int8,
+    /// The fused kernels, with the linear layers' products (forward and backward) in bf16
+    /// ([`bf16`]): CPU training with `train.dtype = "bf16"`.
+    Bf16,
 }
 
 impl Kernels {
@@ -46,6 +49,7 @@ impl Kernels {
 }
 
 mod attention;
+pub mod bf16;
 mod dropout;
 pub(crate) mod gelu;
 pub mod int8;

@@ -1,0 +1,362 @@
+//! Matrix products in bf16 for training on the CPU (`train.dtype = "bf16"`): both factors
+//! rounded to bf16 (to nearest even), pairs of products summed in f32 by AVX-512 BF16
+//! (`vdpbf16ps`: 32 multiply-adds an instruction, twice an f32 FMA's). Master weights, AdamW,
+//! layer norm, softmax, attention and the loss stay f32, as on the GPU path.
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// f32 sums per register.
+const LANES: usize = 16;
+/// A register tile: `ROWS` rows of A x `PANELS` panels of 16 columns of B.
+const ROWS: usize = 8;
+const PANELS: usize = 3;
+/// Rows of A a block: their pairs stay in L1 while every panel of B passes.
+const BLOCK: usize = 64;
+
+/// Whether this CPU has AVX-512 BF16 (with F, BW and VL), checked at run time.
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A strided f32 matrix: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View<'_> {
+    #[inline]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
+    }
+
+    fn check(&self, what: &str) -> Result<()> {
+        let last = (self.rows.max(1) - 1) * self.rs + (self.cols.max(1) - 1) * self.cs;
+        if self.rows > 0 && self.cols > 0 && last >= self.data.len() {
+            bail!("bf16 gemm: {what} [{}, {}] reaches past its {} values", self.rows, self.cols, self.data.len())
+        }
+        Ok(())
+    }
+}
+
+/// f32 to bf16 bits, rounded to nearest even (NaN stays NaN).
+#[inline]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        0x7FC0
+    } else {
+        rounded
+    }
+}
+
+/// bf16 bits back to f32 (exact).
+#[inline]
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Two bf16 in one u32, as `vdpbf16ps` pairs them: `lo` in the low half.
+#[inline]
+fn pair(lo: f32, hi: f32) -> u32 {
+    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
+}
+
+/// A [m, k] as rows of k / 2 pairs (k padded with a zero). Sixteen rows at a time, pair by
+/// pair: a transposed view (the gradient of a weight reads Gᵀ) then reads along its rows too.
+fn pack_a(a: &View, k2: usize) -> Vec<u32> {
+    let mut out = vec![0u32; a.rows * k2];
+    out.par_chunks_mut((LANES * k2).max(1)).enumerate().for_each(|(c, rows)| {
+        let (i0, n) = (c * LANES, rows.len() / k2.max(1));
+        for g in 0..k2 {
+            for ii in 0..n {
+                let hi = if 2 * g + 1 < a.cols { a.at(i0 + ii, 2 * g + 1) } else { 0.0 };
+                rows[ii * k2 + g] = pair(a.at(i0 + ii, 2 * g), hi);
+            }
+        }
+    });
+    out
+}
+
+/// B [k, n] as panels of 16 columns, each k / 2 groups of 16 pairs (rows 2g and 2g + 1 of a
+/// column): [n16 / 16][k2][16]. Columns past n are zero.
+fn pack_b(b: &View, k2: usize) -> Vec<u32> {
+    let panels = b.cols.div_ceil(LANES);
+    let mut out = vec![0u32; panels * k2 * LANES];
+    out.par_chunks_mut((k2 * LANES).max(1)).enumerate().for_each(|(p, panel)| {
+        for (g, group) in panel.chunks_exact_mut(LANES).enumerate() {
+            for (lane, v) in group.iter_mut().enumerate() {
+                let j = p * LANES + lane;
+                if j < b.cols {
+                    let hi = if 2 * g + 1 < b.rows { b.at(2 * g + 1, j) } else { 0.0 };
+                    *v = pair(b.at(2 * g, j), hi);
+                }
+            }
+        }
+    });
+    out
+}
+
+/// `c` [a.rows, b.cols] (row-major) = `bias` (per column; zeros without one) + a · b, with a
+/// and b rounded to bf16 and the products summed in f32. `fast` picks the AVX-512 BF16 kernel
+/// (it must be supported); the portable one does the same operations one at a time.
+pub fn gemm(a: View, b: View, bias: Option<&[f32]>, fast: bool) -> Result<Vec<f32>> {
+    a.check("A")?;
+    b.check("B")?;
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || bias.is_some_and(|v| v.len() != n) {
+        bail!("bf16 gemm: [{m}, {k}] x [{}, {n}] with a bias of {:?}", b.rows, bias.map(<[f32]>::len))
+    }
+    let k2 = k.div_ceil(2);
+    let (pa, pb) = (pack_a(&a, k2), pack_b(&b, k2));
+    let mut init = vec![0f32; n.div_ceil(LANES) * LANES];
+    if let Some(bias) = bias {
+        init[..n].copy_from_slice(bias);
+    }
+    let packed = Packed { a: &pa, b: &pb, k2, n, init: &init };
+    let mut c = vec![0f32; m * n];
+    let per = m.div_ceil(2 * rayon::current_num_threads()).div_ceil(ROWS).max(1) * ROWS;
+    c.par_chunks_mut((per * n).max(1)).enumerate().for_each(|(ci, chunk)| {
+        let r0 = ci * per;
+        let rows = chunk.len() / n.max(1);
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            assert!(supported(), "bf16 gemm: the AVX-512 BF16 kernel asked for on a CPU without it");
+            // SAFETY: the CPU has the features (checked above); the kernel reads rows
+            // r0..r0 + rows of the packed A, all of the packed B, and writes `chunk`.
+            unsafe { avx512::rows(&packed, r0, rows, chunk) };
+            return;
+        }
+        let _ = fast;
+        packed.rows_portable(r0, rows, chunk);
+    });
+    Ok(c)
+}
+
+/// Both factors packed, for the kernels.
+struct Packed<'a> {
+    a: &'a [u32],
+    b: &'a [u32],
+    k2: usize,
+    n: usize,
+    /// Each column's starting value (the bias, or 0), padded to whole panels.
+    init: &'a [f32],
+}
+
+impl Packed<'_> {
+    /// `vdpbf16ps`'s arithmetic per output: for each pair, the odd product then the even one
+    /// added (bf16 products are exact in f32, so each step rounds once).
+    fn rows_portable(&self, r0: usize, rows: usize, out: &mut [f32]) {
+        for (i, y) in out.chunks_exact_mut(self.n).enumerate().take(rows) {
+            let a = &self.a[(r0 + i) * self.k2..(r0 + i + 1) * self.k2];
+            for (j, y) in y.iter_mut().enumerate() {
+                let (panel, lane) = (j / LANES, j % LANES);
+                let mut acc = self.init[j];
+                for (g, &pa) in a.iter().enumerate() {
+                    let pb = self.b[(panel * self.k2 + g) * LANES + lane];
+                    acc += from_bf16((pa >> 16) as u16) * from_bf16((pb >> 16) as u16);
+                    acc += from_bf16(pa as u16) * from_bf16(pb as u16);
+                }
+                *y = acc;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Packed, BLOCK, LANES, PANELS, ROWS};
+    use std::arch::x86_64::*;
+
+    /// Rows r0..r0 + rows of C into `out` (those rows, row-major), a block of rows at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn rows(p: &Packed, r0: usize, rows: usize, out: &mut [f32]) {
+        let panels = p.init.len() / LANES;
+        for b0 in (0..rows).step_by(BLOCK) {
+            let bn = (rows - b0).min(BLOCK);
+            let mut q = 0;
+            while q < panels {
+                let c = (panels - q).min(PANELS);
+                let mut r = b0;
+                while r < b0 + bn {
+                    let m = (b0 + bn - r).min(ROWS);
+                    let (a, o) = (p.a.as_ptr().add((r0 + r) * p.k2), out.as_mut_ptr().add(r * p.n));
+                    match m {
+                        8 => tile_c::<8>(p, q, c, a, o),
+                        7 => tile_c::<7>(p, q, c, a, o),
+                        6 => tile_c::<6>(p, q, c, a, o),
+                        5 => tile_c::<5>(p, q, c, a, o),
+                        4 => tile_c::<4>(p, q, c, a, o),
+                        3 => tile_c::<3>(p, q, c, a, o),
+                        2 => tile_c::<2>(p, q, c, a, o),
+                        _ => tile_c::<1>(p, q, c, a, o),
+                    }
+                    r += m;
+                }
+                q += c;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    unsafe fn tile_c<const R: usize>(p: &Packed, q: usize, c: usize, a: *const u32, out: *mut f32) {
+        match c {
+            3 => tile::<R, 3>(p, q, a, out),
+            2 => tile::<R, 2>(p, q, a, out),
+            _ => tile::<R, 1>(p, q, a, out),
+        }
+    }
+
+    /// R rows x C panels from panel `q0`: sums in registers over all pairs, then stored
+    /// (masked past the last column).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    unsafe fn tile<const R: usize, const C: usize>(p: &Packed, q0: usize, a: *const u32, out: *mut f32) {
+        let k2 = p.k2;
+        let bp = p.b.as_ptr().add(q0 * k2 * LANES);
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for (c, init) in acc[0].iter_mut().enumerate() {
+            *init = _mm512_loadu_ps(p.init.as_ptr().add((q0 + c) * LANES));
+        }
+        for r in 1..R {
+            acc[r] = acc[0];
+        }
+        for g in 0..k2 {
+            let mut bv = [_mm512_setzero_si512(); C];
+            for (c, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(bp.add((c * k2 + g) * LANES) as *const _);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * k2 + g) as i32));
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_dpbf16_ps(*acc, av, std::mem::transmute::<__m512i, __m512bh>(bv));
+                }
+            }
+        }
+        for c in 0..C {
+            let j = (q0 + c) * LANES;
+            let valid = (p.n - j).min(LANES);
+            let mask: __mmask16 = if valid == LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+            for (r, acc) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(out.add(r * p.n + j), mask, acc[c]);
+            }
+        }
+    }
+}
+
+/// `a · b` (or `aᵀ · b` with `transpose_a`) of two contiguous 2-d f32 tensors, in bf16 with f32
+/// sums: the products of a linear layer's backward pass. No backward of its own.
+pub fn matmul(a: &Tensor, b: &Tensor, transpose_a: bool) -> Result<Tensor> {
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Matmul { transpose_a })
+}
+
+struct Matmul {
+    transpose_a: bool,
+}
+
+impl CustomOp2 for Matmul {
+    fn name(&self) -> &'static str {
+        "bf16-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (super::f32s(s1, l1, self.name())?, super::f32s(s2, l2, self.name())?);
+        let ((ar, ac), (br, bc)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let a = match self.transpose_a {
+            false => View { data: a, rows: ar, cols: ac, rs: ac, cs: 1 },
+            true => View { data: a, rows: ac, cols: ar, rs: 1, cs: ac },
+        };
+        let c = gemm(a, View { data: b, rows: br, cols: bc, rs: bc, cs: 1 }, None, supported())?;
+        Ok((CpuStorage::F32(c), Shape::from((a.rows, bc))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, rng: &mut StdRng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect()
+    }
+
+    #[test]
+    fn rounding_to_bf16_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3F80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3F80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3F82, "the other tie rounds up to even");
+        assert_eq!(to_bf16(-2.5), 0xC020);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
+    /// Shapes with odd k (a zero-padded pair), partial panels and tiles, several row blocks.
+    const SHAPES: [(usize, usize, usize); 5] =
+        [(1, 1, 1), (3, 5, 17), (9, 37, 50), (2 * BLOCK + 3, 64, 48), (20, 130, 7)];
+
+    #[test]
+    fn avx512_kernel_gives_the_portable_bits() {
+        if !supported() {
+            eprintln!("note: this CPU has no AVX-512 BF16; the kernel is not checked");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        for (m, k, n) in SHAPES {
+            let (a, b, bias) = (random(m * k, &mut rng), random(k * n, &mut rng), random(n, &mut rng));
+            let (va, vb) =
+                (View { data: &a, rows: m, cols: k, rs: k, cs: 1 }, View { data: &b, rows: k, cols: n, rs: n, cs: 1 });
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            assert_eq!(
+                bits(gemm(va, vb, Some(&bias), true).unwrap()),
+                bits(gemm(va, vb, Some(&bias), false).unwrap()),
+                "{m}x{k}x{n}"
+            );
+        }
+    }
+
+    /// Within bf16's rounding of both factors (relative 2^-8 each) plus f32 summation, of an f64
+    /// product; transposed views read the same matrix.
+    #[test]
+    fn products_are_within_bf16_rounding_of_f64() {
+        let mut rng = StdRng::seed_from_u64(6);
+        for (m, k, n) in SHAPES {
+            let (a, b) = (random(m * k, &mut rng), random(k * n, &mut rng));
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect(); // [k, m]
+            let vb = View { data: &b, rows: k, cols: n, rs: n, cs: 1 };
+            let c = gemm(View { data: &a, rows: m, cols: k, rs: k, cs: 1 }, vb, None, supported()).unwrap();
+            let ct = gemm(View { data: &at, rows: m, cols: k, rs: 1, cs: m }, vb, None, supported()).unwrap();
+            assert_eq!(c, ct, "a transposed view packs the same pairs");
+            for i in 0..m {
+                for j in 0..n {
+                    let terms = (0..k).map(|l| a[i * k + l] as f64 * b[l * n + j] as f64);
+                    let (exact, size) = terms.fold((0.0, 0.0), |(s, z), t| (s + t, z + t.abs()));
+                    let bound = size * (2.0f64.powi(-8) * 2.0 + 2.0f64.powi(-16) + k as f64 * 2.0f64.powi(-24));
+                    let got = c[i * n + j] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound + 1e-6,
+                        "[{i}, {j}] of {m}x{k}x{n}: {got} vs {exact}, bound {bound}"
+                    );
+                }
+            }
+        }
+    }
+}
