@@ -15,7 +15,7 @@ use crate::data::batch::TextTokenizer;
 use crate::data::books::pairs::PairOptions;
 use crate::data::books::BookPairs;
 use crate::error::{Context, Result};
-use crate::model::{embed_texts, Encoder};
+use crate::model::{embed_texts, Compute, Encoder};
 use crate::report::Sample;
 use std::path::PathBuf;
 
@@ -97,6 +97,11 @@ fn load_inputs(inputs: &[String], loading: &Loading, device: &Device) -> Result<
         } else {
             let (files, enc, tok) = load_model(spec, loading, device)?;
             let label = if spec.contains('@') { spec.clone() } else { format!("{spec}@{}", enc.pooling.as_str()) };
+            // Columns say when they were not computed in f32.
+            let label = match loading.compute {
+                Compute::F32 => label,
+                other => format!("{label} {}", other.as_str()),
+            };
             loaded.push(Input::Model(label, Box::new((enc, tok, files.tokenizer))));
         }
     }

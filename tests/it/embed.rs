@@ -186,6 +186,11 @@ fn compare_models_files_and_whitening() {
         serde_json::from_str(&std::fs::read_to_string(cmp.join("compare.json")).unwrap()).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 4, "three inputs and the whitened first one");
     assert_eq!(json[3]["dim"], 8);
+    // A column computed in int8 says so.
+    ok(&run(&["compare", &b, "--corpus", books, "--dtype", "int8", "--out", "cmp8"], tmp.path()));
+    let json8: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("cmp8/compare.json")).unwrap()).unwrap();
+    assert_eq!(json8[0]["name"], format!("{b}@mean int8"));
     // The whitening parameters feed `embed --whiten`.
     ok(&run(
         &[

@@ -44,6 +44,14 @@ fn eval_quick_on_a_tiny_model_caches_embeddings() {
     assert_eq!(second["results"][0]["cached"], true);
     assert_eq!(first["results"][0]["metrics"], second["results"][0]["metrics"]);
     assert!(tmp.path().join("ev/eval.md").is_file());
+    // int8 embeddings are other embeddings: not read from the f32 cache, cached on their own.
+    let int8 = [&args[..], &["--dtype", "int8"]].concat();
+    for cached in [false, true] {
+        assert!(run(&int8, tmp.path()).status.success());
+        let third = json(&tmp.path().join("ev/eval.json"));
+        assert_eq!((third["dtype"].as_str(), third["results"][0]["cached"].as_bool()), (Some("int8"), Some(cached)));
+    }
+    assert_eq!(second["dtype"], "f32");
 }
 
 #[test]
