@@ -9,7 +9,9 @@
 #     be newer than 13.0, or the driver cannot load the PTX.
 # The binary lands in target/cuda/release/hypersphere. On the GPU machine, run it with
 #   LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda-13.0/targets/x86_64-linux/lib
-# About 20 CPU-minutes on 2 cores. Usage: scripts/build-cuda.sh [extra cargo args]
+# About 20 CPU-minutes on 2 cores. Usage: [FEATURES=cuda,nccl] scripts/build-cuda.sh [extra cargo args]
+# FEATURES=cuda,nccl adds NCCL between GPU ranks (DISTRIBUTED.md): the link uses libnccl from the
+# nvidia-nccl-cu13 wheel; at run time any libnccl.so.2 will do (PyTorch's wheels carry one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,10 +59,23 @@ if [ ! -f "$stub" ]; then
   ln -sf libcuda.so "$CUDA_HOME/lib/stubs/libcuda.so.1"
 fi
 
+FEATURES="${FEATURES:-cuda}"
+if [[ ",$FEATURES," == *",nccl,"* ]] && [ ! -f "$CUDA_HOME/nccl/lib/libnccl.so" ]; then
+  echo "fetching the NCCL wheel into $CUDA_HOME/nccl" >&2
+  ntmp="$(mktemp -d)"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$ntmp/whl" "nvidia-nccl-cu13==2.27.7"
+  python3 -m zipfile -e "$ntmp"/whl/*.whl "$ntmp/unpacked"
+  rm -rf "$CUDA_HOME/nccl"
+  mv "$ntmp/unpacked/nvidia/nccl" "$CUDA_HOME/nccl"
+  rm -rf "$ntmp"
+  ln -sf libnccl.so.2 "$CUDA_HOME/nccl/lib/libnccl.so"
+fi
+
 export CUDA_HOME CUDA_PATH="$CUDA_HOME" CUDA_ROOT="$CUDA_HOME" CUDA_COMPUTE_CAP=90
 export PATH="$CUDA_HOME/bin:$PATH"
 export LIBRARY_PATH="$CUDA_HOME/lib/stubs:$CUDA_HOME/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
-export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CUDA_HOME/lib/stubs -L native=$CUDA_HOME/lib"
+export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CUDA_HOME/lib/stubs -L native=$CUDA_HOME/lib -L native=$CUDA_HOME/nccl/lib"
 nvcc --version | tail -2 >&2
-cargo build --release --features cuda --target-dir target/cuda "$@"
+cargo build --release --features "$FEATURES" --target-dir target/cuda "$@"
 ls -la target/cuda/release/hypersphere

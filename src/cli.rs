@@ -241,7 +241,7 @@ impl RunArgs {
 
 /// Run a command; `Ok(false)` means it ran but a check failed (exit code 1).
 pub fn run(cli: Cli) -> Result<bool> {
-    let world = World::from_env(|m| eprintln!("{m}"))?;
+    let world = World::from_env(|m| eprintln!("{m}"), cli.device.as_deref())?;
     if world.size() > 1
         && !matches!(cli.command, Command::Finetune { .. } | Command::Embed { .. } | Command::Eval { .. })
     {

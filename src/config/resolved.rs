@@ -170,7 +170,13 @@ impl Resolved {
     }
 }
 
-/// The device a spec names: `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `metal` (candle's; this
+/// `cuda` without an index: under a launcher, the GPU of this rank's index on its machine (its
+/// local rank), else the first.
+fn default_gpu() -> usize {
+    crate::dist::launched(&|k| std::env::var(k).ok()).and_then(|l| l.local_rank).unwrap_or(0)
+}
+
+/// The device a spec names: `cpu`, `cuda` (= `cuda:0`, or under a launcher `cuda:LOCAL_RANK`), `cuda:N` or `metal` (candle's; this
 /// crate has no `metal` feature). Devices this build does not support are an error that says
 /// how to get them; `origin` names the setting (`--device`, `model.device`) in it.
 pub fn parse_device(spec: &str, origin: &str) -> Result<Device> {
@@ -180,7 +186,7 @@ pub fn parse_device(spec: &str, origin: &str) -> Result<Device> {
             n.parse::<usize>()
                 .map_err(|_| Error::invalid(format!("{origin} {spec}: expected cuda:N with N a number")))?,
         ),
-        None => (spec, 0),
+        None => (spec, default_gpu()),
     };
     let device = match kind {
         "cpu" if spec == "cpu" => return Ok(Device::Cpu),

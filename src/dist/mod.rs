@@ -9,7 +9,12 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod rendezvous;
 pub mod threads;
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -39,6 +44,26 @@ pub trait Collective {
     /// Rank 0's `buf` (the same length on every rank) to every rank.
     fn broadcast(&self, buf: &mut [u8]) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// Whether this engine works in device memory (NCCL: GPU tensors are reduced where they
+    /// are, so the gradients go as one dense tensor instead of sparse host buffers).
+    fn works_on_device(&self) -> bool {
+        false
+    }
+    /// `t` (f32) summed element-wise over the ranks, on `t`'s device. By default through host
+    /// memory and [`Collective::all_reduce_sum`].
+    fn all_reduce_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut v)?;
+        Ok(Tensor::from_vec(v, t.shape(), t.device())?)
+    }
+    /// Every rank's `t` [n, ...] (f32, the same shape everywhere) in rank order [R n, ...], on
+    /// `t`'s device. By default through host memory and [`Collective::all_gather`].
+    fn all_gather_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let all = self.all_gather(&t.flatten_all()?.to_vec1::<f32>()?)?;
+        let mut dims = t.dims().to_vec();
+        dims[0] *= self.size();
+        Ok(Tensor::from_vec(all, dims, t.device())?)
+    }
     /// While `on`, collectives may wait as long as rank 0's own phases take (validation,
     /// checkpoints): a watchdog, if the engine has one, leaves them alone.
     fn patient(&self, _on: bool) {}
@@ -78,27 +103,29 @@ impl Collective for Single {
 pub struct Launch {
     pub rank: usize,
     pub size: usize,
-    /// Ranks on this machine, when the launcher says.
+    /// Ranks on this machine, and this one's index among them, when the launcher says.
     pub local_size: Option<usize>,
+    pub local_rank: Option<usize>,
     /// The variable that said so (for messages).
     pub var: &'static str,
 }
 
 /// What the launcher's environment says: OpenMPI's `mpirun` (`OMPI_COMM_WORLD_SIZE`), MPICH's
 /// and Intel MPI's (`PMI_SIZE`), Slurm's `srun` (`SLURM_STEP_NUM_TASKS`: a job step's tasks;
-/// not `SLURM_NTASKS`, which a batch script's own commands see too). None: not launched, or
-/// one rank.
+/// not `SLURM_NTASKS`, which a batch script's own commands see too), torchrun's
+/// (`WORLD_SIZE`). None: not launched, or one rank.
 pub fn launched(env: &dyn Fn(&str) -> Option<String>) -> Option<Launch> {
     let num = |k: &str| env(k).and_then(|v| v.trim().parse::<usize>().ok());
     let found = [
-        ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-        ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS"),
-        ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_TASKS_PER_NODE"),
+        ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID"),
+        ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_LOCALID"),
+        ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK"),
     ]
     .into_iter()
-    .find_map(|(size, rank, local)| {
+    .find_map(|(size, rank, local, local_rank)| {
         let n = num(size)?;
-        Some(Launch { rank: num(rank)?, size: n, local_size: num(local), var: size })
+        Some(Launch { rank: num(rank)?, size: n, local_size: num(local), local_rank: num(local_rank), var: size })
     });
     found.filter(|l| l.size > 1)
 }
@@ -142,21 +169,34 @@ impl World {
         out
     }
 
-    /// The world this process belongs to: MPI's when a launcher started several ranks (with
-    /// the `mpi` feature; without it that is an error, instead of R independent runs fighting
-    /// over one run folder), else a world of one. `fatal` says why a rank ends the world from
-    /// outside the main thread (the collective watchdog).
-    pub fn from_env(fatal: fn(&str)) -> Result<Self> {
+    /// The world this process belongs to: when a launcher started several ranks, NCCL's
+    /// between GPUs (the `nccl` feature and a `--device cuda[:N]` flag: `device`) or MPI's (the
+    /// `mpi` feature), else a world of one. Without an engine for the ranks that is an error,
+    /// instead of R independent runs fighting over one run folder. `fatal` says why a rank ends
+    /// the world from outside the main thread (the collective watchdog).
+    pub fn from_env(fatal: fn(&str), device: Option<&str>) -> Result<Self> {
         let Some(launch) = launched(&|k| std::env::var(k).ok()) else { return Ok(Self::single()) };
+        let gpu = device.is_some_and(|d| d == "cuda" || d.starts_with("cuda:"));
+        #[cfg(feature = "nccl")]
+        if gpu {
+            return Ok(Self::new(Box::new(nccl::Nccl::init(&launch, device.unwrap_or("cuda"), fatal)?)));
+        }
         #[cfg(feature = "mpi")]
         {
+            let _ = gpu;
             Ok(Self::new(Box::new(mpi::Mpi::init(&launch, fatal)?)))
         }
         #[cfg(not(feature = "mpi"))]
         {
             let _ = fatal;
+            // (A build with NCCL took GPU ranks above.)
+            let how = if gpu {
+                "GPU ranks need NCCL: build with `FEATURES=cuda,nccl scripts/build-cuda.sh`"
+            } else {
+                "build with `cargo build --release --features mpi` (needs OpenMPI: Debian's openmpi-bin libopenmpi-dev libclang-dev), or, on GPUs, `--features nccl` with `--device cuda`"
+            };
             Err(Error::invalid(format!(
-                "started as rank {} of {} by a launcher ({}={}), but this build has no MPI: build with `cargo build --release --features mpi` (needs OpenMPI: Debian's openmpi-bin libopenmpi-dev libclang-dev), or run one process",
+                "started as rank {} of {} by a launcher ({}={}), but this build has no engine for these ranks: {how}; or run one process",
                 launch.rank, launch.size, launch.var, launch.size
             )))
         }
@@ -194,18 +234,19 @@ impl World {
         if self.size() == 1 {
             return Ok(local.detach());
         }
-        let (n, d) = local.dims2()?;
-        let flat = local.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let all = self.counted(flat.len(), || self.comm.all_gather(&flat))?;
-        let rows = self.size() * n;
-        Ok(Tensor::from_vec(all, (rows, d), local.device())?.to_dtype(local.dtype())?)
+        let rows = local.detach().to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let all = self.counted(rows.elem_count(), || self.comm.all_gather_tensor(&rows))?;
+        Ok(all.to_dtype(local.dtype())?)
     }
 
-    /// Whether `flag` is set on any rank (every rank gets the same answer). It may wait for
-    /// rank 0's validation or checkpoint, so it is not under a collective timeout.
-    pub fn any(&self, flag: bool) -> Result<bool> {
+    /// Whether `flag` is set on any rank (every rank gets the same answer). `patient` where it
+    /// may wait for rank 0's validation or checkpoint: then not under the collective timeout.
+    pub fn any(&self, flag: bool, patient: bool) -> Result<bool> {
         let mut v = [f32::from(u8::from(flag))];
-        self.patiently(|| self.comm.all_reduce_sum(&mut v))?;
+        match patient {
+            true => self.patiently(|| self.comm.all_reduce_sum(&mut v))?,
+            false => self.comm.all_reduce_sum(&mut v)?,
+        }
         Ok(v[0] > 0.0)
     }
 
@@ -271,6 +312,9 @@ impl World {
         if self.size() == 1 {
             return Ok(grads);
         }
+        if self.comm.works_on_device() {
+            return self.all_reduce_grads_dense(params, &grads);
+        }
         let mut local: Vec<Option<Tensor>> = Vec::with_capacity(params.len());
         for (_, var) in params {
             local.push(grads.get(var.as_tensor()).map(|g| g.to_dtype(candle_core::DType::F32)).transpose()?);
@@ -318,6 +362,31 @@ impl World {
                     var.as_tensor().to_dtype(candle_core::DType::F32)?.zeros_like()?.index_add(&r, &packed, 0)?
                 }
             };
+            out.insert(var.as_tensor(), g.to_dtype(var.dtype())?);
+        }
+        Ok(out)
+    }
+
+    /// The gradients summed as one dense tensor in one collective, where they live (NCCL on
+    /// GPUs: no host copies; the links are fast enough that the sparse rows are not worth a
+    /// mask exchange and a gather).
+    fn all_reduce_grads_dense(&self, params: &[(String, Var)], grads: &GradStore) -> Result<GradStore> {
+        let device = params.first().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
+        let mut pieces = Vec::with_capacity(params.len());
+        for (_, var) in params {
+            pieces.push(match grads.get(var.as_tensor()) {
+                Some(g) => g.to_dtype(candle_core::DType::F32)?.flatten_all()?,
+                None => Tensor::zeros(var.elem_count(), candle_core::DType::F32, &device)?,
+            });
+        }
+        let flat = Tensor::cat(&pieces, 0)?;
+        let sums = self.counted(flat.elem_count(), || self.comm.all_reduce_tensor(&flat))?;
+        let mut out = Var::new(0f32, &device)?.as_tensor().backward()?;
+        let mut offset = 0;
+        for (_, var) in params {
+            let n = var.elem_count();
+            let g = sums.narrow(0, offset, n)?.reshape(var.shape())?;
+            offset += n;
             out.insert(var.as_tensor(), g.to_dtype(var.dtype())?);
         }
         Ok(out)
@@ -371,10 +440,25 @@ mod tests {
 
     #[test]
     fn launchers_are_read_from_their_variables() {
-        let ompi = [("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")];
-        assert_eq!(env(&ompi), Some(Launch { rank: 3, size: 4, local_size: Some(2), var: "OMPI_COMM_WORLD_SIZE" }));
-        let srun = [("SLURM_STEP_NUM_TASKS", "8"), ("SLURM_PROCID", "5"), ("SLURM_STEP_TASKS_PER_NODE", "2(x4)")];
-        assert_eq!(env(&srun), Some(Launch { rank: 5, size: 8, local_size: None, var: "SLURM_STEP_NUM_TASKS" }));
+        let ompi = [
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+        ];
+        let expect = Launch { rank: 3, size: 4, local_size: Some(2), local_rank: Some(1), var: "OMPI_COMM_WORLD_SIZE" };
+        assert_eq!(env(&ompi), Some(expect));
+        let srun = [
+            ("SLURM_STEP_NUM_TASKS", "8"),
+            ("SLURM_PROCID", "5"),
+            ("SLURM_STEP_TASKS_PER_NODE", "2(x4)"),
+            ("SLURM_LOCALID", "1"),
+        ];
+        let expect = Launch { rank: 5, size: 8, local_size: None, local_rank: Some(1), var: "SLURM_STEP_NUM_TASKS" };
+        assert_eq!(env(&srun), Some(expect));
+        let torchrun = [("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", "1")];
+        let expect = Launch { rank: 1, size: 2, local_size: Some(2), local_rank: Some(1), var: "WORLD_SIZE" };
+        assert_eq!(env(&torchrun), Some(expect));
         // A batch script's own commands: the job's task count, but no step of several tasks.
         assert_eq!(env(&[("SLURM_NTASKS", "8"), ("SLURM_PROCID", "0")]), None);
         assert_eq!(env(&[("PMI_SIZE", "1"), ("PMI_RANK", "0")]), None);

@@ -154,7 +154,7 @@ fn evaluated(result: TaskResult, sentences: usize, seconds: f64, cached: bool, p
 fn on_every_rank<T>(world: &World, here: Option<T>) -> Result<Option<T>> {
     Ok(match world.size() {
         1 => here,
-        _ if world.any(here.is_none())? => None,
+        _ if world.any(here.is_none(), true)? => None,
         _ => here,
     })
 }

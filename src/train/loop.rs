@@ -362,6 +362,9 @@ struct Run<'a> {
     prior_s: f64,
     sums: Vec<(String, f32)>,
     since: usize,
+    /// Whether rank 0 ran a phase of its own (validation, a checkpoint) since the last stop
+    /// check: the next one then waits for it without the collective timeout.
+    after_own_phase: bool,
 }
 
 impl<'a> Run<'a> {
@@ -378,6 +381,7 @@ impl<'a> Run<'a> {
             prior_s: state.seconds,
             sums: std::mem::take(&mut state.log_sums),
             since: state.log_since,
+            after_own_phase: true,
         }
     }
 
@@ -413,12 +417,14 @@ impl<'a> Run<'a> {
     }
 
     /// Whether to stop: an interrupt seen here, or on any rank (so every rank stops after the
-    /// same step).
-    fn interrupted(&self) -> Result<bool> {
+    /// same step). Under the collective timeout unless rank 0 has just had a phase of its own:
+    /// a rank that hangs between two plain steps must not leave the others waiting here.
+    fn interrupted(&mut self) -> Result<bool> {
         let here = self.inp.stop.load(Ordering::SeqCst);
+        let patient = std::mem::take(&mut self.after_own_phase);
         match self.inp.world.size() {
             1 => Ok(here),
-            _ => self.inp.world.any(here),
+            _ => self.inp.world.any(here, patient),
         }
     }
 
@@ -467,12 +473,14 @@ impl<'a> Run<'a> {
         let step = state.step;
         let eval_now = step == self.total || (tc.eval_every_steps > 0 && step.is_multiple_of(tc.eval_every_steps));
         if eval_now && !inp.val_pairs.is_empty() {
+            self.after_own_phase = true;
             if let Some(end) = self.validate(state, lr, watch)? {
                 return Ok(Some(end));
             }
         }
         // After the log line, so the sums it saves are those the next line will average.
         if step == self.total || (tc.checkpoint_every_steps > 0 && step.is_multiple_of(tc.checkpoint_every_steps)) {
+            self.after_own_phase = true;
             self.checkpoint(state, opt)?;
         }
         Ok(None)

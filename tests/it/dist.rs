@@ -11,7 +11,7 @@ use hypersphere::data::batch::TextTokenizer;
 use hypersphere::data::books::{build, pairs::PairOptions, prepared, BookPairs};
 use hypersphere::data::source::{Pair, PairSource};
 use hypersphere::dist::threads::Threads;
-use hypersphere::dist::World;
+use hypersphere::dist::{Collective, World};
 use hypersphere::model::pooling::Pooling;
 use hypersphere::model::Encoder;
 use hypersphere::train::{train, TrainInputs};
@@ -131,6 +131,69 @@ fn ranks_as_threads_train_the_gradcache_weights() {
         // Rank 0 wrote the run folder; rank 1 wrote nothing but its prepared corpus.
         assert!(dirs[0].join("log.jsonl").is_file() && dirs[0].join("checkpoints").is_dir());
         assert!(!dirs[1].join("log.jsonl").exists() && !dirs[1].join("checkpoints").exists());
+    }
+}
+
+/// The path NCCL takes on GPUs (every gradient summed as one dense tensor where it lives, rows
+/// gathered as tensors), here with ranks as threads on the CPU: the same weights as the sparse
+/// host path's, for the default config (its frozen teacher's rows gathered too).
+#[test]
+fn the_dense_device_path_trains_the_same_weights() {
+    /// Threads that say they work in device memory, so the world takes the dense path.
+    struct Dense(Threads);
+    impl Collective for Dense {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn size(&self) -> usize {
+            self.0.size()
+        }
+        fn all_gather(&self, local: &[f32]) -> hypersphere::error::Result<Vec<f32>> {
+            self.0.all_gather(local)
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) -> hypersphere::error::Result<()> {
+            self.0.all_reduce_sum(buf)
+        }
+        fn broadcast(&self, buf: &mut [u8]) -> hypersphere::error::Result<()> {
+            self.0.broadcast(buf)
+        }
+        fn barrier(&self) -> hypersphere::error::Result<()> {
+            self.0.barrier()
+        }
+        fn works_on_device(&self) -> bool {
+            true
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.0.abort(code)
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(&tmp.path().join("tiny"), 3, "");
+    let sets = ["train.steps=4", "train.batch_pairs=8", "train.eval_every_steps=2", "train.checkpoint_every_steps=2"];
+    let run = |dense: bool| -> Vec<Vec<f32>> {
+        let dirs: Vec<PathBuf> = (0..2).map(|k| tmp.path().join(format!("{dense}-{k}"))).collect();
+        let ranks: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = Threads::world(2)
+                .into_iter()
+                .zip(&dirs)
+                .map(|(t, dir)| {
+                    let (files, sets) = (&files, &sets);
+                    s.spawn(move || {
+                        let comm: Box<dyn Collective> = if dense { Box::new(Dense(t)) } else { Box::new(t) };
+                        train_tiny(files, dir, &World::new(comm), sets)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ranks[0], ranks[1], "dense {dense}: the ranks' weights differ");
+        ranks.into_iter().next().unwrap()
+    };
+    let (sparse, dense) = (run(false), run(true));
+    for (p, (a, b)) in sparse.iter().zip(&dense).enumerate() {
+        let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-6 * scale, "parameter {p}: {diff} (scale {scale})");
     }
 }
 
