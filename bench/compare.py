@@ -2,11 +2,12 @@
 """Side-by-side benchmark: `hypersphere bench` against bench/torch_bench.py in f32 and bf16.
 
     python bench/compare.py --runs 3 --threads 2 --out bench/results [--hypersphere ./target/release/hypersphere]
-        [--torch-dtypes f32,bf16]
+        [--torch-dtypes f32,bf16] [--our-dtypes f32,bf16]
 
-Runs them alternately (ours 1, PyTorch f32 1, PyTorch bf16 autocast 1, ours 2, ...), each in a
-fresh process, then writes OUT/summary.md and OUT/summary.json with medians across runs; the
-speed-up column compares with the faster PyTorch mode of each row. With --from-existing nothing is
+Runs them alternately (ours 1 in each of our dtypes, PyTorch f32 1, PyTorch bf16 autocast 1,
+ours 2, ...), each in a fresh process, then writes OUT/summary.md and OUT/summary.json with
+medians across runs; the speed-up column compares our faster mode with the faster PyTorch mode
+of each row. With --from-existing nothing is
 run: the summary is rebuilt from OUT/hypersphere-*.json and OUT/pytorch-*.json.
 """
 import argparse
@@ -69,6 +70,8 @@ def parse_args():
     p.add_argument("--python", default=sys.executable, help="python with torch (default: this one)")
     p.add_argument("--torch-dtypes", default="f32,bf16",
                    help="PyTorch modes to run: f32 and/or bf16 (autocast; f32 master weights)")
+    p.add_argument("--our-dtypes", default="f32",
+                   help="train.dtype values to run `hypersphere bench` with (f32 always first)")
     p.add_argument("--from-existing", action="store_true",
                    help="run nothing; summarise the JSON files already in --out")
     args = p.parse_args()
@@ -148,6 +151,12 @@ def run_all(args):
 
         # Recorded with K in place of the run number.
         commands = {"hypersphere": shell_line(ours_env, ours).replace(f"-{k}.json", "-K.json")}
+        for dtype in [d for d in args.our_dtypes.split(",") if d != "f32"]:
+            side = f"hypersphere-{dtype}"
+            mine = [args.hypersphere, "bench", "--steps", str(args.steps), "--set", f'model.pooling="{args.pooling}"',
+                    *REFERENCE_LOSS, "--set", f'train.dtype="{dtype}"', "--out", os.path.join(out, f"{side}-{k}.json")]
+            run(f"{side} run {k}/{args.runs}", ours_env, mine)
+            commands[side] = shell_line(ours_env, mine).replace(f"-{k}.json", "-K.json")
         for dtype in args.torch_dtypes.split(","):
             side = torch_side(dtype)
             theirs = [args.python, os.path.join(HERE, "torch_bench.py"), "--model", model, "--dtype", dtype,
@@ -248,6 +257,8 @@ def machine():
 def summarise(out, commands, threads, runs=None):
     ours, theirs = load_runs(out, "hypersphere", runs), load_runs(out, "pytorch", runs)
     bf16 = load_runs(out, "pytorch-bf16", runs) if glob.glob(os.path.join(out, "pytorch-bf16-*.json")) else []
+    ours_bf16 = (load_runs(out, "hypersphere-bf16", runs)
+                 if glob.glob(os.path.join(out, "hypersphere-bf16-*.json")) else [])
     if len(ours) != len(theirs):
         log(f"warning: {len(ours)} hypersphere runs but {len(theirs)} pytorch runs")
 
@@ -255,6 +266,13 @@ def summarise(out, commands, threads, runs=None):
     for label, path, kind in ROWS:
         o, t = median_of(ours, path), median_of(theirs, path)
         row = {"metric": label, "kind": kind, "hypersphere": o, "pytorch": t}
+        if ours_bf16:
+            row["hypersphere_bf16"] = ob = median_of(ours_bf16, path)
+            # Our faster mode (memory: f32, the default).
+            if kind == "time":
+                o = min(o, ob)
+            elif kind == "rate":
+                o = max(o, ob)
         if bf16:
             row["pytorch_bf16"] = b = median_of(bf16, path)
             # Against the faster PyTorch mode (memory: against f32, the default).
@@ -273,13 +291,15 @@ def summarise(out, commands, threads, runs=None):
 
     per_run = {label: {"hypersphere": [get(r, path) for r in ours],
                        "pytorch": [get(r, path) for r in theirs],
-                       **({"pytorch_bf16": [get(r, path) for r in bf16]} if bf16 else {})}
+                       **({"pytorch_bf16": [get(r, path) for r in bf16]} if bf16 else {}),
+                       **({"hypersphere_bf16": [get(r, path) for r in ours_bf16]} if ours_bf16 else {})}
                for label, path in HEADLINE}
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "threads": threads if threads is not None else ours[0].get("threads"),
-        "runs": {"hypersphere": len(ours), "pytorch": len(theirs), "pytorch_bf16": len(bf16)},
+        "runs": {"hypersphere": len(ours), "hypersphere_bf16": len(ours_bf16), "pytorch": len(theirs),
+                 "pytorch_bf16": len(bf16)},
         "commands": commands,
         "versions": {"hypersphere": ours[0].get("versions"), "pytorch": theirs[0].get("versions")},
         "model": theirs[0].get("model"),
@@ -319,10 +339,12 @@ def markdown(s):
     if not s["commands"]:
         lines.append("  - (not recorded)")
     has_bf16 = any("pytorch_bf16" in r for r in s["rows"])
+    ours_bf16 = any("hypersphere_bf16" in r for r in s["rows"])
     lines += [
         "",
-        "| metric | hypersphere | pytorch | " + ("pytorch bf16 autocast | " if has_bf16 else "") + "speed-up |",
-        "|---|---:|---:|" + ("---:|" if has_bf16 else "") + "---:|",
+        "| metric | hypersphere | " + ("hypersphere bf16 | " if ours_bf16 else "") + "pytorch | "
+        + ("pytorch bf16 autocast | " if has_bf16 else "") + "speed-up |",
+        "|---|---:|" + ("---:|" if ours_bf16 else "") + "---:|" + ("---:|" if has_bf16 else "") + "---:|",
     ]
     for r in s["rows"]:
         o, t = fmt(r["hypersphere"]), fmt(r["pytorch"])
@@ -333,12 +355,13 @@ def markdown(s):
         if r["kind"] == "mem":
             ratio = f"{fmt(r['speedup'])} (memory ratio)"
         b = f"{fmt(r['pytorch_bf16'])} | " if has_bf16 else ""
-        lines.append(f"| {r['metric']} | {o} | {t} | {b}{ratio} |")
+        ob = f"{fmt(r['hypersphere_bf16'])} | " if ours_bf16 else ""
+        lines.append(f"| {r['metric']} | {o} | {ob}{t} | {b}{ratio} |")
     lines += [
         "",
         "speed-up > 1 means hypersphere is faster (pytorch time / hypersphere time, or hypersphere"
-        " rate / pytorch rate), against the faster PyTorch mode of the row; the memory row is"
-        " hypersphere RSS / pytorch f32 RSS. The gemm row is f32 on both sides.",
+        " rate / pytorch rate), our faster mode against the faster PyTorch mode of the row; the"
+        " memory row is hypersphere f32 RSS / pytorch f32 RSS. The gemm row is f32 on both sides.",
         "",
         "Per run:",
         "",
@@ -347,7 +370,9 @@ def markdown(s):
         ours = ", ".join(fmt(x) for x in v["hypersphere"])
         theirs = ", ".join(fmt(x) for x in v["pytorch"])
         bf = f"; pytorch bf16 [{', '.join(fmt(x) for x in v['pytorch_bf16'])}]" if "pytorch_bf16" in v else ""
-        lines.append(f"- {label}: hypersphere [{ours}]; pytorch [{theirs}]{bf}")
+        ob = (f"; hypersphere bf16 [{', '.join(fmt(x) for x in v['hypersphere_bf16'])}]"
+              if "hypersphere_bf16" in v else "")
+        lines.append(f"- {label}: hypersphere [{ours}]{ob}; pytorch [{theirs}]{bf}")
     return "\n".join(lines) + "\n"
 
 

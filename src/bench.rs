@@ -43,9 +43,12 @@ pub struct Gemm {
     pub n: usize,
     /// f32 through candle (the `gemm` crate).
     pub gflops: f64,
-    /// Through our bf16 kernel (AVX-512 BF16), when the CPU has it; and our int8 kernel.
+    /// Through our bf16 kernels (AVX-512 BF16; AMX tiles), when the CPU has them; and our int8
+    /// kernel.
     pub bf16_gflops: Option<f64>,
+    pub bf16_amx_gflops: Option<f64>,
     pub int8_gops: f64,
+    pub int8_amx_gops: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,27 +130,38 @@ fn timed(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// The CPU's low-precision ceilings on an `n`-square product through our kernels, in G
-/// multiply-adds x 2 a second: bf16 (AVX-512 BF16; None without it) and int8 (activations
+/// multiply-adds x 2 a second: bf16 (AVX-512 BF16, and AMX tiles; None without them) and int8 (VNNI, and AMX; activations
 /// quantized per row in the timing, as `--dtype int8` runs).
-pub fn low_precision_gops(n: usize) -> Result<(Option<f64>, f64)> {
+pub fn low_precision_gops(n: usize) -> Result<LowPrecision> {
     use crate::model::ops::{bf16, int8};
     let x: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
     let ops = 2.0 * (n as f64).powi(3);
-    let bf16 = match bf16::supported() {
-        true => {
-            let v = bf16::View { data: &x, rows: n, cols: n, rs: n, cs: 1 };
-            Some(ops / timed(|| bf16::gemm(v, v, None, true).map(|_| ()).map_err(Into::into))? / 1e9)
-        }
-        false => None,
+    let v = bf16::View { data: &x, rows: n, cols: n, rs: n, cs: 1 };
+    let rate = |path: bf16::Path| -> Result<f64> {
+        Ok(ops / timed(|| bf16::gemm(v, v, None, path).map(|_| ()).map_err(Into::into))? / 1e9)
     };
+    let bf16 = bf16::supported().then(|| rate(bf16::Path::Avx512)).transpose()?;
+    let amx = crate::model::ops::amx::available().then(|| rate(bf16::Path::Amx)).transpose()?;
     let q = int8::QWeight::new(&x, &vec![0.0; n], n, n)?;
-    let vnni = int8::vnni_supported();
-    let int8 =
-        ops / timed(|| {
-            q.forward(&x, int8::Epilogue::Bias, vnni);
-            Ok(())
-        })? / 1e9;
-    Ok((bf16, int8))
+    let int8_rate = |path: int8::Path| -> Result<f64> {
+        Ok(ops
+            / timed(|| {
+                q.forward(&x, int8::Epilogue::Bias, path);
+                Ok(())
+            })?
+            / 1e9)
+    };
+    let int8 = int8_rate(if int8::vnni_supported() { int8::Path::Vnni } else { int8::Path::Portable })?;
+    let int8_amx = (int8::Path::best() == int8::Path::Amx).then(|| int8_rate(int8::Path::Amx)).transpose()?;
+    Ok(LowPrecision { bf16, bf16_amx: amx, int8, int8_amx })
+}
+
+/// [`low_precision_gops`]' rates.
+pub struct LowPrecision {
+    pub bf16: Option<f64>,
+    pub bf16_amx: Option<f64>,
+    pub int8: f64,
+    pub int8_amx: Option<f64>,
 }
 
 /// f32 GFLOP/s of an `n`-square matmul through candle: the ceiling for everything else.
@@ -224,12 +238,23 @@ pub struct BenchInputs<'a> {
 /// `mix_batches.json` and `sentences.txt`.
 pub fn run(inp: &BenchInputs, opts: &BenchOptions, export: Option<&Path>) -> Result<BenchReport> {
     inp.progress.line("gemm 2048^3 ...");
-    let (bf16_gflops, int8_gops) = low_precision_gops(2048)?;
-    let gemm = Gemm { n: 2048, gflops: gemm_gflops(2048, inp.device)?, bf16_gflops, int8_gops };
+    let low = low_precision_gops(2048)?;
+    let gemm = Gemm {
+        n: 2048,
+        gflops: gemm_gflops(2048, inp.device)?,
+        bf16_gflops: low.bf16,
+        bf16_amx_gflops: low.bf16_amx,
+        int8_gops: low.int8,
+        int8_amx_gops: low.int8_amx,
+    };
+    let rate = |g: Option<f64>| g.map_or("n/a".into(), |g| format!("{g:.0}"));
     inp.progress.line(&format!(
-        "  {:.1} GFLOP/s f32, {} bf16, {int8_gops:.1} GOP/s int8",
+        "  G ops/s: f32 {:.0}, bf16 {} (AVX-512) {} (AMX), int8 {:.0} (VNNI) {} (AMX)",
         gemm.gflops,
-        bf16_gflops.map_or("n/a".into(), |g| format!("{g:.1} GFLOP/s"))
+        rate(low.bf16),
+        rate(low.bf16_amx),
+        low.int8,
+        rate(low.int8_amx)
     ));
     let mut rng = StdRng::seed_from_u64(inp.cfg.seed);
     let train_fixed = train_fixed(inp, opts, &mut rng)?;

@@ -1,7 +1,8 @@
 //! Matrix products in bf16 for training on the CPU (`train.dtype = "bf16"`): both factors
 //! rounded to bf16 (to nearest even), pairs of products summed in f32 by AVX-512 BF16
 //! (`vdpbf16ps`: 32 multiply-adds an instruction, twice an f32 FMA's). Master weights, AdamW,
-//! layer norm, softmax, attention and the loss stay f32, as on the GPU path.
+//! layer norm, softmax, attention and the loss stay f32, as on the GPU path. On CPUs with AMX
+//! the same packed pairs go through tiles instead ([`super::amx`]).
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -26,6 +27,31 @@ pub fn supported() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// Which kernel multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// One product at a time, in the order `vdpbf16ps` adds them (the reference).
+    Portable,
+    /// AVX-512 BF16: the portable bits, 16 columns an instruction.
+    Avx512,
+    /// AMX tiles: 16 x 16 outputs an instruction; the same products and f32 sums, with
+    /// denormals flushed to zero and each pair's two products possibly added in the other order.
+    Amx,
+}
+
+impl Path {
+    /// The fastest this CPU has.
+    pub fn best() -> Self {
+        if super::amx::available() {
+            Path::Amx
+        } else if supported() {
+            Path::Avx512
+        } else {
+            Path::Portable
+        }
     }
 }
 
@@ -78,29 +104,30 @@ fn pair(lo: f32, hi: f32) -> u32 {
     to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
-/// A [m, k] as rows of k / 2 pairs (k padded with a zero). Sixteen rows at a time, pair by
-/// pair: a transposed view (the gradient of a weight reads Gᵀ) then reads along its rows too.
-fn pack_a(a: &View, k2: usize) -> Vec<u32> {
-    let mut out = vec![0u32; a.rows * k2];
-    out.par_chunks_mut((LANES * k2).max(1)).enumerate().for_each(|(c, rows)| {
-        let (i0, n) = (c * LANES, rows.len() / k2.max(1));
-        for g in 0..k2 {
+/// A [m, k] as `rows` (at least m; the rest zero) of `k2` pairs (k padded with zeros). Sixteen
+/// rows at a time, pair by pair: a transposed view (the gradient of a weight reads Gᵀ) then
+/// reads along its rows too.
+fn pack_a(a: &View, k2: usize, rows: usize) -> Vec<u32> {
+    let mut out = vec![0u32; rows * k2];
+    out.par_chunks_mut((LANES * k2).max(1)).enumerate().for_each(|(c, chunk)| {
+        let i0 = c * LANES;
+        let n = (chunk.len() / k2.max(1)).min(a.rows.saturating_sub(i0));
+        for g in 0..k2.min(a.cols.div_ceil(2)) {
             for ii in 0..n {
                 let hi = if 2 * g + 1 < a.cols { a.at(i0 + ii, 2 * g + 1) } else { 0.0 };
-                rows[ii * k2 + g] = pair(a.at(i0 + ii, 2 * g), hi);
+                chunk[ii * k2 + g] = pair(a.at(i0 + ii, 2 * g), hi);
             }
         }
     });
     out
 }
 
-/// B [k, n] as panels of 16 columns, each k / 2 groups of 16 pairs (rows 2g and 2g + 1 of a
-/// column): [n16 / 16][k2][16]. Columns past n are zero.
-fn pack_b(b: &View, k2: usize) -> Vec<u32> {
-    let panels = b.cols.div_ceil(LANES);
+/// B [k, n] as panels of 16 columns, each `k2` groups of 16 pairs (rows 2g and 2g + 1 of a
+/// column): [panels][k2][16]. Columns past n, rows past k and panels past n's are zero.
+fn pack_b(b: &View, k2: usize, panels: usize) -> Vec<u32> {
     let mut out = vec![0u32; panels * k2 * LANES];
     out.par_chunks_mut((k2 * LANES).max(1)).enumerate().for_each(|(p, panel)| {
-        for (g, group) in panel.chunks_exact_mut(LANES).enumerate() {
+        for (g, group) in panel.chunks_exact_mut(LANES).enumerate().take(b.rows.div_ceil(2)) {
             for (lane, v) in group.iter_mut().enumerate() {
                 let j = p * LANES + lane;
                 if j < b.cols {
@@ -114,37 +141,47 @@ fn pack_b(b: &View, k2: usize) -> Vec<u32> {
 }
 
 /// `c` [a.rows, b.cols] (row-major) = `bias` (per column; zeros without one) + a · b, with a
-/// and b rounded to bf16 and the products summed in f32. `fast` picks the AVX-512 BF16 kernel
-/// (it must be supported); the portable one does the same operations one at a time.
-pub fn gemm(a: View, b: View, bias: Option<&[f32]>, fast: bool) -> Result<Vec<f32>> {
+/// and b rounded to bf16 and the products summed in f32, by the kernel `path` (which the CPU
+/// must have).
+pub fn gemm(a: View, b: View, bias: Option<&[f32]>, path: Path) -> Result<Vec<f32>> {
     a.check("A")?;
     b.check("B")?;
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k || bias.is_some_and(|v| v.len() != n) {
         bail!("bf16 gemm: [{m}, {k}] x [{}, {n}] with a bias of {:?}", b.rows, bias.map(<[f32]>::len))
     }
-    let k2 = k.div_ceil(2);
-    let (pa, pb) = (pack_a(&a, k2), pack_b(&b, k2));
-    let mut init = vec![0f32; n.div_ceil(LANES) * LANES];
+    let amx = path == Path::Amx;
+    if amx && !super::amx::available() || path == Path::Avx512 && !supported() {
+        bail!("bf16 gemm: the {path:?} kernel asked for on a CPU without it")
+    }
+    // Tiles take 16 pairs and 16 rows at a time: both padded with zeros.
+    let tile = super::amx::TILE;
+    let k2 = if amx { k.div_ceil(2 * tile) * tile } else { k.div_ceil(2) };
+    let panels = n.div_ceil(LANES);
+    let a_rows = if amx { m.div_ceil(tile) * tile } else { m };
+    let (pa, pb) = (pack_a(&a, k2, a_rows), pack_b(&b, k2, panels));
+    let mut init = vec![0f32; panels * LANES];
     if let Some(bias) = bias {
         init[..n].copy_from_slice(bias);
     }
     let packed = Packed { a: &pa, b: &pb, k2, n, init: &init };
     let mut c = vec![0f32; m * n];
-    let per = m.div_ceil(2 * rayon::current_num_threads()).div_ceil(ROWS).max(1) * ROWS;
+    let unit = if amx { 2 * tile } else { ROWS };
+    let per = m.div_ceil(2 * rayon::current_num_threads()).div_ceil(unit).max(1) * unit;
     c.par_chunks_mut((per * n).max(1)).enumerate().for_each(|(ci, chunk)| {
         let r0 = ci * per;
         let rows = chunk.len() / n.max(1);
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            assert!(supported(), "bf16 gemm: the AVX-512 BF16 kernel asked for on a CPU without it");
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AMX is available (checked above); A has `a_rows` rows of `k2` pairs, a
+            // multiple of 16, and every chunk starts at a multiple of 32 rows.
+            Path::Amx => unsafe { super::amx::bf16_rows(&pa, &pb, k2, &init, n, r0, rows, chunk) },
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has the features (checked above); the kernel reads rows
             // r0..r0 + rows of the packed A, all of the packed B, and writes `chunk`.
-            unsafe { avx512::rows(&packed, r0, rows, chunk) };
-            return;
+            Path::Avx512 => unsafe { avx512::rows(&packed, r0, rows, chunk) },
+            _ => packed.rows_portable(r0, rows, chunk),
         }
-        let _ = fast;
-        packed.rows_portable(r0, rows, chunk);
     });
     Ok(c)
 }
@@ -283,7 +320,7 @@ impl CustomOp2 for Matmul {
             false => View { data: a, rows: ar, cols: ac, rs: ac, cs: 1 },
             true => View { data: a, rows: ac, cols: ar, rs: 1, cs: ac },
         };
-        let c = gemm(a, View { data: b, rows: br, cols: bc, rs: bc, cs: 1 }, None, supported())?;
+        let c = gemm(a, View { data: b, rows: br, cols: bc, rs: bc, cs: 1 }, None, Path::best())?;
         Ok((CpuStorage::F32(c), Shape::from((a.rows, bc))))
     }
 }
@@ -326,10 +363,36 @@ mod tests {
                 (View { data: &a, rows: m, cols: k, rs: k, cs: 1 }, View { data: &b, rows: k, cols: n, rs: n, cs: 1 });
             let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
             assert_eq!(
-                bits(gemm(va, vb, Some(&bias), true).unwrap()),
-                bits(gemm(va, vb, Some(&bias), false).unwrap()),
+                bits(gemm(va, vb, Some(&bias), Path::Avx512).unwrap()),
+                bits(gemm(va, vb, Some(&bias), Path::Portable).unwrap()),
                 "{m}x{k}x{n}"
             );
+        }
+    }
+
+    /// AMX tiles against the portable kernel: the same bf16 products summed in f32, so within
+    /// a few roundings of the sum of their sizes (the order inside a pair may differ); shapes
+    /// with partial tiles in every direction, odd panel counts and several row blocks.
+    #[test]
+    fn amx_tiles_agree_with_the_portable_kernel() {
+        if !crate::model::ops::amx::available() {
+            eprintln!("note: this CPU (or process) has no AMX; the tile kernel is not checked");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        for (m, k, n) in SHAPES.into_iter().chain([(70, 300, 33), (97, 33, 80)]) {
+            let (a, b, bias) = (random(m * k, &mut rng), random(k * n, &mut rng), random(n, &mut rng));
+            let (va, vb) =
+                (View { data: &a, rows: m, cols: k, rs: k, cs: 1 }, View { data: &b, rows: k, cols: n, rs: n, cs: 1 });
+            let tiles = gemm(va, vb, Some(&bias), Path::Amx).unwrap();
+            let reference = gemm(va, vb, Some(&bias), Path::Portable).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let size: f32 = bias[j].abs() + (0..k).map(|l| (a[i * k + l] * b[l * n + j]).abs()).sum::<f32>();
+                    let (x, y) = (tiles[i * n + j], reference[i * n + j]);
+                    assert!((x - y).abs() <= 1e-6 * size, "[{i}, {j}] of {m}x{k}x{n}: {x} vs {y}");
+                }
+            }
         }
     }
 
@@ -342,8 +405,8 @@ mod tests {
             let (a, b) = (random(m * k, &mut rng), random(k * n, &mut rng));
             let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect(); // [k, m]
             let vb = View { data: &b, rows: k, cols: n, rs: n, cs: 1 };
-            let c = gemm(View { data: &a, rows: m, cols: k, rs: k, cs: 1 }, vb, None, supported()).unwrap();
-            let ct = gemm(View { data: &at, rows: m, cols: k, rs: 1, cs: m }, vb, None, supported()).unwrap();
+            let c = gemm(View { data: &a, rows: m, cols: k, rs: k, cs: 1 }, vb, None, Path::best()).unwrap();
+            let ct = gemm(View { data: &at, rows: m, cols: k, rs: 1, cs: m }, vb, None, Path::best()).unwrap();
             assert_eq!(c, ct, "a transposed view packs the same pairs");
             for i in 0..m {
                 for j in 0..n {

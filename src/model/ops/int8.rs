@@ -30,6 +30,30 @@ pub enum Epilogue {
     BiasGelu,
 }
 
+/// Which kernel multiplies; every one gives the same bits (integer sums are exact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Portable,
+    /// AVX-512 VNNI (`vpdpbusd`: 64 multiply-adds an instruction).
+    Vnni,
+    /// AMX tiles (`tdpbusd`: 16 x 16 x 64 an instruction) for the products, the VNNI kernel's
+    /// epilogue; layers whose inputs are not a multiple of 64 take the VNNI kernel.
+    Amx,
+}
+
+impl Path {
+    /// The fastest this CPU has.
+    pub fn best() -> Self {
+        if vnni_supported() && super::amx::available() {
+            Path::Amx
+        } else if vnni_supported() {
+            Path::Vnni
+        } else {
+            Path::Portable
+        }
+    }
+}
+
 /// Whether this CPU runs the VNNI kernel (AVX-512 F, BW, VL and VNNI), checked at run time.
 pub fn vnni_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -98,33 +122,48 @@ impl QWeight {
         self.out
     }
 
-    /// `x` [rows, inp] -> [rows, out]: `x Wᵀ + b` with both sides quantized, then `epi`.
-    /// `vnni` picks the kernel (it must be supported); both give the same bits.
-    pub fn forward(&self, x: &[f32], epi: Epilogue, vnni: bool) -> Vec<f32> {
+    /// `x` [rows, inp] -> [rows, out]: `x Wᵀ + b` with both sides quantized, then `epi`, by
+    /// the kernel `path` (which the CPU must have); all give the same bits.
+    pub fn forward(&self, x: &[f32], epi: Epilogue, path: Path) -> Vec<f32> {
         let rows = x.len() / self.inp.max(1);
-        let (a, sx) = quantize_rows(x, self.inp, self.k4, vnni);
+        let path = if path == Path::Amx && !self.k4.is_multiple_of(64) { Path::Vnni } else { path };
+        let (a, sx) = quantize_rows(x, self.inp, self.k4, path != Path::Portable);
         // Not zero-filled: both kernels write every output once (a memset and its page faults
         // cost as much as a fifth of the GEMM).
         let mut out = Vec::<f32>::with_capacity(rows * self.out);
-        // Whole register tiles of rows per work item, two items per thread.
-        let per = rows.div_ceil(2 * rayon::current_num_threads()).div_ceil(ROWS).max(1) * ROWS;
+        // Whole register (or tile) rows per work item, two items per thread.
+        let unit = if path == Path::Amx { 32 } else { ROWS };
+        let per = rows.div_ceil(2 * rayon::current_num_threads()).div_ceil(unit).max(1) * unit;
         let spare = &mut out.spare_capacity_mut()[..rows * self.out];
         spare.par_chunks_mut(per * self.out.max(1)).enumerate().for_each(|(c, chunk)| {
             let (r0, n) = (c * per, chunk.len() / self.out.max(1));
             let (a, sx) = (&a[r0 * self.k4..(r0 + n) * self.k4], &sx[r0..r0 + n]);
-            #[cfg(target_arch = "x86_64")]
-            if vnni {
-                assert!(vnni_supported(), "int8 linear: the VNNI kernel asked for on a CPU without it");
-                // SAFETY: the CPU has the features (checked above); `a`, `sx` and `chunk` hold
-                // n rows of k4, 1 and out values, which is all the kernel reads and writes.
-                unsafe { vnni::rows(self, a, sx, chunk.as_mut_ptr() as *mut f32, epi) };
-                return;
-            }
-            let _ = vnni;
-            self.rows_portable(a, sx, chunk);
-            if epi == Epilogue::BiasGelu {
-                // SAFETY: rows_portable wrote every value of the chunk.
-                super::gelu::gelu_in_place(unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) });
+            let out = chunk.as_mut_ptr() as *mut f32;
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                Path::Vnni | Path::Amx => {
+                    assert!(vnni_supported(), "int8 linear: the VNNI kernel asked for on a CPU without it");
+                    if path == Path::Amx {
+                        assert!(super::amx::available(), "int8 linear: AMX asked for on a CPU without it");
+                        // SAFETY: AMX and VNNI are there (checked above); k4 is a multiple of
+                        // 64; `a`, `sx` and `chunk` hold n rows of k4, 1 and out values.
+                        unsafe { vnni::rows_amx(self, a, sx, out, epi) };
+                    } else {
+                        // SAFETY: the CPU has the features (checked above); `a`, `sx` and
+                        // `chunk` hold n rows of k4, 1 and out values, which is all the kernel
+                        // reads and writes.
+                        unsafe { vnni::rows(self, a, sx, out, epi) };
+                    }
+                }
+                _ => {
+                    self.rows_portable(a, sx, chunk);
+                    if epi == Epilogue::BiasGelu {
+                        // SAFETY: rows_portable wrote every value of the chunk.
+                        super::gelu::gelu_in_place(unsafe {
+                            &mut *(chunk as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
+                        });
+                    }
+                }
             }
         });
         // SAFETY: every one of the rows * out values was written above.
@@ -250,6 +289,66 @@ mod vnni {
         }
     }
 
+    /// [`rows`] with the products in AMX tiles, 32 rows x 32 channels at a time: the i32 sums
+    /// go through a spill buffer into the same epilogue (so the same bits). The last rows of a
+    /// chunk are copied into a zero-padded block of 32 first (tiles read 16 rows).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn rows_amx(w: &QWeight, a: &[u8], sx: &[f32], out: *mut f32, epi: Epilogue) {
+        use crate::model::ops::amx;
+        let (n, k4, panels) = (sx.len(), w.k4, w.scale.len() / LANES);
+        let mut sums = [0i32; 4 * LANES * LANES];
+        let mut tail = Vec::new();
+        amx::configure();
+        for r0 in (0..n).step_by(BLOCK) {
+            let m = (n - r0).min(BLOCK);
+            for rb in (r0..r0 + m).step_by(32) {
+                let rows = (r0 + m - rb).min(32);
+                let a0 = if rows == 32 {
+                    a.as_ptr().add(rb * k4)
+                } else {
+                    tail.clear();
+                    tail.extend_from_slice(&a[rb * k4..(rb + rows) * k4]);
+                    tail.resize(32 * k4, 128);
+                    tail.as_ptr()
+                };
+                let a1 = if rows > 16 { a0.add(16 * k4) } else { a0 };
+                for p in (0..panels).step_by(2) {
+                    let p1 = (p + 1).min(panels - 1);
+                    for t in 0..4 {
+                        amx::start(t, None);
+                    }
+                    let (b0, b1) = (w.packed.as_ptr().add(p * k4 * LANES), w.packed.as_ptr().add(p1 * k4 * LANES));
+                    amx::accumulate(amx::Kind::Int8, a0, a1, k4, b0 as *const u8, b1 as *const u8, k4 / 4);
+                    for t in 0..4 {
+                        amx::store(t, sums.as_mut_ptr().add(t * LANES * LANES) as *mut u8, 4 * LANES);
+                    }
+                    for (t, (dr, dq)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+                        if dr * 16 >= rows || p + dq > p1 || (dq == 1 && p1 == p) {
+                            continue;
+                        }
+                        let o = (p + dq) * LANES;
+                        let offset = _mm512_loadu_si512(w.offset.as_ptr().add(o) as *const _);
+                        let scale = _mm512_loadu_ps(w.scale.as_ptr().add(o));
+                        let bias = _mm512_loadu_ps(w.bias.as_ptr().add(o));
+                        let valid = (w.out - o).min(LANES);
+                        let mask: __mmask16 = if valid == LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+                        for i in 0..(rows - dr * 16).min(16) {
+                            let r = rb + dr * 16 + i;
+                            let acc = _mm512_loadu_si512(sums.as_ptr().add(t * LANES * LANES + i * LANES) as *const _);
+                            let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, offset));
+                            let y = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx[r])), scale, bias);
+                            _mm512_mask_storeu_ps(out.add(r * w.out + o), mask, y);
+                        }
+                    }
+                }
+            }
+            if epi == Epilogue::BiasGelu {
+                crate::model::ops::gelu::gelu_in_place(std::slice::from_raw_parts_mut(out.add(r0 * w.out), m * w.out));
+            }
+        }
+        amx::release();
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn block(w: &QWeight, a: &[u8], sx: &[f32], out: *mut f32) {
         let (n, panels) = (sx.len(), w.scale.len() / LANES);
@@ -343,7 +442,7 @@ impl CustomOp1 for Int8Linear {
             Some(last) if *last == w.inp => *last = w.out,
             _ => bail!("int8 linear: input of shape {:?} for {} features", l.dims(), w.inp),
         }
-        Ok((CpuStorage::F32(w.forward(x, self.1, vnni_supported())), Shape::from(shape)))
+        Ok((CpuStorage::F32(w.forward(x, self.1, Path::best())), Shape::from(shape)))
     }
 }
 
@@ -376,10 +475,34 @@ mod tests {
             assert_eq!(quantize_rows(&x, inp, q.k4, true), quantize_rows(&x, inp, q.k4, false), "{rows}x{inp}");
             let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
             assert_eq!(
-                bits(q.forward(&x, Epilogue::Bias, true)),
-                bits(q.forward(&x, Epilogue::Bias, false)),
+                bits(q.forward(&x, Epilogue::Bias, Path::Vnni)),
+                bits(q.forward(&x, Epilogue::Bias, Path::Portable)),
                 "{rows}x{inp}->{out}"
             );
+        }
+    }
+
+    /// AMX tiles: the portable bits too, for inputs that are a multiple of 64 (others take the
+    /// VNNI kernel), rows in partial tiles and chunks, odd channel panels, GELU fused.
+    #[test]
+    fn amx_tiles_give_the_portable_bits() {
+        if Path::best() != Path::Amx {
+            eprintln!("note: this CPU (or process) has no AMX; the tile kernel is not checked");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(4);
+        for (rows, inp, out) in [(1, 64, 16), (17, 64, 48), (33, 128, 17), (2 * BLOCK + 7, 384, 100), (40, 40, 40)] {
+            let (x, w, b) =
+                (random(rows * inp, 3.0, &mut rng), random(out * inp, 0.2, &mut rng), random(out, 1.0, &mut rng));
+            let q = QWeight::new(&w, &b, out, inp).unwrap();
+            for epi in [Epilogue::Bias, Epilogue::BiasGelu] {
+                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(q.forward(&x, epi, Path::Amx)),
+                    bits(q.forward(&x, epi, Path::Portable)),
+                    "{rows}x{inp}->{out} {epi:?}"
+                );
+            }
         }
     }
 
@@ -392,7 +515,7 @@ mod tests {
             let (x, w, b) =
                 (random(rows * inp, 3.0, &mut rng), random(out * inp, 0.2, &mut rng), random(out, 1.0, &mut rng));
             let q = QWeight::new(&w, &b, out, inp).unwrap();
-            let y = q.forward(&x, Epilogue::Bias, vnni_supported());
+            let y = q.forward(&x, Epilogue::Bias, Path::best());
             for r in 0..rows {
                 let xr = &x[r * inp..(r + 1) * inp];
                 let sx = scale_of(xr) as f64;
@@ -420,7 +543,7 @@ mod tests {
         let w: Vec<f32> = (0..out * inp).map(|i| [-127.0, 3.0, 127.0, 64.0][(i + i / inp) % 4] * 0.01).collect();
         let b = vec![0.5, -0.5, 0.0];
         let q = QWeight::new(&w, &b, out, inp).unwrap();
-        let y = q.forward(&x, Epilogue::Bias, vnni_supported());
+        let y = q.forward(&x, Epilogue::Bias, Path::best());
         for r in 0..rows {
             for o in 0..out {
                 let exact: f32 = (0..inp).map(|i| x[r * inp + i] * w[o * inp + i]).sum::<f32>() + b[o];
@@ -434,17 +557,21 @@ mod tests {
     #[test]
     fn gelu_epilogue_is_gelu_of_the_product() {
         let mut rng = StdRng::seed_from_u64(3);
-        let kernels = if vnni_supported() { vec![false, true] } else { vec![false] };
+        let kernels = match Path::best() {
+            Path::Amx => vec![Path::Portable, Path::Vnni, Path::Amx],
+            Path::Vnni => vec![Path::Portable, Path::Vnni],
+            Path::Portable => vec![Path::Portable],
+        };
         for (rows, inp, out) in [(3, 5, 17), (2 * BLOCK + 5, 40, 20)] {
             let (x, w, b) =
                 (random(rows * inp, 3.0, &mut rng), random(out * inp, 0.2, &mut rng), random(out, 1.0, &mut rng));
             let q = QWeight::new(&w, &b, out, inp).unwrap();
-            for &vnni in &kernels {
+            for &path in &kernels {
                 let gelu = |v: f32| 0.5 * v * (1.0 + crate::cpu::erf(v * crate::cpu::FRAC_1_SQRT_2));
                 let want: Vec<u32> =
-                    q.forward(&x, Epilogue::Bias, vnni).into_iter().map(|v| gelu(v).to_bits()).collect();
-                let got: Vec<u32> = q.forward(&x, Epilogue::BiasGelu, vnni).into_iter().map(f32::to_bits).collect();
-                assert_eq!(got, want, "{rows}x{inp}->{out}, vnni {vnni}");
+                    q.forward(&x, Epilogue::Bias, path).into_iter().map(|v| gelu(v).to_bits()).collect();
+                let got: Vec<u32> = q.forward(&x, Epilogue::BiasGelu, path).into_iter().map(f32::to_bits).collect();
+                assert_eq!(got, want, "{rows}x{inp}->{out}, {path:?}");
             }
         }
     }
@@ -453,11 +580,11 @@ mod tests {
     fn zero_rows_and_mismatched_shapes() {
         let q = QWeight::new(&[0.0; 8], &[1.0, 2.0], 2, 4).unwrap();
         assert_eq!(
-            q.forward(&[0.0; 4], Epilogue::Bias, vnni_supported()),
+            q.forward(&[0.0; 4], Epilogue::Bias, Path::best()),
             vec![1.0, 2.0],
             "an all-zero row and weight give the bias"
         );
-        assert!(q.forward(&[], Epilogue::Bias, false).is_empty());
+        assert!(q.forward(&[], Epilogue::Bias, Path::Portable).is_empty());
         assert!(QWeight::new(&[0.0; 7], &[1.0, 2.0], 2, 4).is_err());
     }
 }

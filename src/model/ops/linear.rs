@@ -56,11 +56,11 @@ impl CustomOp3 for Linear {
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = o;
         if self.bf16 {
-            use super::bf16::{gemm, supported, View};
+            use super::bf16::{gemm, Path, View};
             // x [rows, k] · Wᵀ [k, o], Wᵀ being W read column-wise.
             let (xv, wt) =
                 (View { data: x, rows, cols: k, rs: k, cs: 1 }, View { data: w, rows: k, cols: o, rs: 1, cs: k });
-            return Ok((CpuStorage::F32(gemm(xv, wt, Some(b), supported())?), Shape::from(shape)));
+            return Ok((CpuStorage::F32(gemm(xv, wt, Some(b), Path::best())?), Shape::from(shape)));
         }
         let mut out = Vec::with_capacity(rows * o);
         for _ in 0..rows {

@@ -48,6 +48,7 @@ impl Kernels {
     }
 }
 
+pub mod amx;
 mod attention;
 pub mod bf16;
 mod dropout;
