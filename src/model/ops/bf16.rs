@@ -106,12 +106,37 @@ fn pair(lo: f32, hi: f32) -> u32 {
 
 /// A [m, k] as `rows` (at least m; the rest zero) of `k2` pairs (k padded with zeros). Sixteen
 /// rows at a time, pair by pair: a transposed view (the gradient of a weight reads Gᵀ) then
-/// reads along its rows too.
-fn pack_a(a: &View, k2: usize, rows: usize) -> Vec<u32> {
+/// reads along its rows too. `vector`: AVX-512 BF16 conversions for the two layouts products
+/// take (row-major, transposed); the same bits but for denormals, which they flush to zero.
+fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
     let mut out = vec![0u32; rows * k2];
     out.par_chunks_mut((LANES * k2).max(1)).enumerate().for_each(|(c, chunk)| {
         let i0 = c * LANES;
         let n = (chunk.len() / k2.max(1)).min(a.rows.saturating_sub(i0));
+        #[cfg(target_arch = "x86_64")]
+        if vector && a.cs == 1 {
+            for (ii, dst) in chunk.chunks_exact_mut(k2).take(n).enumerate() {
+                let row = &a.data[(i0 + ii) * a.rs..][..a.cols];
+                // SAFETY: AVX-512 BF16 is there (`vector`); `dst` holds k2 >= cols / 2 pairs.
+                unsafe { avx512::pairs_of_row(row, dst) };
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if vector && a.rs == 1 && n == LANES {
+            // Rows 2g and 2g + 1 of the data hold pair g of 16 consecutive rows of A.
+            let mut group = [0u32; LANES];
+            for g in 0..k2.min(a.cols.div_ceil(2)) {
+                let lo = &a.data[2 * g * a.cs + i0..][..LANES];
+                let hi = (2 * g + 1 < a.cols).then(|| &a.data[(2 * g + 1) * a.cs + i0..][..LANES]);
+                // SAFETY: AVX-512 BF16 is there (`vector`); both rows hold 16 values.
+                unsafe { avx512::pairs_of_rows(lo, hi, &mut group) };
+                for (ii, &v) in group.iter().enumerate() {
+                    chunk[ii * k2 + g] = v;
+                }
+            }
+            return;
+        }
         for g in 0..k2.min(a.cols.div_ceil(2)) {
             for ii in 0..n {
                 let hi = if 2 * g + 1 < a.cols { a.at(i0 + ii, 2 * g + 1) } else { 0.0 };
@@ -124,12 +149,41 @@ fn pack_a(a: &View, k2: usize, rows: usize) -> Vec<u32> {
 
 /// B [k, n] as panels of 16 columns, each `k2` groups of 16 pairs (rows 2g and 2g + 1 of a
 /// column): [panels][k2][16]. Columns past n, rows past k and panels past n's are zero.
-fn pack_b(b: &View, k2: usize, panels: usize) -> Vec<u32> {
+/// `vector` as in [`pack_a`].
+fn pack_b(b: &View, k2: usize, panels: usize, vector: bool) -> Vec<u32> {
     let mut out = vec![0u32; panels * k2 * LANES];
+    let groups = b.rows.div_ceil(2);
     out.par_chunks_mut((k2 * LANES).max(1)).enumerate().for_each(|(p, panel)| {
-        for (g, group) in panel.chunks_exact_mut(LANES).enumerate().take(b.rows.div_ceil(2)) {
+        let j0 = p * LANES;
+        let full = j0 + LANES <= b.cols;
+        #[cfg(target_arch = "x86_64")]
+        if vector && full && b.cs == 1 {
+            for (g, group) in panel.chunks_exact_mut(LANES).enumerate().take(groups) {
+                let lo = &b.data[2 * g * b.rs + j0..][..LANES];
+                let hi = (2 * g + 1 < b.rows).then(|| &b.data[(2 * g + 1) * b.rs + j0..][..LANES]);
+                // SAFETY: AVX-512 BF16 is there (`vector`); both rows hold 16 values.
+                unsafe { avx512::pairs_of_rows(lo, hi, group) };
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if vector && full && b.rs == 1 {
+            // A weight read transposed: column j of B is row j of the data, its pairs in order.
+            let mut rows = vec![0u32; LANES * groups];
+            for (lane, dst) in rows.chunks_exact_mut(groups.max(1)).enumerate() {
+                // SAFETY: AVX-512 BF16 is there (`vector`); `dst` holds rows / 2 pairs.
+                unsafe { avx512::pairs_of_row(&b.data[(j0 + lane) * b.cs..][..b.rows], dst) };
+            }
+            for (g, group) in panel.chunks_exact_mut(LANES).enumerate().take(groups) {
+                for (lane, v) in group.iter_mut().enumerate() {
+                    *v = rows[lane * groups + g];
+                }
+            }
+            return;
+        }
+        for (g, group) in panel.chunks_exact_mut(LANES).enumerate().take(groups) {
             for (lane, v) in group.iter_mut().enumerate() {
-                let j = p * LANES + lane;
+                let j = j0 + lane;
                 if j < b.cols {
                     let hi = if 2 * g + 1 < b.rows { b.at(2 * g + 1, j) } else { 0.0 };
                     *v = pair(b.at(2 * g, j), hi);
@@ -159,7 +213,8 @@ pub fn gemm(a: View, b: View, bias: Option<&[f32]>, path: Path) -> Result<Vec<f3
     let k2 = if amx { k.div_ceil(2 * tile) * tile } else { k.div_ceil(2) };
     let panels = n.div_ceil(LANES);
     let a_rows = if amx { m.div_ceil(tile) * tile } else { m };
-    let (pa, pb) = (pack_a(&a, k2, a_rows), pack_b(&b, k2, panels));
+    let vector = path != Path::Portable && supported();
+    let (pa, pb) = (pack_a(&a, k2, a_rows, vector), pack_b(&b, k2, panels, vector));
     let mut init = vec![0f32; panels * LANES];
     if let Some(bias) = bias {
         init[..n].copy_from_slice(bias);
@@ -220,6 +275,40 @@ impl Packed<'_> {
 mod avx512 {
     use super::{Packed, BLOCK, LANES, PANELS, ROWS};
     use std::arch::x86_64::*;
+
+    /// `row`'s values as bf16 pairs in order (the lower half first), a zero after an odd last
+    /// one: `dst[g]` = (row[2g], row[2g + 1]). Rounded to nearest even, as [`super::to_bf16`]
+    /// (denormals flushed to zero).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn pairs_of_row(row: &[f32], dst: &mut [u32]) {
+        let n = row.len();
+        let mut i = 0;
+        while i < n {
+            let m = (n - i).min(LANES);
+            let mask: __mmask16 = if m == LANES { 0xFFFF } else { (1u16 << m) - 1 };
+            let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, row.as_ptr().add(i)));
+            let bytes: __m256i = std::mem::transmute(v);
+            // m values make m.div_ceil(2) pairs: 2 bytes a value.
+            let words = m.div_ceil(2);
+            let store: __mmask8 = if words == 8 { 0xFF } else { (1u16 << words) as u8 - 1 };
+            _mm256_mask_storeu_epi32(dst.as_mut_ptr().add(i / 2) as *mut _, store, bytes);
+            i += LANES;
+        }
+    }
+
+    /// 16 pairs from two rows of 16 values: `dst[l]` = (lo[l], hi[l]), hi zero when None.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn pairs_of_rows(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+        let l = _mm512_loadu_ps(lo.as_ptr());
+        let h = hi.map_or(_mm512_setzero_ps(), |h| _mm512_loadu_ps(h.as_ptr()));
+        // [lo 0..15, hi 0..15] as 32 bf16, then interleaved: lo0 hi0 lo1 hi1 ...
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
+        let idx = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, _mm512_permutexvar_epi16(idx, both));
+    }
 
     /// Rows r0..r0 + rows of C into `out` (those rows, row-major), a block of rows at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -367,6 +456,33 @@ mod tests {
                 bits(gemm(va, vb, Some(&bias), Path::Portable).unwrap()),
                 "{m}x{k}x{n}"
             );
+        }
+    }
+
+    /// The AVX-512 packs give the scalar packs' bits (ties to even included) in the layouts
+    /// they take: row-major and transposed A, row-major and transposed B, odd sizes.
+    #[test]
+    fn vector_packs_give_the_scalar_bits() {
+        if !supported() {
+            eprintln!("note: this CPU has no AVX-512 BF16; the vector packs are not checked");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(8);
+        for (r, c) in [(16, 16), (32, 37), (48, 5), (33, 64)] {
+            let mut data = random(r * c, &mut rng);
+            // Exact ties between two bf16 values: the even one must win.
+            data[0] = 1.0 + 1.0 / 256.0;
+            data[1] = 1.0 + 3.0 / 256.0;
+            let views = [
+                View { data: &data, rows: r, cols: c, rs: c, cs: 1 },
+                View { data: &data, rows: c, cols: r, rs: 1, cs: c },
+            ];
+            for v in views {
+                let (k2, rows) = (v.cols.div_ceil(2) + 3, v.rows.div_ceil(16) * 16);
+                assert_eq!(pack_a(&v, k2, rows, true), pack_a(&v, k2, rows, false), "A {r}x{c} {v:?}");
+                let (k2, panels) = (v.rows.div_ceil(2) + 1, v.cols.div_ceil(LANES));
+                assert_eq!(pack_b(&v, k2, panels, true), pack_b(&v, k2, panels, false), "B {r}x{c}");
+            }
         }
     }
 
