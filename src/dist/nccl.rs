@@ -52,6 +52,8 @@ impl Nccl {
         for (d, s) in internal.iter_mut().zip(&bytes) {
             *d = *s as std::ffi::c_char;
         }
+        // NCCL takes the thread's current device for the communicator's GPU.
+        stream.context().bind_to_thread().map_err(|e| cuda_error("context", e))?;
         let comm = Comm::from_rank(stream.clone(), launch.rank, launch.size, Id::uninit(internal))
             .map_err(|e| nccl_error(&format!("init of rank {} of {}", launch.rank, launch.size), e))?;
         // NCCL cannot be aborted from another thread through `Comm` (not Send): the watchdog

@@ -32,8 +32,8 @@ pub enum Compute {
     #[default]
     F32,
     /// Linear layers in int8: weights quantized per output channel when the model loads,
-    /// activations per row; AVX-512 VNNI where the CPU has it. Attention, layer norm and
-    /// pooling stay f32.
+    /// activations per row; AMX tiles or AVX-512 VNNI where the CPU has them. Attention, layer
+    /// norm and pooling stay f32.
     Int8,
 }
 

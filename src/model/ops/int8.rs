@@ -3,8 +3,9 @@
 //! byte products summed in i32 by AVX-512 VNNI (`vpdpbusd`: 64 multiply-adds an instruction,
 //! against 16 for an f32 FMA). Attention, layer norm, GELU and pooling stay f32.
 //!
-//! Integer sums are exact, so the VNNI kernel and the portable one give the same bits; CPUs
-//! without VNNI run the portable one (slower than f32: the CLI says so).
+//! Integer sums are exact, so the VNNI kernel, the AMX one ([`super::amx`]: the products in
+//! tiles, the VNNI epilogue) and the portable one give the same bits; CPUs without VNNI run the
+//! portable one (slower than f32: the CLI says so).
 
 use std::sync::Arc;
 
