@@ -2,7 +2,7 @@
 # Issue 14's GPU checks in one go: the device check (one step on the GPU against the CPU), then
 # `hypersphere bench` and bench/torch_bench.py (f32 and bf16 autocast) at each shape, JSON out.
 #
-#   bench/gpu.sh pack            # here: gpu/ = the CUDA binary, the model, a few books (gzipped)
+#   bench/gpu.sh pack            # here: gpu/ = the CUDA binary (xz), the model, a few books (gzipped)
 #   bench/gpu.sh run             # there (the device tool, `carry: ["gpu"]`): results in $OUT
 #   bench/gpu.sh nccl            # there: NCCL ranks (issue 21) against one process, $OUT/nccl.json
 #   DEVICE=cpu SHAPES=8x16 BIN=target/release/hypersphere bench/gpu.sh run   # a dry run on the CPU
@@ -23,7 +23,9 @@ pack() {
   local bin=${BIN:-target/cuda/release/hypersphere}
   [ -x "$bin" ] || { echo "no $bin: run scripts/build-cuda.sh first (or set BIN)" >&2; exit 2; }
   rm -rf "$G" && mkdir -p "$G"
-  gzip -c "$bin" > "$G/hypersphere.gz"
+  # Stripped and xz'd: the CUDA kernels make the binary 75 MB (gzip: 21 MB, xz: 10 MB).
+  strip -o "$G/hypersphere" "$bin"
+  xz -9 -T2 "$G/hypersphere"
   local model
   model=$(target/release/hypersphere fetch "$MODEL_SPEC" | tail -1 | sed "s/^.*: //")
   # The weights as f16 (45 MB instead of 90: the device tool carries 64 MiB in all); both
@@ -56,7 +58,10 @@ unpack() {
   mkdir -p "$final" "$out" "$work/model" "$work/books"
   export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   bin=${BIN:-$work/hypersphere}
-  if [ -z "${BIN:-}" ]; then gunzip -c "$G/hypersphere.gz" > "$bin" && chmod +x "$bin"; fi
+  if [ -z "${BIN:-}" ]; then
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      "$G/hypersphere.xz" "$bin" && chmod +x "$bin"
+  fi
   tar -C "$work/model" -xzf "$G/model.tar.gz"
   tar -C "$work/books" -xzf "$G/books.tar.gz"
   export HYPERSPHERE_CACHE="$work/cache"
@@ -155,18 +160,21 @@ PY
   export LD_LIBRARY_PATH="$lib:$LD_LIBRARY_PATH"
   echo "libnccl from $lib" | tee "$out/status.txt"
   export NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_SOCKET_IFNAME=lo NCCL_DEBUG=WARN HYPERSPHERE_COLLECTIVE_TIMEOUT_S=30
+  # DEVICE=cpu BIN=target/release/hypersphere: a dry run of this script here (the two-rank runs
+  # then fail: a CPU build has no NCCL).
+  local dev=${DEVICE:-cuda:0}
   local -a base=(--set "model.source=$work/model" --set "data.corpus=$work/books" --set 'train.select="last"'
     --set train.steps=10 --set train.eval_every_steps=5 --set train.batch_pairs=32 --set report.sentences=200
     --set report.pairs=100 --set train.val_pairs=64 --set report.books_next=false)
   local port=29600
-  # ranks NAME ARGS...: the command as 2 ranks on cuda:0, each rank's stderr in $work/NAME-RANK.err.
+  # ranks NAME ARGS...: the command as 2 ranks on $dev, each rank's stderr in $work/NAME-RANK.err.
   ranks() {
     local name=$1; shift
     port=$((port + 1))
     local r pids=()
     for r in 0 1; do
       WORLD_SIZE=2 RANK=$r LOCAL_RANK=0 LOCAL_WORLD_SIZE=2 MASTER_PORT=$port NCCL_HOSTID="hypersphere-rank$r" \
-        "$bin" --device cuda:0 "$@" > /dev/null 2> "$work/$name-$r.err" &
+        "$bin" --device "$dev" "$@" > /dev/null 2> "$work/$name-$r.err" &
       pids+=($!)
     done
     local codes=""
@@ -184,14 +192,14 @@ PY
   local c
   for c in align_uniform infonce_dropout default; do
     # shellcheck disable=SC2086
-    "$bin" --device cuda:0 finetune "${base[@]}" ${loss[$c]} --set "name=one-$c" \
+    "$bin" --device "$dev" finetune "${base[@]}" ${loss[$c]} --set "name=one-$c" \
       --set train.micro_batch_pairs=16 > /dev/null 2> "$work/one-$c.err"
     echo "one-$c exit code $?" | tee -a "$out/status.txt"
     # shellcheck disable=SC2086
     ranks "two-$c" finetune "${base[@]}" ${loss[$c]} --set "name=two-$c"
   done
   head -n 2000 "$work"/books/* | grep -v '^==>' | grep -v '^$' | head -n 2000 > "$work/sentences.txt"
-  "$bin" --device cuda:0 embed --model "$work/model" --input sentences.txt --out one.safetensors 2> "$work/embed-one.err"
+  "$bin" --device "$dev" embed --model "$work/model" --input sentences.txt --out one.safetensors 2> "$work/embed-one.err"
   echo "embed one exit code $?" | tee -a "$out/status.txt"
   ranks embed-two embed --model "$work/model" --input sentences.txt --out two.safetensors
   # A rank killed mid-run: the other ends on its own (collective timeout 30 s), non-zero.
@@ -199,7 +207,7 @@ PY
   local t0=$SECONDS pids=() r
   for r in 0 1; do
     WORLD_SIZE=2 RANK=$r LOCAL_RANK=0 LOCAL_WORLD_SIZE=2 MASTER_PORT=$port NCCL_HOSTID="hypersphere-rank$r" \
-      "$bin" --device cuda:0 finetune "${base[@]}" --set train.steps=400 --set name=killed > /dev/null 2> "$work/killed-$r.err" &
+      "$bin" --device "$dev" finetune "${base[@]}" --set train.steps=400 --set name=killed > /dev/null 2> "$work/killed-$r.err" &
     pids+=($!)
   done
   sleep "${KILL_AFTER:-40}"
