@@ -267,8 +267,12 @@ impl Layer {
         let context = super::ops::attention(self.k, &q, &kv, mask_bias, self.heads, dropout)?;
         let attended = self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng.as_deref_mut())?;
         let xs = self.attention_norm.forward(&(attended + xq)?)?;
-        let inner = self.intermediate.forward_act(&xs, self.act)?;
-        let out = self.hidden_dropout.forward(&self.output.forward(&inner)?, rng)?;
+        let out = match (self.intermediate.int8_for(&xs), self.output.int8_for(&xs), self.act) {
+            // int8 inference: the wide GELU rows pass between the two layers quantized.
+            (Some(up), Some(down), Activation::Gelu) => super::ops::int8::ffn_int8(&xs, up, down)?,
+            _ => self.output.forward(&self.intermediate.forward_act(&xs, self.act)?)?,
+        };
+        let out = self.hidden_dropout.forward(&out, rng)?;
         self.output_norm.forward(&(out + xs)?)
     }
 }

@@ -126,50 +126,86 @@ impl QWeight {
     /// `x` [rows, inp] -> [rows, out]: `x Wᵀ + b` with both sides quantized, then `epi`, by
     /// the kernel `path` (which the CPU must have); all give the same bits.
     pub fn forward(&self, x: &[f32], epi: Epilogue, path: Path) -> Vec<f32> {
-        let rows = x.len() / self.inp.max(1);
-        let path = if path == Path::Amx && !self.k4.is_multiple_of(64) { Path::Vnni } else { path };
         let (a, sx) = quantize_rows(x, self.inp, self.k4, path != Path::Portable);
-        // Not zero-filled: both kernels write every output once (a memset and its page faults
+        self.forward_quantized(&a, &sx, epi, path)
+    }
+
+    /// [`QWeight::forward`] from inputs already quantized: `a` rows of `k4` bytes, `sx` their
+    /// scales.
+    pub fn forward_quantized(&self, a: &[u8], sx: &[f32], epi: Epilogue, path: Path) -> Vec<f32> {
+        let rows = sx.len();
+        // Not zero-filled: every kernel writes every output once (a memset and its page faults
         // cost as much as a fifth of the GEMM).
         let mut out = Vec::<f32>::with_capacity(rows * self.out);
         // Whole register (or tile) rows per work item, two items per thread.
-        let unit = if path == Path::Amx { 32 } else { ROWS };
-        let per = rows.div_ceil(2 * rayon::current_num_threads()).div_ceil(unit).max(1) * unit;
+        let per = rows.div_ceil(2 * rayon::current_num_threads()).div_ceil(32).max(1) * 32;
         let spare = &mut out.spare_capacity_mut()[..rows * self.out];
         spare.par_chunks_mut(per * self.out.max(1)).enumerate().for_each(|(c, chunk)| {
             let (r0, n) = (c * per, chunk.len() / self.out.max(1));
-            let (a, sx) = (&a[r0 * self.k4..(r0 + n) * self.k4], &sx[r0..r0 + n]);
-            let out = chunk.as_mut_ptr() as *mut f32;
-            match path {
-                #[cfg(target_arch = "x86_64")]
-                Path::Vnni | Path::Amx => {
-                    assert!(vnni_supported(), "int8 linear: the VNNI kernel asked for on a CPU without it");
-                    if path == Path::Amx {
-                        assert!(super::amx::available(), "int8 linear: AMX asked for on a CPU without it");
-                        // SAFETY: AMX and VNNI are there (checked above); k4 is a multiple of
-                        // 64; `a`, `sx` and `chunk` hold n rows of k4, 1 and out values.
-                        unsafe { vnni::rows_amx(self, a, sx, out, epi) };
-                    } else {
-                        // SAFETY: the CPU has the features (checked above); `a`, `sx` and
-                        // `chunk` hold n rows of k4, 1 and out values, which is all the kernel
-                        // reads and writes.
-                        unsafe { vnni::rows(self, a, sx, out, epi) };
-                    }
-                }
-                _ => {
-                    self.rows_portable(a, sx, chunk);
-                    if epi == Epilogue::BiasGelu {
-                        // SAFETY: rows_portable wrote every value of the chunk.
-                        super::gelu::gelu_in_place(unsafe {
-                            &mut *(chunk as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
-                        });
-                    }
-                }
-            }
+            self.rows(&a[r0 * self.k4..(r0 + n) * self.k4], &sx[r0..r0 + n], chunk, epi, path);
         });
         // SAFETY: every one of the rows * out values was written above.
         unsafe { out.set_len(rows * self.out) };
         out
+    }
+
+    /// `gelu(x Wᵀ + b)` quantized per row as the next int8 layer takes it (`next_k4` bytes a
+    /// row, [`quantize_rows`]' bytes and scales), a block of rows at a time while it is in
+    /// cache: the f32 rows, the widest of the layer, are never all in memory.
+    pub fn forward_gelu_quantized(&self, x: &[f32], next_k4: usize, path: Path) -> (Vec<u8>, Vec<f32>) {
+        let (a, sx) = quantize_rows(x, self.inp, self.k4, path != Path::Portable);
+        let rows = sx.len();
+        let (mut qa, mut qs) = (vec![128u8; rows * next_k4], vec![0f32; rows]);
+        let per = rows.div_ceil(2 * rayon::current_num_threads()).div_ceil(32).max(1) * 32;
+        qa.par_chunks_mut((per * next_k4).max(1)).zip(qs.par_chunks_mut(per)).enumerate().for_each(|(c, (qa, qs))| {
+            let r0 = c * per;
+            let mut block = Vec::<f32>::with_capacity(BLOCK * self.out);
+            for b0 in (0..qs.len()).step_by(BLOCK) {
+                let m = (qs.len() - b0).min(BLOCK);
+                let (r, spare) = (r0 + b0, &mut block.spare_capacity_mut()[..m * self.out]);
+                self.rows(&a[r * self.k4..(r + m) * self.k4], &sx[r..r + m], spare, Epilogue::BiasGelu, path);
+                // SAFETY: `rows` wrote all m * out values.
+                let y = unsafe { &*(spare as *const [std::mem::MaybeUninit<f32>] as *const [f32]) };
+                for ((row, q), s) in
+                    y.chunks_exact(self.out).zip(qa[b0 * next_k4..].chunks_exact_mut(next_k4)).zip(&mut qs[b0..b0 + m])
+                {
+                    *s = quantize_one(row, q, path != Path::Portable);
+                }
+            }
+        });
+        (qa, qs)
+    }
+
+    /// Rows of `out` (`sx.len()` of them) from their quantized inputs, by `path`.
+    fn rows(&self, a: &[u8], sx: &[f32], chunk: &mut [std::mem::MaybeUninit<f32>], epi: Epilogue, path: Path) {
+        let path = if path == Path::Amx && !self.k4.is_multiple_of(64) { Path::Vnni } else { path };
+        let out = chunk.as_mut_ptr() as *mut f32;
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Vnni | Path::Amx => {
+                assert!(vnni_supported(), "int8 linear: the VNNI kernel asked for on a CPU without it");
+                if path == Path::Amx {
+                    assert!(super::amx::available(), "int8 linear: AMX asked for on a CPU without it");
+                    // SAFETY: AMX and VNNI are there (checked above); k4 is a multiple of 64;
+                    // `a`, `sx` and `chunk` hold the same rows of k4, 1 and out values.
+                    unsafe { vnni::rows_amx(self, a, sx, out, epi) };
+                } else {
+                    // SAFETY: the CPU has the features (checked above); `a`, `sx` and `chunk`
+                    // hold the same rows of k4, 1 and out values, which is all the kernel reads
+                    // and writes.
+                    unsafe { vnni::rows(self, a, sx, out, epi) };
+                }
+            }
+            _ => {
+                self.rows_portable(a, sx, chunk);
+                if epi == Epilogue::BiasGelu {
+                    // SAFETY: rows_portable wrote every value of the chunk.
+                    super::gelu::gelu_in_place(unsafe {
+                        &mut *(chunk as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
+                    });
+                }
+            }
+        }
     }
 
     /// The kernel's arithmetic one output at a time.
@@ -216,18 +252,23 @@ fn quantize_rows(x: &[f32], inp: usize, k4: usize, vnni: bool) -> (Vec<u8>, Vec<
     a.par_chunks_mut(per * k4.max(1)).zip(sx.par_chunks_mut(per)).zip(x.par_chunks(per * inp.max(1))).for_each(
         |((q, s), x)| {
             for ((q, s), row) in q.chunks_exact_mut(k4.max(1)).zip(s).zip(x.chunks_exact(inp.max(1))) {
-                #[cfg(target_arch = "x86_64")]
-                if vnni {
-                    // SAFETY: `forward`'s callers ask for `vnni` only where the CPU has it;
-                    // `q` holds at least `row.len()` bytes.
-                    *s = unsafe { vnni::quantize_row(row, q) };
-                    continue;
-                }
-                *s = quantize_row(row, q);
+                *s = quantize_one(row, q, vnni);
             }
         },
     );
     (a, sx)
+}
+
+/// One row into `q` and its scale, with AVX-512 when `vnni` (the same bytes for finite inputs).
+fn quantize_one(row: &[f32], q: &mut [u8], vnni: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if vnni {
+        // SAFETY: `vnni` is asked for only where the CPU has it; `q` holds at least
+        // `row.len()` bytes.
+        return unsafe { vnni::quantize_row(row, q) };
+    }
+    let _ = vnni;
+    quantize_row(row, q)
 }
 
 /// One row's bytes (the first `row.len()` of `q`) and its scale.
@@ -447,6 +488,37 @@ impl CustomOp1 for Int8Linear {
     }
 }
 
+/// The feed-forward block `gelu(x W1ᵀ + b1) W2ᵀ + b2` over the last dimension of `x`, both
+/// layers in int8: the wide GELU rows go from one to the other quantized, a block at a time
+/// ([`QWeight::forward_gelu_quantized`]); the same bits as the two layers one after the other.
+pub fn ffn_int8(xs: &Tensor, up: &Arc<QWeight>, down: &Arc<QWeight>) -> Result<Tensor> {
+    if up.out != down.inp {
+        bail!("int8 feed-forward: {} features into a layer of {}", up.out, down.inp)
+    }
+    xs.contiguous()?.apply_op1_no_bwd(&Int8Ffn(up.clone(), down.clone()))
+}
+
+struct Int8Ffn(Arc<QWeight>, Arc<QWeight>);
+
+impl CustomOp1 for Int8Ffn {
+    fn name(&self) -> &'static str {
+        "int8-feed-forward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::f32s(s, l, self.name())?;
+        let (up, down) = (&self.0, &self.1);
+        let mut shape = l.dims().to_vec();
+        match shape.last_mut() {
+            Some(last) if *last == up.inp => *last = down.out,
+            _ => bail!("int8 feed-forward: input of shape {:?} for {} features", l.dims(), up.inp),
+        }
+        let path = Path::best();
+        let (a, sx) = up.forward_gelu_quantized(x, down.k4, path);
+        Ok((CpuStorage::F32(down.forward_quantized(&a, &sx, Epilogue::Bias, path)), Shape::from(shape)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,6 +575,31 @@ mod tests {
                     bits(q.forward(&x, epi, Path::Portable)),
                     "{rows}x{inp}->{out} {epi:?}"
                 );
+            }
+        }
+    }
+
+    /// The feed-forward block fused (the wide GELU rows quantized block by block) gives the
+    /// unfused bits on every kernel this CPU has, over several blocks and chunks.
+    #[test]
+    fn fused_gelu_quantization_gives_the_unfused_bits() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let paths = match Path::best() {
+            Path::Amx => vec![Path::Portable, Path::Vnni, Path::Amx],
+            Path::Vnni => vec![Path::Portable, Path::Vnni],
+            Path::Portable => vec![Path::Portable],
+        };
+        for (rows, inp, mid) in [(3, 64, 128), (2 * BLOCK + 37, 64, 256), (70, 40, 90)] {
+            let x = random(rows * inp, 3.0, &mut rng);
+            let (w1, b1) = (random(mid * inp, 0.2, &mut rng), random(mid, 1.0, &mut rng));
+            let (w2, b2) = (random(inp * mid, 0.2, &mut rng), random(inp, 1.0, &mut rng));
+            let (up, down) = (QWeight::new(&w1, &b1, mid, inp).unwrap(), QWeight::new(&w2, &b2, inp, mid).unwrap());
+            for &path in &paths {
+                let unfused = down.forward(&up.forward(&x, Epilogue::BiasGelu, path), Epilogue::Bias, path);
+                let (a, sx) = up.forward_gelu_quantized(&x, down.k4, path);
+                let fused = down.forward_quantized(&a, &sx, Epilogue::Bias, path);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fused), bits(&unfused), "{rows}x{inp}x{mid} {path:?}");
             }
         }
     }
