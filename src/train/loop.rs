@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use super::monitor::{balance, health, validate, Health, Log, LogLine, Validation};
 use super::selection::{Action, Selected, Selection};
-use super::step::{apply, shard_gradients, train_step, NonFinite, StepLayout, StepModel, StepOutcome, StepStats};
+use super::step::{
+    apply, derived_seed, shard_gradients, train_step, NonFinite, StepLayout, StepModel, StepOutcome, StepStats,
+};
 use crate::checkpoint::{self, TrainState};
 use crate::config::resolved::Resolved;
 use crate::config::{Select, TrainConfig};
@@ -103,16 +105,6 @@ pub struct TrainSummary {
     pub selected: Selected,
     /// Over several ranks: this process's collectives during training (rank 0's).
     pub traffic: Option<crate::dist::Traffic>,
-}
-
-/// A seed for step `step`'s dropout masks, or epoch `epoch`'s shuffle: streams derived from the
-/// run seed, so a resumed run draws exactly what an uninterrupted one would.
-pub fn derived_seed(seed: u64, kind: u64, index: usize) -> u64 {
-    let mut x = seed ^ kind.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    // splitmix64 finaliser: nearby indices give unrelated seeds.
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// Learning-rate multipliers per parameter: `train.norm_lr_scale` for the last layer's output
@@ -615,15 +607,5 @@ mod tests {
         accumulate(&mut sums, &s);
         accumulate(&mut sums, &s);
         assert_eq!(sums, [("loss".to_string(), 2.0), ("align".into(), 1.0), ("uniform".into(), -4.0)]);
-    }
-
-    #[test]
-    fn derived_seeds_differ_by_kind_and_index() {
-        let seeds: Vec<u64> = (0..3).flat_map(|k| (0..50).map(move |i| derived_seed(42, k, i))).collect();
-        let mut unique = seeds.clone();
-        unique.sort_unstable();
-        unique.dedup();
-        assert_eq!(unique.len(), seeds.len());
-        assert_eq!(derived_seed(42, 2, 7), derived_seed(42, 2, 7));
     }
 }
