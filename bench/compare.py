@@ -188,7 +188,9 @@ def load_runs(out, side, runs=None):
         return int(m.group(1)) if m else 0
 
     if runs is None:
-        paths = sorted(glob.glob(os.path.join(out, f"{side}-*.json")), key=run_number)
+        # side-K.json only: "pytorch-*" would also take pytorch-bf16-K.json.
+        paths = sorted((p for p in glob.glob(os.path.join(out, f"{side}-*.json"))
+                        if re.fullmatch(re.escape(side) + r"-\d+\.json", os.path.basename(p))), key=run_number)
     else:
         # Only this invocation's files: an older, longer series may have left more behind.
         paths = [os.path.join(out, f"{side}-{k}.json") for k in range(1, runs + 1)]
@@ -219,6 +221,11 @@ def get(result, path):
 
 def median_of(runs, path):
     return statistics.median(get(r, path) for r in runs)
+
+
+def faster(kind, a, b):
+    """The faster of two modes' values: the smaller time, the larger rate; memory: the first."""
+    return min(a, b) if kind == "time" else max(a, b) if kind == "rate" else a
 
 
 def speedup(ours, theirs, kind):
@@ -266,20 +273,13 @@ def summarise(out, commands, threads, runs=None):
     for label, path, kind in ROWS:
         o, t = median_of(ours, path), median_of(theirs, path)
         row = {"metric": label, "kind": kind, "hypersphere": o, "pytorch": t}
+        # Each side's faster mode (memory: f32, the default).
         if ours_bf16:
             row["hypersphere_bf16"] = ob = median_of(ours_bf16, path)
-            # Our faster mode (memory: f32, the default).
-            if kind == "time":
-                o = min(o, ob)
-            elif kind == "rate":
-                o = max(o, ob)
+            o = faster(kind, o, ob)
         if bf16:
             row["pytorch_bf16"] = b = median_of(bf16, path)
-            # Against the faster PyTorch mode (memory: against f32, the default).
-            if kind == "time":
-                t = min(t, b)
-            elif kind == "rate":
-                t = max(t, b)
+            t = faster(kind, t, b)
         row["speedup"] = speedup(o, t, kind)
         rows.append(row)
     # Achieved training GFLOP/s as a share of what the same library reaches on a plain matmul.

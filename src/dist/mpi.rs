@@ -46,18 +46,13 @@ impl Mpi {
                 unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 3) };
             }
         });
-        // A panic on one rank ends every rank: unwinding would finalize MPI and wait for ranks
-        // that wait for this one.
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            default_hook(info);
-            fatal(&format!("rank {rank} of {size}: error: panicked; ending every rank"));
+        // Unwinding would also finalize MPI.
+        Watch::end_world_on_panic(rank as usize, size as usize, fatal, move || {
             if can_abort {
                 // SAFETY: MPI was initialised with MPI_THREAD_MULTIPLE, so any thread may call it.
                 unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 101) };
             }
-            std::process::exit(101);
-        }));
+        });
         Ok(Self { world, watch, _universe: universe })
     }
 }

@@ -59,13 +59,7 @@ impl Nccl {
         // NCCL cannot be aborted from another thread through `Comm` (not Send): the watchdog
         // exits, and the launcher ends the others (or their own watchdogs do).
         let watch = Watch::start(launch.rank, launch.size, fatal, || {});
-        let (rank, size) = (launch.rank, launch.size);
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            default_hook(info);
-            fatal(&format!("rank {rank} of {size}: error: panicked; ending every rank"));
-            std::process::exit(101);
-        }));
+        Watch::end_world_on_panic(launch.rank, launch.size, fatal, || {});
         Ok(Self { comm, stream, watch })
     }
 

@@ -63,6 +63,18 @@ impl Watch {
         out
     }
 
+    /// A panic on this rank ends every rank: unwinding would leave the others waiting in a
+    /// collective for this one. `end` as in [`Watch::start`].
+    pub fn end_world_on_panic(rank: usize, size: usize, fatal: fn(&str), end: impl Fn() + Send + Sync + 'static) {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            fatal(&format!("rank {rank} of {size}: error: panicked; ending every rank"));
+            end();
+            std::process::exit(101);
+        }));
+    }
+
     pub fn set_patient(&self, on: bool) {
         self.patient.store(on, Ordering::SeqCst);
     }

@@ -75,6 +75,26 @@ fn train_tiny(
     enc.params.iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
+/// `run` on two ranks as threads, rank k in `dirs[k]`, each world's engine made by `comm` from
+/// its thread handle; what each rank returned, in rank order.
+fn two_ranks<T: Send>(
+    dirs: &[PathBuf],
+    comm: impl Fn(Threads) -> Box<dyn Collective> + Sync,
+    run: impl Fn(&Path, &World) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = Threads::world(2)
+            .into_iter()
+            .zip(dirs)
+            .map(|(t, dir)| {
+                let (comm, run) = (&comm, &run);
+                s.spawn(move || run(dir, &World::new(comm(t))))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Two ranks (threads exchanging through the collectives) run the training loop, each on its
 /// shard of every global batch, with dropout on: both end with the same weights, those of one
 /// process running GradCache with `train.micro_batch_pairs = batch_pairs / 2`, for align +
@@ -95,17 +115,7 @@ fn ranks_as_threads_train_the_gradcache_weights() {
         let micro: Vec<&str> = sets.iter().copied().chain(["train.micro_batch_pairs=4"]).collect();
         let one = train_tiny(&files, &one_dir, &World::single(), &micro);
         let dirs: Vec<PathBuf> = (0..2).map(|k| tmp.path().join(format!("two{i}-{k}"))).collect();
-        let ranks: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = Threads::world(2)
-                .into_iter()
-                .zip(&dirs)
-                .map(|(t, dir)| {
-                    let (files, sets) = (&files, &sets);
-                    s.spawn(move || train_tiny(files, dir, &World::new(Box::new(t)), sets))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let ranks = two_ranks(&dirs, |t| Box::new(t), |dir, world| train_tiny(&files, dir, world, &sets));
         assert_eq!(ranks[0], ranks[1], "config {i}: the ranks' weights differ");
         for (p, (a, b)) in one.iter().zip(&ranks[0]).enumerate() {
             let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
@@ -172,20 +182,14 @@ fn the_dense_device_path_trains_the_same_weights() {
     let sets = ["train.steps=4", "train.batch_pairs=8", "train.eval_every_steps=2", "train.checkpoint_every_steps=2"];
     let run = |dense: bool| -> Vec<Vec<f32>> {
         let dirs: Vec<PathBuf> = (0..2).map(|k| tmp.path().join(format!("{dense}-{k}"))).collect();
-        let ranks: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = Threads::world(2)
-                .into_iter()
-                .zip(&dirs)
-                .map(|(t, dir)| {
-                    let (files, sets) = (&files, &sets);
-                    s.spawn(move || {
-                        let comm: Box<dyn Collective> = if dense { Box::new(Dense(t)) } else { Box::new(t) };
-                        train_tiny(files, dir, &World::new(comm), sets)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let comm = |t: Threads| -> Box<dyn Collective> {
+            if dense {
+                Box::new(Dense(t))
+            } else {
+                Box::new(t)
+            }
+        };
+        let ranks = two_ranks(&dirs, comm, |dir, world| train_tiny(&files, dir, world, &sets));
         assert_eq!(ranks[0], ranks[1], "dense {dense}: the ranks' weights differ");
         ranks.into_iter().next().unwrap()
     };

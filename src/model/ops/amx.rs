@@ -98,36 +98,29 @@ pub unsafe fn accumulate(
     b1: *const u8,
     words: usize,
 ) {
-    use std::arch::asm;
+    // One instruction sequence for both kinds: only the tile product differs.
+    macro_rules! step {
+        ($dp:literal, $a0:expr, $a1:expr, $b0:expr, $b1:expr) => {
+            std::arch::asm!(
+                "tileloadd tmm0, [{a0} + {sa}*1]",
+                "tileloadd tmm1, [{a1} + {sa}*1]",
+                "tileloadd tmm2, [{b0} + {sb}*1]",
+                "tileloadd tmm3, [{b1} + {sb}*1]",
+                concat!($dp, " tmm4, tmm0, tmm2"),
+                concat!($dp, " tmm5, tmm0, tmm3"),
+                concat!($dp, " tmm6, tmm1, tmm2"),
+                concat!($dp, " tmm7, tmm1, tmm3"),
+                a0 = in(reg) $a0, a1 = in(reg) $a1, b0 = in(reg) $b0, b1 = in(reg) $b1,
+                sa = in(reg) sa, sb = in(reg) 64usize,
+                options(nostack, readonly),
+            )
+        };
+    }
     for g in (0..words).step_by(TILE) {
         let (a0, a1, b0, b1) = (a0.add(4 * g), a1.add(4 * g), b0.add(64 * g), b1.add(64 * g));
         match kind {
-            Kind::Bf16 => asm!(
-                "tileloadd tmm0, [{a0} + {sa}*1]",
-                "tileloadd tmm1, [{a1} + {sa}*1]",
-                "tileloadd tmm2, [{b0} + {sb}*1]",
-                "tileloadd tmm3, [{b1} + {sb}*1]",
-                "tdpbf16ps tmm4, tmm0, tmm2",
-                "tdpbf16ps tmm5, tmm0, tmm3",
-                "tdpbf16ps tmm6, tmm1, tmm2",
-                "tdpbf16ps tmm7, tmm1, tmm3",
-                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
-                sa = in(reg) sa, sb = in(reg) 64usize,
-                options(nostack, readonly),
-            ),
-            Kind::Int8 => asm!(
-                "tileloadd tmm0, [{a0} + {sa}*1]",
-                "tileloadd tmm1, [{a1} + {sa}*1]",
-                "tileloadd tmm2, [{b0} + {sb}*1]",
-                "tileloadd tmm3, [{b1} + {sb}*1]",
-                "tdpbusd tmm4, tmm0, tmm2",
-                "tdpbusd tmm5, tmm0, tmm3",
-                "tdpbusd tmm6, tmm1, tmm2",
-                "tdpbusd tmm7, tmm1, tmm3",
-                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
-                sa = in(reg) sa, sb = in(reg) 64usize,
-                options(nostack, readonly),
-            ),
+            Kind::Bf16 => step!("tdpbf16ps", a0, a1, b0, b1),
+            Kind::Int8 => step!("tdpbusd", a0, a1, b0, b1),
         }
     }
 }

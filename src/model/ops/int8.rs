@@ -365,21 +365,14 @@ mod vnni {
                         amx::store(t, sums.as_mut_ptr().add(t * LANES * LANES) as *mut u8, 4 * LANES);
                     }
                     for (t, (dr, dq)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
-                        if dr * 16 >= rows || p + dq > p1 || (dq == 1 && p1 == p) {
+                        if dr * 16 >= rows || p + dq > p1 {
                             continue;
                         }
-                        let o = (p + dq) * LANES;
-                        let offset = _mm512_loadu_si512(w.offset.as_ptr().add(o) as *const _);
-                        let scale = _mm512_loadu_ps(w.scale.as_ptr().add(o));
-                        let bias = _mm512_loadu_ps(w.bias.as_ptr().add(o));
-                        let valid = (w.out - o).min(LANES);
-                        let mask: __mmask16 = if valid == LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+                        let (o, r0) = ((p + dq) * LANES, rb + dr * 16);
+                        let finish = Finish::new(w, o);
                         for i in 0..(rows - dr * 16).min(16) {
-                            let r = rb + dr * 16 + i;
                             let acc = _mm512_loadu_si512(sums.as_ptr().add(t * LANES * LANES + i * LANES) as *const _);
-                            let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, offset));
-                            let y = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx[r])), scale, bias);
-                            _mm512_mask_storeu_ps(out.add(r * w.out + o), mask, y);
+                            finish.store(acc, sx[r0 + i], out.add((r0 + i) * w.out + o));
                         }
                     }
                 }
@@ -449,16 +442,41 @@ mod vnni {
         }
         for c in 0..C {
             let o = (p0 + c) * LANES;
-            let offset = _mm512_loadu_si512(w.offset.as_ptr().add(o) as *const _);
-            let scale = _mm512_loadu_ps(w.scale.as_ptr().add(o));
-            let bias = _mm512_loadu_ps(w.bias.as_ptr().add(o));
-            let valid = (w.out - o).min(LANES);
-            let mask: __mmask16 = if valid == LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+            let finish = Finish::new(w, o);
             for (r, acc) in acc.iter().enumerate() {
-                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c], offset));
-                let y = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx[r])), scale, bias);
-                _mm512_mask_storeu_ps(out.add(r * w.out + o), mask, y);
+                finish.store(acc[c], sx[r], out.add(r * w.out + o));
             }
+        }
+    }
+
+    /// The epilogue of 16 channels from `o`, shared by the VNNI and AMX kernels (so they give
+    /// the same bits): `(sum - offset) * sx * scale + bias`, stored masked past the last channel.
+    struct Finish {
+        offset: __m512i,
+        scale: __m512,
+        bias: __m512,
+        mask: __mmask16,
+    }
+
+    impl Finish {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        #[inline]
+        unsafe fn new(w: &QWeight, o: usize) -> Self {
+            let valid = (w.out - o).min(LANES);
+            Self {
+                offset: _mm512_loadu_si512(w.offset.as_ptr().add(o) as *const _),
+                scale: _mm512_loadu_ps(w.scale.as_ptr().add(o)),
+                bias: _mm512_loadu_ps(w.bias.as_ptr().add(o)),
+                mask: if valid == LANES { 0xFFFF } else { (1u16 << valid) - 1 },
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        #[inline]
+        unsafe fn store(&self, acc: __m512i, sx: f32, dst: *mut f32) {
+            let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, self.offset));
+            let y = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx)), self.scale, self.bias);
+            _mm512_mask_storeu_ps(dst, self.mask, y);
         }
     }
 }
