@@ -246,10 +246,32 @@ impl Layer {
         })
     }
 
+    /// The parameters and settings, for the layer as one op ([`super::ops::encoder_layer`]).
+    fn params(&self) -> super::ops::LayerParams<'_> {
+        super::ops::LayerParams {
+            query: [&self.query.weight, &self.query.bias],
+            key: [&self.key.weight, &self.key.bias],
+            value: [&self.value.weight, &self.value.bias],
+            attention_output: [&self.attention_output.weight, &self.attention_output.bias],
+            attention_norm: [&self.attention_norm.weight, &self.attention_norm.bias],
+            intermediate: [&self.intermediate.weight, &self.intermediate.bias],
+            output: [&self.output.weight, &self.output.bias],
+            output_norm: [&self.output_norm.weight, &self.output_norm.bias],
+            eps: self.attention_norm.eps as f32,
+            heads: self.heads,
+            p_attention: self.attention_dropout.p,
+            p_hidden: self.hidden_dropout.p,
+        }
+    }
+
     /// `mask_bias` [b, seq]: 0 for real tokens, a large finite negative for padding.
     /// Only the first `queries` positions are computed (all keys and values still are):
     /// 1 when only the [CLS] output is needed.
     fn forward(&self, xs: &Tensor, mask_bias: &Tensor, queries: usize, mut rng: Option<&mut StdRng>) -> Result<Tensor> {
+        let params = self.params();
+        if self.act == Activation::Gelu && super::ops::trains_fused(self.k, xs, &params) {
+            return super::ops::encoder_layer(self.k, &params, xs, mask_bias, queries, rng);
+        }
         let s = xs.dim(1)?;
         let xq = if queries < s { xs.narrow(1, 0, queries)? } else { xs.clone() };
         let q = self.query.forward(&xq)?;

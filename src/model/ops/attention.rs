@@ -76,11 +76,11 @@ pub fn attention(
 }
 
 #[derive(Clone)]
-struct Attention {
-    heads: usize,
-    scale: f32,
-    mask: Tensor,
-    drop: Option<Tensor>,
+pub(super) struct Attention {
+    pub(super) heads: usize,
+    pub(super) scale: f32,
+    pub(super) mask: Tensor,
+    pub(super) drop: Option<Tensor>,
 }
 
 /// Shapes of one attention call: sequences, queries, keys, hidden, heads, head size.
@@ -188,7 +188,7 @@ impl CustomOp3 for AttentionBwd {
         let (q, kv, dout) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
         let d = a.dims(l1, l2)?;
         let (nq_all, nkv) = (q.len(), kv.len());
-        let mut out = vec![0f32; nq_all + nkv];
+        let mut out = par_zeroed(nq_all + nkv);
         let (dq, dkv) = out.split_at_mut(nq_all);
         let (mask_guard, mask_layout) = a.mask.storage_and_layout();
         let mask = storage_f32(&mask_guard, mask_layout)?;

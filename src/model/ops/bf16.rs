@@ -109,7 +109,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// reads along its rows too. `vector`: AVX-512 BF16 conversions for the two layouts products
 /// take (row-major, transposed); the same bits but for denormals, which they flush to zero.
 fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
-    let mut out = vec![0u32; rows * k2];
+    let mut out = crate::cpu::par_zeroed(rows * k2);
     out.par_chunks_mut((LANES * k2).max(1)).enumerate().for_each(|(c, chunk)| {
         let i0 = c * LANES;
         let n = (chunk.len() / k2.max(1)).min(a.rows.saturating_sub(i0));
@@ -124,15 +124,25 @@ fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
         }
         #[cfg(target_arch = "x86_64")]
         if vector && a.rs == 1 && n == LANES {
-            // Rows 2g and 2g + 1 of the data hold pair g of 16 consecutive rows of A.
-            let mut group = [0u32; LANES];
-            for g in 0..k2.min(a.cols.div_ceil(2)) {
-                let lo = &a.data[2 * g * a.cs + i0..][..LANES];
-                let hi = (2 * g + 1 < a.cols).then(|| &a.data[(2 * g + 1) * a.cs + i0..][..LANES]);
-                // SAFETY: AVX-512 BF16 is there (`vector`); both rows hold 16 values.
-                unsafe { avx512::pairs_of_rows(lo, hi, &mut group) };
-                for (ii, &v) in group.iter().enumerate() {
-                    chunk[ii * k2 + g] = v;
+            // Rows 2g and 2g + 1 of the data hold pair g of 16 consecutive rows of A. Sixteen
+            // pairs at a time, so each of the 16 rows gets a whole cache line: one pair per row
+            // at a time strides the rows' k2 pairs apart (8 KB for a weight gradient over 4096
+            // tokens), and those stores fell in the same few cache sets.
+            let groups = k2.min(a.cols.div_ceil(2));
+            let mut block = [[0u32; LANES]; LANES];
+            for g0 in (0..groups).step_by(LANES) {
+                let gn = (groups - g0).min(LANES);
+                for (gi, group) in block.iter_mut().enumerate().take(gn) {
+                    let g = g0 + gi;
+                    let lo = &a.data[2 * g * a.cs + i0..][..LANES];
+                    let hi = (2 * g + 1 < a.cols).then(|| &a.data[(2 * g + 1) * a.cs + i0..][..LANES]);
+                    // SAFETY: AVX-512 BF16 is there (`vector`); both rows hold 16 values.
+                    unsafe { avx512::pairs_of_rows(lo, hi, group) };
+                }
+                for (ii, dst) in chunk.chunks_exact_mut(k2).enumerate() {
+                    for (gi, d) in dst[g0..g0 + gn].iter_mut().enumerate() {
+                        *d = block[gi][ii];
+                    }
                 }
             }
             return;
@@ -151,7 +161,7 @@ fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
 /// column): [panels][k2][16]. Columns past n, rows past k and panels past n's are zero.
 /// `vector` as in [`pack_a`].
 fn pack_b(b: &View, k2: usize, panels: usize, vector: bool) -> Vec<u32> {
-    let mut out = vec![0u32; panels * k2 * LANES];
+    let mut out = crate::cpu::par_zeroed(panels * k2 * LANES);
     let groups = b.rows.div_ceil(2);
     out.par_chunks_mut((k2 * LANES).max(1)).enumerate().for_each(|(p, panel)| {
         let j0 = p * LANES;
@@ -220,7 +230,7 @@ pub fn gemm(a: View, b: View, bias: Option<&[f32]>, path: Path) -> Result<Vec<f3
         init[..n].copy_from_slice(bias);
     }
     let packed = Packed { a: &pa, b: &pb, k2, n, init: &init };
-    let mut c = vec![0f32; m * n];
+    let mut c = crate::cpu::par_zeroed(m * n);
     let unit = if amx { 2 * tile } else { ROWS };
     let per = m.div_ceil(2 * rayon::current_num_threads()).div_ceil(unit).max(1) * unit;
     c.par_chunks_mut((per * n).max(1)).enumerate().for_each(|(ci, chunk)| {
@@ -468,7 +478,7 @@ mod tests {
             return;
         }
         let mut rng = StdRng::seed_from_u64(8);
-        for (r, c) in [(16, 16), (32, 37), (48, 5), (33, 64)] {
+        for (r, c) in [(16, 16), (32, 37), (48, 5), (33, 64), (80, 32)] {
             let mut data = random(r * c, &mut rng);
             // Exact ties between two bf16 values: the even one must win.
             data[0] = 1.0 + 1.0 / 256.0;

@@ -29,7 +29,7 @@ pub(super) fn dropout_mask(
     // One ChaCha8 stream per chunk, seeded in order from `rng`: the same mask whatever the
     // number of threads, and both cores drawing.
     let seeds: Vec<u64> = (0..n.div_ceil(CHUNK)).map(|_| rng.gen()).collect();
-    let mut mask = vec![0f32; n];
+    let mut mask = par_zeroed(n);
     mask.par_chunks_mut(CHUNK).zip(seeds).for_each(|(chunk, seed)| {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         for quad in chunk.chunks_mut(4) {
@@ -42,8 +42,8 @@ pub(super) fn dropout_mask(
     Tensor::from_vec(mask, shape, device)
 }
 
-struct Dropout {
-    mask: Tensor,
+pub(super) struct Dropout {
+    pub(super) mask: Tensor,
 }
 
 impl CustomOp1 for Dropout {
@@ -55,7 +55,7 @@ impl CustomOp1 for Dropout {
         let x = f32s(s, l, self.name())?;
         let (storage, ml) = self.mask.storage_and_layout();
         let m = storage_f32(&storage, ml)?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = par_zeroed(x.len());
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)))
             .for_each(|(o, (x, m))| mul(x, m, o));

@@ -40,7 +40,7 @@ pub fn gelu_erf(k: Kernels, xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Gelu)
 }
 
-struct Gelu;
+pub(super) struct Gelu;
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
@@ -68,7 +68,7 @@ impl CustomOp2 for GeluBwd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let mut out = vec![0f32; x.len()];
+        let mut out = par_zeroed(x.len());
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(o, (x, g))| gelu_bwd(x, g, o));

@@ -49,8 +49,8 @@ pub fn layer_norm(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: 
     xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps: eps as f32 })
 }
 
-struct LayerNorm {
-    eps: f32,
+pub(super) struct LayerNorm {
+    pub(super) eps: f32,
 }
 
 /// Mean and 1 / std of one row (two passes: stable for rows with a large mean).
@@ -81,7 +81,7 @@ impl CustomOp3 for LayerNorm {
         if w.len() != d || b.len() != d {
             bail!("layer norm over {d} features with weight {} and bias {}", w.len(), b.len())
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = par_zeroed(x.len());
         par_rows(&mut out, d, |r, row| layer_norm_row(&x[r * d..(r + 1) * d], w, b, self.eps, row));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -126,7 +126,7 @@ impl CustomOp3 for LayerNormBwd {
         let (x, w, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
         let d = w.len();
         let n = x.len();
-        let mut out = vec![0f32; n + 2 * d];
+        let mut out = par_zeroed(n + 2 * d);
         let (dx, _) = out.split_at_mut(n);
         let per = (CHUNK / d).max(1);
         // Each chunk of rows returns its partial sums of dweight and dbias.

@@ -27,8 +27,8 @@ pub fn linear(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result
 }
 
 /// `bf16`: the products in bf16 ([`super::bf16`]), forward and backward.
-struct Linear {
-    bf16: bool,
+pub(super) struct Linear {
+    pub(super) bf16: bool,
 }
 
 impl CustomOp3 for Linear {

@@ -1,5 +1,6 @@
 //! Fused CPU kernels with hand-written backward passes: linear layers, layer norm, masked
-//! softmax, GELU, dropout and multi-head attention.
+//! softmax, GELU, dropout and multi-head attention; and a whole encoder layer built from them
+//! as one graph node for training ([`layer`]).
 //!
 //! Built from primitive ops, each of these is 5-10 candle ops forward and more backward, every
 //! one a full pass over memory plus an allocation, and candle's backprop adds a zero-filled
@@ -11,8 +12,8 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 use rayon::prelude::*;
 
 use crate::cpu::{
-    column_sums, dot, erf, exp, f32s, gemm_small, kernel, map_chunks, max, par_rows, reduce2, storage_f32, sum, CHUNK,
-    FRAC_1_SQRT_2, INV_SQRT_2PI, LANES,
+    column_sums, dot, erf, exp, f32s, gemm_small, kernel, map_chunks, max, par_rows, par_zeroed, reduce2, storage_f32,
+    sum, CHUNK, FRAC_1_SQRT_2, INV_SQRT_2PI, LANES,
 };
 
 /// Which implementation of the ops a model uses, chosen once when it is loaded.
@@ -54,6 +55,7 @@ pub mod bf16;
 mod dropout;
 pub(crate) mod gelu;
 pub mod int8;
+mod layer;
 mod layer_norm;
 mod linear;
 pub mod reference;
@@ -63,5 +65,6 @@ mod tests;
 pub use attention::attention;
 pub use dropout::dropout;
 pub use gelu::gelu_erf;
+pub use layer::{layer as encoder_layer, trains_fused, LayerParams};
 pub use layer_norm::layer_norm;
 pub use linear::linear;

@@ -202,3 +202,109 @@ fn big_inputs_split_across_chunks_agree_with_reference() {
     let ours = gelu_erf(Kernels::Fused, x.as_tensor()).unwrap();
     close(&ours, &x.as_tensor().gelu_erf().unwrap(), 1e-6);
 }
+
+/// bert.rs's layer op by op: what [`encoder_layer`] must equal.
+fn layer_op_by_op(
+    k: Kernels,
+    p: &LayerParams,
+    xs: &Tensor,
+    mask: &Tensor,
+    nq: usize,
+    mut rng: Option<&mut StdRng>,
+) -> Result<Tensor> {
+    let xq = xs.narrow(1, 0, nq)?;
+    let q = linear(k, &xq, p.query[0], p.query[1])?;
+    let (wkv, bkv) = (Tensor::cat(&[p.key[0], p.value[0]], 0)?, Tensor::cat(&[p.key[1], p.value[1]], 0)?);
+    let kv = linear(k, xs, &wkv, &bkv)?;
+    let drop = rng.as_deref_mut().filter(|_| p.p_attention > 0.0).map(|r| (p.p_attention, r));
+    let ctx = attention(k, &q, &kv, mask, p.heads, drop)?;
+    let hidden_dropout = |x: Tensor, rng: Option<&mut StdRng>| match rng {
+        Some(r) if p.p_hidden > 0.0 => dropout(k, &x, p.p_hidden, r),
+        _ => Ok(x),
+    };
+    let a = hidden_dropout(linear(k, &ctx, p.attention_output[0], p.attention_output[1])?, rng.as_deref_mut())?;
+    let x1 = layer_norm(k, &(a + xq)?, p.attention_norm[0], p.attention_norm[1], p.eps as f64)?;
+    let up = gelu_erf(k, &linear(k, &x1, p.intermediate[0], p.intermediate[1])?)?;
+    let o = hidden_dropout(linear(k, &up, p.output[0], p.output[1])?, rng)?;
+    layer_norm(k, &(o + x1)?, p.output_norm[0], p.output_norm[1], p.eps as f64)
+}
+
+#[test]
+fn encoder_layer_as_one_op_equals_the_layer_op_by_op() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let (h, i) = (8, 12);
+    let shapes: [&[usize]; 16] = [
+        &[h, h],
+        &[h],
+        &[h, h],
+        &[h],
+        &[h, h],
+        &[h],
+        &[h, h],
+        &[h],
+        &[h],
+        &[h],
+        &[i, h],
+        &[i],
+        &[h, i],
+        &[h],
+        &[h],
+        &[h],
+    ];
+    let vars: Vec<Var> = shapes.iter().map(|s| var(&mut rng, s, 0.6)).collect();
+    let (x, _, mask) = attention_inputs(&mut rng, 5);
+    let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    for kernels in [Kernels::Fused, Kernels::Bf16] {
+        for p in [0.0f32, 0.2] {
+            for nq in [5, 1] {
+                let params = LayerParams {
+                    query: [t[0], t[1]],
+                    key: [t[2], t[3]],
+                    value: [t[4], t[5]],
+                    attention_output: [t[6], t[7]],
+                    attention_norm: [t[8], t[9]],
+                    intermediate: [t[10], t[11]],
+                    output: [t[12], t[13]],
+                    output_norm: [t[14], t[15]],
+                    eps: 1e-12,
+                    heads: 2,
+                    p_attention: p,
+                    p_hidden: p,
+                };
+                let case = format!("{kernels:?}, dropout {p}, {nq} queries");
+                assert!(trains_fused(kernels, x.as_tensor(), &params), "{case}");
+                let seeded = || StdRng::seed_from_u64(21);
+                let ours = encoder_layer(kernels, &params, x.as_tensor(), &mask, nq, Some(&mut seeded())).unwrap();
+                let want = layer_op_by_op(kernels, &params, x.as_tensor(), &mask, nq, Some(&mut seeded())).unwrap();
+                assert_eq!(ours.dims(), [2, nq, h], "{case}");
+                close(&ours, &want, 1e-6);
+                let r = Tensor::from_vec(random(&mut rng, &[2, nq, h], 1.0), (2, nq, h), &Device::Cpu).unwrap();
+                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                for (j, v) in vars.iter().chain([&x]).enumerate() {
+                    let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
+                    assert!(a.is_some() && b.is_some(), "{case}: tensor {j} has no gradient");
+                    close(a.unwrap(), b.unwrap(), 1e-5);
+                }
+            }
+        }
+    }
+    // Without a gradient to compute (plain tensors), the op-by-op path stays.
+    let plain: Vec<Tensor> = t.iter().map(|t| t.detach()).collect();
+    let p = LayerParams {
+        query: [&plain[0], &plain[1]],
+        key: [&plain[2], &plain[3]],
+        value: [&plain[4], &plain[5]],
+        attention_output: [&plain[6], &plain[7]],
+        attention_norm: [&plain[8], &plain[9]],
+        intermediate: [&plain[10], &plain[11]],
+        output: [&plain[12], &plain[13]],
+        output_norm: [&plain[14], &plain[15]],
+        eps: 1e-12,
+        heads: 2,
+        p_attention: 0.0,
+        p_hidden: 0.0,
+    };
+    assert!(!trains_fused(Kernels::Fused, &x.as_tensor().detach(), &p));
+    assert!(!trains_fused(Kernels::Reference, x.as_tensor(), &p));
+}
