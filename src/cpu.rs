@@ -266,10 +266,30 @@ pub(crate) fn par_zeroed<T: Copy + Default + Send>(n: usize) -> Vec<T> {
     out
 }
 
-pub(crate) fn map_chunks(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = par_zeroed(x.len());
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| f(i, o));
+/// `n` values (zero where not written) that `fill(start, block)` writes, in parallel blocks of `block` values (the last
+/// may be shorter). Each block is zeroed just before, by the thread that fills it and while it
+/// is in cache: a zeroed allocation would first pass over all of it, from one thread.
+pub(crate) fn par_blocks<T: Copy + Default + Send>(
+    n: usize,
+    block: usize,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut().par_chunks_mut(block.max(1)).enumerate().for_each(|(i, b)| {
+        b.iter_mut().for_each(|v| {
+            v.write(T::default());
+        });
+        // SAFETY: every value of `b` was written just above.
+        let b = unsafe { &mut *(b as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        fill(i * block, b)
+    });
+    // SAFETY: the capacity holds n values, and the blocks above wrote all of them.
+    unsafe { out.set_len(n) };
     out
+}
+
+pub(crate) fn map_chunks(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    par_blocks(x.len(), CHUNK, |s, o| f(&x[s..s + o.len()], o))
 }
 
 #[cfg(test)]

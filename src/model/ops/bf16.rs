@@ -5,7 +5,6 @@
 //! the same packed pairs go through tiles instead ([`super::amx`]).
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// f32 sums per register.
 const LANES: usize = 16;
@@ -109,9 +108,8 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// reads along its rows too. `vector`: AVX-512 BF16 conversions for the two layouts products
 /// take (row-major, transposed); the same bits but for denormals, which they flush to zero.
 fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
-    let mut out = crate::cpu::par_zeroed(rows * k2);
-    out.par_chunks_mut((LANES * k2).max(1)).enumerate().for_each(|(c, chunk)| {
-        let i0 = c * LANES;
+    crate::cpu::par_blocks(rows * k2, (LANES * k2).max(1), |start, chunk| {
+        let i0 = start / k2.max(1);
         let n = (chunk.len() / k2.max(1)).min(a.rows.saturating_sub(i0));
         #[cfg(target_arch = "x86_64")]
         if vector && a.cs == 1 {
@@ -153,18 +151,16 @@ fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
                 chunk[ii * k2 + g] = pair(a.at(i0 + ii, 2 * g), hi);
             }
         }
-    });
-    out
+    })
 }
 
 /// B [k, n] as panels of 16 columns, each `k2` groups of 16 pairs (rows 2g and 2g + 1 of a
 /// column): [panels][k2][16]. Columns past n, rows past k and panels past n's are zero.
 /// `vector` as in [`pack_a`].
 fn pack_b(b: &View, k2: usize, panels: usize, vector: bool) -> Vec<u32> {
-    let mut out = crate::cpu::par_zeroed(panels * k2 * LANES);
     let groups = b.rows.div_ceil(2);
-    out.par_chunks_mut((k2 * LANES).max(1)).enumerate().for_each(|(p, panel)| {
-        let j0 = p * LANES;
+    crate::cpu::par_blocks(panels * k2 * LANES, (k2 * LANES).max(1), |start, panel| {
+        let j0 = start / k2.max(1);
         let full = j0 + LANES <= b.cols;
         #[cfg(target_arch = "x86_64")]
         if vector && full && b.cs == 1 {
@@ -200,8 +196,7 @@ fn pack_b(b: &View, k2: usize, panels: usize, vector: bool) -> Vec<u32> {
                 }
             }
         }
-    });
-    out
+    })
 }
 
 /// `c` [a.rows, b.cols] (row-major) = `bias` (per column; zeros without one) + a · b, with a
@@ -230,16 +225,15 @@ pub fn gemm(a: View, b: View, bias: Option<&[f32]>, path: Path) -> Result<Vec<f3
         init[..n].copy_from_slice(bias);
     }
     let packed = Packed { a: &pa, b: &pb, k2, n, init: &init };
-    let mut c = crate::cpu::par_zeroed(m * n);
-    let unit = if amx { 2 * tile } else { ROWS };
-    let per = m.div_ceil(2 * rayon::current_num_threads()).div_ceil(unit).max(1) * unit;
-    c.par_chunks_mut((per * n).max(1)).enumerate().for_each(|(ci, chunk)| {
-        let r0 = ci * per;
+    // Blocks of 64 rows (a multiple of the AMX kernel's 32 and of the AVX-512 kernel's
+    // blocks), each zeroed while in cache and then written whole by the kernel.
+    let c = crate::cpu::par_blocks(m * n, (BLOCK * n).max(1), |start, chunk| {
+        let r0 = start / n.max(1);
         let rows = chunk.len() / n.max(1);
         match path {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AMX is available (checked above); A has `a_rows` rows of `k2` pairs, a
-            // multiple of 16, and every chunk starts at a multiple of 32 rows.
+            // multiple of 16, and every block starts at a multiple of 64 rows.
             Path::Amx => unsafe { super::amx::bf16_rows(&pa, &pb, k2, &init, n, r0, rows, chunk) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has the features (checked above); the kernel reads rows

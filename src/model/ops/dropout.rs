@@ -29,9 +29,8 @@ pub(super) fn dropout_mask(
     // One ChaCha8 stream per chunk, seeded in order from `rng`: the same mask whatever the
     // number of threads, and both cores drawing.
     let seeds: Vec<u64> = (0..n.div_ceil(CHUNK)).map(|_| rng.gen()).collect();
-    let mut mask = par_zeroed(n);
-    mask.par_chunks_mut(CHUNK).zip(seeds).for_each(|(chunk, seed)| {
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mask = par_blocks(n, CHUNK, |s, chunk| {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seeds[s / CHUNK]);
         for quad in chunk.chunks_mut(4) {
             let bits = r.next_u64();
             for (j, m) in quad.iter_mut().enumerate() {
@@ -55,10 +54,7 @@ impl CustomOp1 for Dropout {
         let x = f32s(s, l, self.name())?;
         let (storage, ml) = self.mask.storage_and_layout();
         let m = storage_f32(&storage, ml)?;
-        let mut out = par_zeroed(x.len());
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)))
-            .for_each(|(o, (x, m))| mul(x, m, o));
+        let out = par_blocks(x.len(), CHUNK, |s, o| mul(&x[s..s + o.len()], &m[s..s + o.len()], o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

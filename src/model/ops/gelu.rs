@@ -68,10 +68,7 @@ impl CustomOp2 for GeluBwd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let mut out = par_zeroed(x.len());
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(o, (x, g))| gelu_bwd(x, g, o));
+        let out = par_blocks(x.len(), CHUNK, |s, o| gelu_bwd(&x[s..s + o.len()], &dy[s..s + o.len()], o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -12,8 +12,8 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 use rayon::prelude::*;
 
 use crate::cpu::{
-    column_sums, dot, erf, exp, f32s, gemm_small, kernel, map_chunks, max, par_rows, par_zeroed, reduce2, storage_f32,
-    sum, CHUNK, FRAC_1_SQRT_2, INV_SQRT_2PI, LANES,
+    column_sums, dot, erf, exp, f32s, gemm_small, kernel, map_chunks, max, par_blocks, par_rows, par_zeroed, reduce2,
+    storage_f32, sum, CHUNK, FRAC_1_SQRT_2, INV_SQRT_2PI, LANES,
 };
 
 /// Which implementation of the ops a model uses, chosen once when it is loaded.
