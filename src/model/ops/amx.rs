@@ -164,10 +164,12 @@ pub unsafe fn store(t: usize, dst: *mut u8, stride: usize) {
 /// `out` [rows, n] (row-major; the rows of C from `r0`) = `init` (per column) + A · B, from the
 /// operands packed for tiles: A as rows of `k2` pairs (u32: two bf16, the lower first) with at
 /// least `r0 + rows` rounded up to 16 rows; B as `init.len() / 16` panels of 16 columns, each
-/// `k2` rows of 16 pairs; `k2` a multiple of 16; `r0` a multiple of 16.
+/// `k2` rows of 16 pairs; `k2` a multiple of 16; `r0` a multiple of 16. Every one of the
+/// rows x n outputs is stored, none read: `out` may be uninitialised.
 ///
 /// # Safety
-/// [`available`] must be true, and the slices must hold what is described above.
+/// [`available`] must be true, the slices must hold what is described above, and `out` must
+/// be valid for writes of rows x n values.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn bf16_rows(
@@ -178,9 +180,9 @@ pub unsafe fn bf16_rows(
     n: usize,
     r0: usize,
     rows: usize,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
-    debug_assert!(k2.is_multiple_of(TILE) && r0.is_multiple_of(TILE) && out.len() >= rows * n);
+    debug_assert!(k2.is_multiple_of(TILE) && r0.is_multiple_of(TILE));
     debug_assert!(a.len() >= (r0 + rows).div_ceil(TILE) * TILE * k2 && b.len() >= init.len() * k2);
     configure();
     let panels = init.len() / TILE;
@@ -206,12 +208,12 @@ pub unsafe fn bf16_rows(
                 let (r, j) = (rb + dr * TILE, (q + dq) * TILE);
                 let (valid_rows, valid_cols) = ((rows - r).min(TILE), (n - j).min(TILE));
                 if valid_rows == TILE && valid_cols == TILE {
-                    store(t, out.as_mut_ptr().add(r * n + j) as *mut u8, 4 * n);
+                    store(t, out.add(r * n + j) as *mut u8, 4 * n);
                     continue;
                 }
                 store(t, spill.as_mut_ptr() as *mut u8, 4 * TILE);
                 for i in 0..valid_rows {
-                    out[(r + i) * n + j..][..valid_cols].copy_from_slice(&spill[i * TILE..][..valid_cols]);
+                    std::ptr::copy_nonoverlapping(spill.as_ptr().add(i * TILE), out.add((r + i) * n + j), valid_cols);
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! the same packed pairs go through tiles instead ([`super::amx`]).
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// f32 sums per register.
 const LANES: usize = 16;
@@ -226,22 +227,27 @@ pub fn gemm(a: View, b: View, bias: Option<&[f32]>, path: Path) -> Result<Vec<f3
     }
     let packed = Packed { a: &pa, b: &pb, k2, n, init: &init };
     // Blocks of 64 rows (a multiple of the AMX kernel's 32 and of the AVX-512 kernel's
-    // blocks), each zeroed while in cache and then written whole by the kernel.
-    let c = crate::cpu::par_blocks(m * n, (BLOCK * n).max(1), |start, chunk| {
-        let r0 = start / n.max(1);
-        let rows = chunk.len() / n.max(1);
+    // blocks), each written whole by the kernel: no zero fill first.
+    let mut c = Vec::<f32>::with_capacity(m * n);
+    c.spare_capacity_mut().par_chunks_mut((BLOCK * n).max(1)).enumerate().for_each(|(i, chunk)| {
+        let (r0, rows) = (i * BLOCK, chunk.len() / n.max(1));
+        let out = chunk.as_mut_ptr() as *mut f32;
         match path {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AMX is available (checked above); A has `a_rows` rows of `k2` pairs, a
-            // multiple of 16, and every block starts at a multiple of 64 rows.
-            Path::Amx => unsafe { super::amx::bf16_rows(&pa, &pb, k2, &init, n, r0, rows, chunk) },
+            // multiple of 16; the block starts at a multiple of 64 rows; `out` holds its
+            // rows x n values.
+            Path::Amx => unsafe { super::amx::bf16_rows(&pa, &pb, k2, &init, n, r0, rows, out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has the features (checked above); the kernel reads rows
-            // r0..r0 + rows of the packed A, all of the packed B, and writes `chunk`.
-            Path::Avx512 => unsafe { avx512::rows(&packed, r0, rows, chunk) },
+            // r0..r0 + rows of the packed A, all of the packed B, and writes the block's
+            // rows x n values.
+            Path::Avx512 => unsafe { avx512::rows(&packed, r0, rows, out) },
             _ => packed.rows_portable(r0, rows, chunk),
         }
     });
+    // SAFETY: every kernel stores each of its rows x n outputs, so all m x n are written.
+    unsafe { c.set_len(m * n) };
     Ok(c)
 }
 
@@ -258,7 +264,7 @@ struct Packed<'a> {
 impl Packed<'_> {
     /// `vdpbf16ps`'s arithmetic per output: for each pair, the odd product then the even one
     /// added (bf16 products are exact in f32, so each step rounds once).
-    fn rows_portable(&self, r0: usize, rows: usize, out: &mut [f32]) {
+    fn rows_portable(&self, r0: usize, rows: usize, out: &mut [std::mem::MaybeUninit<f32>]) {
         for (i, y) in out.chunks_exact_mut(self.n).enumerate().take(rows) {
             let a = &self.a[(r0 + i) * self.k2..(r0 + i + 1) * self.k2];
             for (j, y) in y.iter_mut().enumerate() {
@@ -269,7 +275,7 @@ impl Packed<'_> {
                     acc += from_bf16((pa >> 16) as u16) * from_bf16((pb >> 16) as u16);
                     acc += from_bf16(pa as u16) * from_bf16(pb as u16);
                 }
-                *y = acc;
+                y.write(acc);
             }
         }
     }
@@ -314,9 +320,10 @@ mod avx512 {
         _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, _mm512_permutexvar_epi16(idx, both));
     }
 
-    /// Rows r0..r0 + rows of C into `out` (those rows, row-major), a block of rows at a time.
+    /// Rows r0..r0 + rows of C into `out` (those rows, row-major), a block of rows at a time;
+    /// every output is stored and none read, so `out` may be uninitialised.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn rows(p: &Packed, r0: usize, rows: usize, out: &mut [f32]) {
+    pub(super) unsafe fn rows(p: &Packed, r0: usize, rows: usize, out: *mut f32) {
         let panels = p.init.len() / LANES;
         for b0 in (0..rows).step_by(BLOCK) {
             let bn = (rows - b0).min(BLOCK);
@@ -326,7 +333,7 @@ mod avx512 {
                 let mut r = b0;
                 while r < b0 + bn {
                     let m = (b0 + bn - r).min(ROWS);
-                    let (a, o) = (p.a.as_ptr().add((r0 + r) * p.k2), out.as_mut_ptr().add(r * p.n));
+                    let (a, o) = (p.a.as_ptr().add((r0 + r) * p.k2), out.add(r * p.n));
                     match m {
                         8 => tile_c::<8>(p, q, c, a, o),
                         7 => tile_c::<7>(p, q, c, a, o),
