@@ -288,6 +288,23 @@ pub(crate) fn par_blocks<T: Copy + Default + Send>(
     out
 }
 
+/// `n` values that `fill(start, block)` writes, in parallel blocks of `block` values (the last
+/// may be shorter), with no zero fill first.
+///
+/// # Safety
+/// `fill` must write every value of each block it is given.
+pub(crate) unsafe fn par_written<T: Send>(
+    n: usize,
+    block: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut().par_chunks_mut(block.max(1)).enumerate().for_each(|(i, b)| fill(i * block, b));
+    // SAFETY: the capacity holds n values, and `fill` wrote all of them (the caller's promise).
+    unsafe { out.set_len(n) };
+    out
+}
+
 pub(crate) fn map_chunks(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
     par_blocks(x.len(), CHUNK, |s, o| f(&x[s..s + o.len()], o))
 }

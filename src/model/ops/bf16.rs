@@ -6,6 +6,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// f32 sums per register.
 const LANES: usize = 16;
@@ -109,15 +110,23 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// reads along its rows too. `vector`: AVX-512 BF16 conversions for the two layouts products
 /// take (row-major, transposed); the same bits but for denormals, which they flush to zero.
 fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
-    crate::cpu::par_blocks(rows * k2, (LANES * k2).max(1), |start, chunk| {
+    let groups = k2.min(a.cols.div_ceil(2));
+    let fill = |start: usize, chunk: &mut [MaybeUninit<u32>]| {
         let i0 = start / k2.max(1);
         let n = (chunk.len() / k2.max(1)).min(a.rows.saturating_sub(i0));
+        // The padding first: pairs past the columns, rows past A's.
+        for (ii, row) in chunk.chunks_exact_mut(k2).enumerate() {
+            let from = if ii < n { groups } else { 0 };
+            row[from..].iter_mut().for_each(|v| {
+                v.write(0);
+            });
+        }
         #[cfg(target_arch = "x86_64")]
         if vector && a.cs == 1 {
             for (ii, dst) in chunk.chunks_exact_mut(k2).take(n).enumerate() {
                 let row = &a.data[(i0 + ii) * a.rs..][..a.cols];
                 // SAFETY: AVX-512 BF16 is there (`vector`); `dst` holds k2 >= cols / 2 pairs.
-                unsafe { avx512::pairs_of_row(row, dst) };
+                unsafe { avx512::pairs_of_row(row, dst.as_mut_ptr() as *mut u32) };
             }
             return;
         }
@@ -127,7 +136,6 @@ fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
             // pairs at a time, so each of the 16 rows gets a whole cache line: one pair per row
             // at a time strides the rows' k2 pairs apart (8 KB for a weight gradient over 4096
             // tokens), and those stores fell in the same few cache sets.
-            let groups = k2.min(a.cols.div_ceil(2));
             let mut block = [[0u32; LANES]; LANES];
             for g0 in (0..groups).step_by(LANES) {
                 let gn = (groups - g0).min(LANES);
@@ -136,54 +144,63 @@ fn pack_a(a: &View, k2: usize, rows: usize, vector: bool) -> Vec<u32> {
                     let lo = &a.data[2 * g * a.cs + i0..][..LANES];
                     let hi = (2 * g + 1 < a.cols).then(|| &a.data[(2 * g + 1) * a.cs + i0..][..LANES]);
                     // SAFETY: AVX-512 BF16 is there (`vector`); both rows hold 16 values.
-                    unsafe { avx512::pairs_of_rows(lo, hi, group) };
+                    unsafe { avx512::pairs_of_rows(lo, hi, group.as_mut_ptr()) };
                 }
                 for (ii, dst) in chunk.chunks_exact_mut(k2).enumerate() {
                     for (gi, d) in dst[g0..g0 + gn].iter_mut().enumerate() {
-                        *d = block[gi][ii];
+                        d.write(block[gi][ii]);
                     }
                 }
             }
             return;
         }
-        for g in 0..k2.min(a.cols.div_ceil(2)) {
+        for g in 0..groups {
             for ii in 0..n {
                 let hi = if 2 * g + 1 < a.cols { a.at(i0 + ii, 2 * g + 1) } else { 0.0 };
-                chunk[ii * k2 + g] = pair(a.at(i0 + ii, 2 * g), hi);
+                chunk[ii * k2 + g].write(pair(a.at(i0 + ii, 2 * g), hi));
             }
         }
-    })
+    };
+    // SAFETY: `fill` zeroes every pair past `groups` and every row past A's, and each path
+    // writes pairs 0..groups of A's rows.
+    unsafe { crate::cpu::par_written(rows * k2, (LANES * k2).max(1), fill) }
 }
 
 /// B [k, n] as panels of 16 columns, each `k2` groups of 16 pairs (rows 2g and 2g + 1 of a
 /// column): [panels][k2][16]. Columns past n, rows past k and panels past n's are zero.
 /// `vector` as in [`pack_a`].
 fn pack_b(b: &View, k2: usize, panels: usize, vector: bool) -> Vec<u32> {
-    let groups = b.rows.div_ceil(2);
-    crate::cpu::par_blocks(panels * k2 * LANES, (k2 * LANES).max(1), |start, panel| {
+    let groups = b.rows.div_ceil(2).min(k2);
+    let fill = |start: usize, panel: &mut [MaybeUninit<u32>]| {
         let j0 = start / k2.max(1);
         let full = j0 + LANES <= b.cols;
+        // The padding first: groups past B's rows.
+        panel[groups * LANES..].iter_mut().for_each(|v| {
+            v.write(0);
+        });
         #[cfg(target_arch = "x86_64")]
         if vector && full && b.cs == 1 {
             for (g, group) in panel.chunks_exact_mut(LANES).enumerate().take(groups) {
                 let lo = &b.data[2 * g * b.rs + j0..][..LANES];
                 let hi = (2 * g + 1 < b.rows).then(|| &b.data[(2 * g + 1) * b.rs + j0..][..LANES]);
-                // SAFETY: AVX-512 BF16 is there (`vector`); both rows hold 16 values.
-                unsafe { avx512::pairs_of_rows(lo, hi, group) };
+                // SAFETY: AVX-512 BF16 is there (`vector`); both rows hold 16 values, and
+                // `group` 16 pairs.
+                unsafe { avx512::pairs_of_rows(lo, hi, group.as_mut_ptr() as *mut u32) };
             }
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if vector && full && b.rs == 1 {
             // A weight read transposed: column j of B is row j of the data, its pairs in order.
-            let mut rows = vec![0u32; LANES * groups];
-            for (lane, dst) in rows.chunks_exact_mut(groups.max(1)).enumerate() {
+            let pairs = b.rows.div_ceil(2);
+            let mut rows = vec![0u32; LANES * pairs];
+            for (lane, dst) in rows.chunks_exact_mut(pairs.max(1)).enumerate() {
                 // SAFETY: AVX-512 BF16 is there (`vector`); `dst` holds rows / 2 pairs.
-                unsafe { avx512::pairs_of_row(&b.data[(j0 + lane) * b.cs..][..b.rows], dst) };
+                unsafe { avx512::pairs_of_row(&b.data[(j0 + lane) * b.cs..][..b.rows], dst.as_mut_ptr()) };
             }
             for (g, group) in panel.chunks_exact_mut(LANES).enumerate().take(groups) {
                 for (lane, v) in group.iter_mut().enumerate() {
-                    *v = rows[lane * groups + g];
+                    v.write(rows[lane * pairs + g]);
                 }
             }
             return;
@@ -191,13 +208,14 @@ fn pack_b(b: &View, k2: usize, panels: usize, vector: bool) -> Vec<u32> {
         for (g, group) in panel.chunks_exact_mut(LANES).enumerate().take(groups) {
             for (lane, v) in group.iter_mut().enumerate() {
                 let j = j0 + lane;
-                if j < b.cols {
-                    let hi = if 2 * g + 1 < b.rows { b.at(2 * g + 1, j) } else { 0.0 };
-                    *v = pair(b.at(2 * g, j), hi);
-                }
+                let hi = if 2 * g + 1 < b.rows && j < b.cols { b.at(2 * g + 1, j) } else { 0.0 };
+                v.write(if j < b.cols { pair(b.at(2 * g, j), hi) } else { 0 });
             }
         }
-    })
+    };
+    // SAFETY: `fill` zeroes every group past `groups`, and each path writes all 16 pairs of
+    // groups 0..groups (columns past B's as zero).
+    unsafe { crate::cpu::par_written(panels * k2 * LANES, (k2 * LANES).max(1), fill) }
 }
 
 /// `c` [a.rows, b.cols] (row-major) = `bias` (per column; zeros without one) + a · b, with a
@@ -288,9 +306,10 @@ mod avx512 {
 
     /// `row`'s values as bf16 pairs in order (the lower half first), a zero after an odd last
     /// one: `dst[g]` = (row[2g], row[2g + 1]). Rounded to nearest even, as [`super::to_bf16`]
-    /// (denormals flushed to zero).
+    /// (denormals flushed to zero). `dst` must be valid for writes of `row.len() / 2` pairs
+    /// (rounded up); it may be uninitialised.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn pairs_of_row(row: &[f32], dst: &mut [u32]) {
+    pub(super) unsafe fn pairs_of_row(row: &[f32], dst: *mut u32) {
         let n = row.len();
         let mut i = 0;
         while i < n {
@@ -301,14 +320,15 @@ mod avx512 {
             // m values make m.div_ceil(2) pairs: 2 bytes a value.
             let words = m.div_ceil(2);
             let store: __mmask8 = if words == 8 { 0xFF } else { (1u16 << words) as u8 - 1 };
-            _mm256_mask_storeu_epi32(dst.as_mut_ptr().add(i / 2) as *mut _, store, bytes);
+            _mm256_mask_storeu_epi32(dst.add(i / 2) as *mut _, store, bytes);
             i += LANES;
         }
     }
 
     /// 16 pairs from two rows of 16 values: `dst[l]` = (lo[l], hi[l]), hi zero when None.
+    /// `dst` must be valid for writes of 16 pairs; it may be uninitialised.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn pairs_of_rows(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+    pub(super) unsafe fn pairs_of_rows(lo: &[f32], hi: Option<&[f32]>, dst: *mut u32) {
         let l = _mm512_loadu_ps(lo.as_ptr());
         let h = hi.map_or(_mm512_setzero_ps(), |h| _mm512_loadu_ps(h.as_ptr()));
         // [lo 0..15, hi 0..15] as 32 bf16, then interleaved: lo0 hi0 lo1 hi1 ...
@@ -317,7 +337,7 @@ mod avx512 {
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
             1, 16, 0,
         );
-        _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, _mm512_permutexvar_epi16(idx, both));
+        _mm512_storeu_si512(dst as *mut _, _mm512_permutexvar_epi16(idx, both));
     }
 
     /// Rows r0..r0 + rows of C into `out` (those rows, row-major), a block of rows at a time;
