@@ -74,6 +74,10 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// Use only the first N books (sorted by file name); 0 = all.
     pub max_books: usize,
+    /// Draw each batch from 50 batches' worth of consecutive pairs (a stretch of one book;
+    /// of a pairs file, its consecutive rows) instead of the whole corpus: in-batch negatives
+    /// then come from the same book, as in the `BOOKS-NEXT` task ([`crate::data::order`]).
+    pub local_batches: bool,
     /// A file of pairs to train on instead of the books (.tsv/.csv with a header, .jsonl or
     /// .parquet), with optional hard negatives; `$HYPERSPHERE_DATA` is expanded.
     pub pairs: String,
@@ -270,6 +274,7 @@ impl Default for DataConfig {
             max_tokens: pairs.max_tokens,
             val_fraction: 0.05,
             max_books: 0,
+            local_batches: false,
             pairs: String::new(),
             sentences: String::new(),
             val_file: String::new(),

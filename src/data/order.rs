@@ -58,19 +58,46 @@ impl Permutation {
 /// order, cut into windows of [`BUCKET_BATCHES`] batches, each window sorted by length and cut
 /// into batches, the batches visited in a second seeded order. Every batch is full (the last
 /// `n % batch` pairs of the order sit the epoch out) and none shares a pair.
+///
+/// [`EpochOrder::local`] keeps each window to consecutive pairs instead (a stretch of one book).
 #[derive(Clone, Debug)]
 pub struct EpochOrder {
     pairs: Permutation,
     batches: Permutation,
     n: usize,
     batch: usize,
+    /// Local windows: the seed of their inner orders, and where the first window starts.
+    local: Option<(u64, usize)>,
+    seed: u64,
 }
 
 impl EpochOrder {
     pub fn new(n: usize, batch: usize, seed: u64) -> Self {
         let count = (n / batch.max(1)) as u64;
         let (pairs, batches) = (Permutation::new(n as u64, mix(seed)), Permutation::new(count, mix(!seed)));
-        Self { pairs, batches, n, batch: batch.max(1) }
+        Self { pairs, batches, n, batch: batch.max(1), local: None, seed }
+    }
+
+    /// With `local`, each window of [`BUCKET_BATCHES`] batches takes `batch x BUCKET_BATCHES`
+    /// consecutive pairs of the corpus order (shuffled among themselves; the windows start at
+    /// a seeded offset, so each epoch cuts them elsewhere): the pairs of a batch come from one
+    /// stretch of one book, and its in-batch negatives are that stretch's other sentences.
+    pub fn local(mut self, local: bool) -> Self {
+        self.local =
+            local.then(|| (mix(self.seed ^ 0x5EED_10CA), (mix(self.seed ^ 0x0FF5E7) % self.n.max(1) as u64) as usize));
+        self
+    }
+
+    /// The pair at position `p` of the epoch's order.
+    fn pair_at(&self, p: usize) -> usize {
+        let Some((seed, shift)) = self.local else {
+            return self.pairs.at(p as u64) as usize;
+        };
+        let size = self.batch * BUCKET_BATCHES;
+        let (w, o) = (p / size, p % size);
+        let len = size.min(self.n - w * size);
+        let inner = Permutation::new(len as u64, mix(seed ^ w as u64)).at(o as u64) as usize;
+        (w * size + inner + shift) % self.n
     }
 
     /// Batches in the epoch.
@@ -90,7 +117,7 @@ impl EpochOrder {
         let span = window * size..((window + 1) * size).min(self.n);
         let mut keyed = span
             .map(|p| {
-                let i = self.pairs.at(p as u64) as usize;
+                let i = self.pair_at(p);
                 Ok((len_of(i)?, i))
             })
             .collect::<Result<Vec<(usize, usize)>>>()?;
@@ -151,5 +178,36 @@ mod tests {
         let odd = EpochOrder::new(1003, 8, 3);
         let all: Vec<usize> = (0..odd.len()).flat_map(|j| odd.batch(j, &|i| Ok(i % 7)).unwrap()).collect();
         assert_eq!(all.len(), 1000);
+    }
+
+    /// The shortest stretch of the circular order 0..n that holds all of `batch`.
+    fn circular_span(batch: &[usize], n: usize) -> usize {
+        let mut v = batch.to_vec();
+        v.sort_unstable();
+        let wrap = v[0] + n - v[v.len() - 1];
+        let gap = v.windows(2).map(|w| w[1] - w[0]).chain([wrap]).max().unwrap_or(0);
+        n - gap + 1
+    }
+
+    #[test]
+    fn local_batches_come_from_one_stretch_and_still_cover_the_epoch() {
+        let (n, batch) = (5003, 8);
+        let window = batch * BUCKET_BATCHES;
+        let lens = |i: usize| Ok(i % 13);
+        let order = EpochOrder::new(n, batch, 4).local(true);
+        let batches: Vec<Vec<usize>> = (0..order.len()).map(|j| order.batch(j, &lens).unwrap()).collect();
+        assert!(batches.iter().all(|b| b.len() == batch));
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), order.len() * batch, "batches share no pair");
+        assert!(batches.iter().all(|b| circular_span(b, n) <= window), "every batch within {window} consecutive pairs");
+        // The global order spreads a batch over the corpus; another seed moves the windows.
+        let global = EpochOrder::new(n, batch, 4);
+        let spread = (0..global.len()).filter(|&j| circular_span(&global.batch(j, &lens).unwrap(), n) > window).count();
+        assert!(spread > global.len() * 9 / 10, "{spread} of {} global batches spread", global.len());
+        let other = EpochOrder::new(n, batch, 5).local(true);
+        assert_ne!(other.batch(0, &lens).unwrap(), batches[0]);
+        assert_eq!(EpochOrder::new(n, batch, 4).local(true).batch(7, &lens).unwrap(), batches[7]);
     }
 }

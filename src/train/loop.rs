@@ -379,7 +379,9 @@ impl<'a> Run<'a> {
 
     /// Epoch `epoch`'s batches: an order seeded by (seed, epoch), so a resume redraws it.
     fn shuffle(inp: &TrainInputs, epoch: usize) -> EpochOrder {
-        EpochOrder::new(inp.train.len(), inp.tc().batch_pairs, derived_seed(inp.run.cfg().seed, 1, epoch))
+        let cfg = inp.run.cfg();
+        EpochOrder::new(inp.train.len(), cfg.train.batch_pairs, derived_seed(cfg.seed, 1, epoch))
+            .local(cfg.data.local_batches)
     }
 
     /// Seconds spent training over the whole run (earlier processes' from the checkpoint).
