@@ -229,6 +229,24 @@ fn layer_op_by_op(
     layer_norm(k, &(o + x1)?, p.output_norm[0], p.output_norm[1], p.eps as f64)
 }
 
+/// A layer of hidden 8 in 2 heads from its 16 tensors in [`LayerParams`]' order.
+fn layer_params<'a>(t: &[&'a Tensor], dropout: f32) -> LayerParams<'a> {
+    LayerParams {
+        query: [t[0], t[1]],
+        key: [t[2], t[3]],
+        value: [t[4], t[5]],
+        attention_output: [t[6], t[7]],
+        attention_norm: [t[8], t[9]],
+        intermediate: [t[10], t[11]],
+        output: [t[12], t[13]],
+        output_norm: [t[14], t[15]],
+        eps: 1e-12,
+        heads: 2,
+        p_attention: dropout,
+        p_hidden: dropout,
+    }
+}
+
 #[test]
 fn encoder_layer_as_one_op_equals_the_layer_op_by_op() {
     let mut rng = StdRng::seed_from_u64(13);
@@ -257,20 +275,7 @@ fn encoder_layer_as_one_op_equals_the_layer_op_by_op() {
     for kernels in [Kernels::Fused, Kernels::Bf16] {
         for p in [0.0f32, 0.2] {
             for nq in [5, 1] {
-                let params = LayerParams {
-                    query: [t[0], t[1]],
-                    key: [t[2], t[3]],
-                    value: [t[4], t[5]],
-                    attention_output: [t[6], t[7]],
-                    attention_norm: [t[8], t[9]],
-                    intermediate: [t[10], t[11]],
-                    output: [t[12], t[13]],
-                    output_norm: [t[14], t[15]],
-                    eps: 1e-12,
-                    heads: 2,
-                    p_attention: p,
-                    p_hidden: p,
-                };
+                let params = layer_params(&t, p);
                 let case = format!("{kernels:?}, dropout {p}, {nq} queries");
                 assert!(trains_fused(kernels, x.as_tensor(), &params), "{case}");
                 let seeded = || StdRng::seed_from_u64(21);
@@ -291,20 +296,7 @@ fn encoder_layer_as_one_op_equals_the_layer_op_by_op() {
     }
     // Without a gradient to compute (plain tensors), the op-by-op path stays.
     let plain: Vec<Tensor> = t.iter().map(|t| t.detach()).collect();
-    let p = LayerParams {
-        query: [&plain[0], &plain[1]],
-        key: [&plain[2], &plain[3]],
-        value: [&plain[4], &plain[5]],
-        attention_output: [&plain[6], &plain[7]],
-        attention_norm: [&plain[8], &plain[9]],
-        intermediate: [&plain[10], &plain[11]],
-        output: [&plain[12], &plain[13]],
-        output_norm: [&plain[14], &plain[15]],
-        eps: 1e-12,
-        heads: 2,
-        p_attention: 0.0,
-        p_hidden: 0.0,
-    };
+    let p = layer_params(&plain.iter().collect::<Vec<_>>(), 0.0);
     assert!(!trains_fused(Kernels::Fused, &x.as_tensor().detach(), &p));
     assert!(!trains_fused(Kernels::Reference, x.as_tensor(), &p));
 }
