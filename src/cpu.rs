@@ -255,15 +255,7 @@ pub(crate) fn gemm_small(
 /// calling thread alone, and the buffers of a training step (up to 25 MB) are reused blocks:
 /// serial zero fills were a tenth of a bf16 step, the other core idle.
 pub(crate) fn par_zeroed<T: Copy + Default + Send>(n: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(n);
-    out.spare_capacity_mut().par_chunks_mut(CHUNK).for_each(|c| {
-        c.iter_mut().for_each(|v| {
-            v.write(T::default());
-        })
-    });
-    // SAFETY: the capacity holds n values, and each was written just above.
-    unsafe { out.set_len(n) };
-    out
+    par_blocks(n, CHUNK, |_, _| {})
 }
 
 /// `n` values (zero where not written) that `fill(start, block)` writes, in parallel blocks of `block` values (the last
@@ -274,18 +266,15 @@ pub(crate) fn par_blocks<T: Copy + Default + Send>(
     block: usize,
     fill: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<T> {
-    let mut out = Vec::with_capacity(n);
-    out.spare_capacity_mut().par_chunks_mut(block.max(1)).enumerate().for_each(|(i, b)| {
+    let zero_then_fill = |start: usize, b: &mut [std::mem::MaybeUninit<T>]| {
         b.iter_mut().for_each(|v| {
             v.write(T::default());
         });
         // SAFETY: every value of `b` was written just above.
-        let b = unsafe { &mut *(b as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-        fill(i * block, b)
-    });
-    // SAFETY: the capacity holds n values, and the blocks above wrote all of them.
-    unsafe { out.set_len(n) };
-    out
+        fill(start, unsafe { &mut *(b as *mut [std::mem::MaybeUninit<T>] as *mut [T]) })
+    };
+    // SAFETY: `zero_then_fill` writes every value of each block.
+    unsafe { par_written(n, block, zero_then_fill) }
 }
 
 /// `n` values that `fill(start, block)` writes, in parallel blocks of `block` values (the last

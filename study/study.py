@@ -139,8 +139,6 @@ CANDIDATES = {
     # Round 7: batches from one stretch of one book (data.local_batches), so the in-batch
     # negatives are the same book's other sentences, as BOOKS-NEXT's candidates are.
     "local-infonce-lr1e-4-last": ["data.local_batches=true", "loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4", "train.select=\"last\""],
-    "local-mix1-meanT10-u10-t0.5-norm-lr1e-4": ["data.local_batches=true", "loss.kind=\"mix\"", "loss.w_infonce=1", "loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
-    "local-mix0.3-meanT10-u10-t0.5-norm-lr1e-4": ["data.local_batches=true", "loss.kind=\"mix\"", "loss.w_infonce=0.3", "loss.w_align=0", "loss.w_mean=10", "loss.mean_teacher=true", "loss.w_uniform=10", "loss.t=0.5", "train.norm_lr_scale=1000", "train.lr=1e-4"],
 }
 
 
