@@ -23,6 +23,31 @@ pub(crate) fn storage_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout
     f32s(cpu, layout, "fused op")
 }
 
+/// `f` on the f32 data of a contiguous CPU tensor, in place: the tensor's clones (which share
+/// its storage) see the change. For buffers that are owned by one step, such as gradients.
+pub(crate) fn with_f32s_mut<T>(t: &candle_core::Tensor, f: impl FnOnce(&mut [f32]) -> T) -> Result<T> {
+    struct InPlace<F, T> {
+        f: std::cell::RefCell<Option<F>>,
+        out: std::cell::RefCell<Option<T>>,
+    }
+    impl<F: FnOnce(&mut [f32]) -> T, T> candle_core::InplaceOp1 for InPlace<F, T> {
+        fn name(&self) -> &'static str {
+            "in-place f32"
+        }
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+            let (CpuStorage::F32(data), Some((a, b))) = (s, l.contiguous_offsets()) else {
+                bail!("in place: expected a contiguous f32 tensor")
+            };
+            let f = self.f.borrow_mut().take().expect("an in-place op runs once");
+            *self.out.borrow_mut() = Some(f(&mut data[a..b]));
+            Ok(())
+        }
+    }
+    let op = InPlace { f: std::cell::RefCell::new(Some(f)), out: std::cell::RefCell::new(None) };
+    t.inplace_op1(&op)?;
+    op.out.into_inner().ok_or_else(|| candle_core::Error::Msg("in place: the op did not run".into()))
+}
+
 /// Rows of `out` (each `d` wide) in parallel, in chunks of whole rows.
 pub(crate) fn par_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / d.max(1);

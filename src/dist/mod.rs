@@ -32,6 +32,10 @@ pub const BUCKET: usize = 4 << 20;
 /// A gradient matrix with at least this many rows is reduced as its non-zero rows only.
 pub const SPARSE_ROWS: usize = 4096;
 
+/// Gradients under this many values are packed together into buckets (one collective for many
+/// biases and norms); larger ones are summed in place.
+const SMALL: usize = 1 << 16;
+
 /// The collective operations of one rank. Every rank must call the same operations in the same
 /// order with the same lengths; each call blocks until every rank has made it.
 pub trait Collective {
@@ -302,69 +306,100 @@ impl World {
         Ok(all)
     }
 
-    /// The gradients of `params` summed over the ranks, in buckets of [`BUCKET`] values; a
-    /// parameter without a gradient on this rank counts as zeros. A vocabulary-sized matrix
-    /// (at least [`SPARSE_ROWS`] rows: the word embeddings, half of MiniLM's values) goes as
-    /// the rows that are non-zero on some rank only: the ranks first sum a 0/1 mask of their
-    /// non-zero rows. A batch touches a few thousand of 30,522 rows, so this halves the bytes;
-    /// the sum is the dense one (the rows left out are zero everywhere).
-    pub fn all_reduce_grads(&self, params: &[(String, Var)], grads: GradStore) -> Result<GradStore> {
+    /// The gradients of `params` summed over the ranks, in place in the gradients' own buffers:
+    /// a large gradient in chunks of [`BUCKET`] values, the small ones (biases, norms) packed
+    /// together into buckets; a parameter without a gradient on this rank counts as zeros. A
+    /// vocabulary-sized matrix (at least [`SPARSE_ROWS`] rows: the word embeddings, half of
+    /// MiniLM's values) goes as the rows that are non-zero on some rank only: the ranks first
+    /// sum a 0/1 mask of their non-zero rows. A batch touches a few thousand of 30,522 rows, so
+    /// this halves the bytes; the sum is the dense one (the rows left out are zero everywhere).
+    pub fn all_reduce_grads(&self, params: &[(String, Var)], mut grads: GradStore) -> Result<GradStore> {
         if self.size() == 1 {
             return Ok(grads);
         }
         if self.comm.works_on_device() {
             return self.all_reduce_grads_dense(params, &grads);
         }
-        let mut local: Vec<Option<Tensor>> = Vec::with_capacity(params.len());
+        // Each gradient as a contiguous f32 tensor that this step owns (zeros where none here).
+        let mut local = Vec::with_capacity(params.len());
         for (_, var) in params {
-            local.push(grads.get(var.as_tensor()).map(|g| g.to_dtype(candle_core::DType::F32)).transpose()?);
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g.to_dtype(candle_core::DType::F32)?.contiguous()?,
+                None => Tensor::zeros(var.shape(), candle_core::DType::F32, var.device())?,
+            };
+            local.push(g);
         }
         let rows = self.sparse_rows(params, &local)?;
-        let len = |var: &Var, rows: &Option<Tensor>| match rows {
-            None => var.elem_count(),
-            Some(r) => r.elem_count() * (var.elem_count() / var.dims()[0]),
-        };
-        // Sized once: growing a buffer of tens of MB by doubling copies it several times a step.
-        let mut flat = Vec::with_capacity(params.iter().zip(&rows).map(|((_, v), r)| len(v, r)).sum());
-        for (((_, var), g), rows) in params.iter().zip(&local).zip(&rows) {
-            let start = flat.len();
-            match (g, rows) {
-                (Some(g), None) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
-                (Some(_), Some(r)) if r.elem_count() == 0 => {}
-                (Some(g), Some(r)) => flat.extend(g.index_select(r, 0)?.flatten_all()?.to_vec1::<f32>()?),
-                (None, rows) => flat.resize(start + len(var, rows), 0.0),
+        let mut small: Vec<&Tensor> = Vec::new();
+        let mut staged = 0;
+        for (g, rows) in local.iter().zip(&rows) {
+            match rows {
+                Some(rows) => self.reduce_rows(g, rows)?,
+                None if g.elem_count() >= SMALL => {
+                    crate::cpu::with_f32s_mut(g, |data| self.reduce_in_buckets(data))??;
+                }
+                None => {
+                    if staged + g.elem_count() > BUCKET {
+                        self.reduce_staged(&std::mem::take(&mut small))?;
+                        staged = 0;
+                    }
+                    staged += g.elem_count();
+                    small.push(g);
+                }
             }
         }
-        for chunk in flat.chunks_mut(BUCKET) {
+        self.reduce_staged(&small)?;
+        for ((_, var), g) in params.iter().zip(local) {
+            grads.insert(var.as_tensor(), g.to_dtype(var.dtype())?);
+        }
+        Ok(grads)
+    }
+
+    /// `data` summed over the ranks in place, [`BUCKET`] values per collective.
+    fn reduce_in_buckets(&self, data: &mut [f32]) -> Result<()> {
+        for chunk in data.chunks_mut(BUCKET) {
             self.counted(chunk.len(), || self.comm.all_reduce_sum(chunk))?;
         }
-        // One tensor owns the sums; each gradient is a view of it (no copy).
-        let device = params.first().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
-        let total = flat.len();
-        let sums = Tensor::from_vec(flat, total, &device)?;
-        // candle has no public constructor of an empty store: the gradients of a fresh scalar.
-        let mut out = Var::new(0f32, &device)?.as_tensor().backward()?;
-        let mut offset = 0;
-        for ((_, var), rows) in params.iter().zip(rows) {
-            let g = match rows {
-                None => {
-                    let n = var.elem_count();
-                    offset += n;
-                    sums.narrow(0, offset - n, n)?.reshape(var.shape())?
-                }
-                Some(r) if r.elem_count() == 0 => var.as_tensor().to_dtype(candle_core::DType::F32)?.zeros_like()?,
-                Some(r) => {
-                    let mut dims = var.dims().to_vec();
-                    dims[0] = r.elem_count();
-                    let n: usize = dims.iter().product();
-                    offset += n;
-                    let packed = sums.narrow(0, offset - n, n)?.reshape(dims)?;
-                    var.as_tensor().to_dtype(candle_core::DType::F32)?.zeros_like()?.index_add(&r, &packed, 0)?
-                }
-            };
-            out.insert(var.as_tensor(), g.to_dtype(var.dtype())?);
+        Ok(())
+    }
+
+    /// Small gradients summed in one collective: copied into one buffer and back.
+    fn reduce_staged(&self, small: &[&Tensor]) -> Result<()> {
+        if small.is_empty() {
+            return Ok(());
         }
-        Ok(out)
+        let mut buf = Vec::with_capacity(small.iter().map(|g| g.elem_count()).sum());
+        for g in small {
+            crate::cpu::with_f32s_mut(g, |data| buf.extend_from_slice(data))?;
+        }
+        self.reduce_in_buckets(&mut buf)?;
+        let mut offset = 0;
+        for g in small {
+            crate::cpu::with_f32s_mut(g, |data| {
+                data.copy_from_slice(&buf[offset..offset + data.len()]);
+                offset += data.len();
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The rows `rows` of matrix gradient `g` summed over the ranks, in place (its other rows
+    /// are zero on every rank).
+    fn reduce_rows(&self, g: &Tensor, rows: &[usize]) -> Result<()> {
+        let width = g.elem_count() / g.dims()[0].max(1);
+        let mut packed = Vec::with_capacity(rows.len() * width);
+        crate::cpu::with_f32s_mut(g, |data| {
+            for &r in rows {
+                packed.extend_from_slice(&data[r * width..(r + 1) * width]);
+            }
+        })?;
+        self.reduce_in_buckets(&mut packed)?;
+        crate::cpu::with_f32s_mut(g, |data| {
+            for (&r, sums) in rows.iter().zip(packed.chunks(width)) {
+                data[r * width..(r + 1) * width].copy_from_slice(sums);
+            }
+        })?;
+        Ok(())
     }
 
     /// The gradients summed as one dense tensor in one collective, where they live (NCCL on
@@ -392,20 +427,19 @@ impl World {
         Ok(out)
     }
 
-    /// For each vocabulary-sized parameter: the rows (u32 indices, ascending) whose gradient is
-    /// non-zero on at least one rank; None for the others.
-    fn sparse_rows(&self, params: &[(String, Var)], local: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    /// For each vocabulary-sized parameter: the rows (ascending) whose gradient is non-zero (or
+    /// NaN, which must be sent) on at least one rank; None for the others.
+    fn sparse_rows(&self, params: &[(String, Var)], local: &[Tensor]) -> Result<Vec<Option<Vec<usize>>>> {
+        let sparse = |var: &Var| var.rank() >= 2 && var.dims()[0] >= SPARSE_ROWS;
         let mut masks = Vec::new();
         for ((_, var), g) in params.iter().zip(local) {
-            if var.rank() < 2 || var.dims()[0] < SPARSE_ROWS {
-                continue;
+            if sparse(var) {
+                let width = var.elem_count() / var.dims()[0];
+                crate::cpu::with_f32s_mut(g, |data| {
+                    let used = |row: &[f32]| f32::from(u8::from(row.iter().any(|&x| x != 0.0)));
+                    masks.extend(data.chunks(width).map(used))
+                })?;
             }
-            let used: Vec<f32> = match g {
-                // A sum, not a max: candle's max passes over NaN, and a NaN row must be sent.
-                Some(g) => g.abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?,
-                None => vec![0.0; var.dims()[0]],
-            };
-            masks.extend(used.into_iter().map(|m| f32::from(u8::from(m != 0.0))));
         }
         if masks.is_empty() {
             return Ok(vec![None; params.len()]);
@@ -414,15 +448,13 @@ impl World {
         let mut offset = 0;
         let mut out = Vec::with_capacity(params.len());
         for (_, var) in params {
-            if var.rank() < 2 || var.dims()[0] < SPARSE_ROWS {
+            if !sparse(var) {
                 out.push(None);
                 continue;
             }
             let n = var.dims()[0];
-            let rows: Vec<u32> = (0..n).filter(|&i| masks[offset + i] > 0.0).map(|i| i as u32).collect();
+            out.push(Some((0..n).filter(|&i| masks[offset + i] > 0.0).collect()));
             offset += n;
-            let len = rows.len();
-            out.push(Some(Tensor::from_vec(rows, len, var.device())?));
         }
         Ok(out)
     }

@@ -136,17 +136,25 @@ mod tests {
         }
     }
 
-    /// The summed gradients equal the dense sum, for a small matrix and for a vocabulary-sized
-    /// one sent as its non-zero rows (different rows on each rank, none at all on rank 2, and
-    /// a parameter no rank has a gradient for).
+    /// The summed gradients equal the dense sum, for small matrices (packed together; two of
+    /// them views of one buffer), a large one (summed in place), and a vocabulary-sized one
+    /// sent as its non-zero rows (different rows on each rank, none at all on rank 2), and a
+    /// parameter no rank has a gradient for.
     #[test]
     fn all_reduce_grads_is_the_dense_sum() {
         use candle_core::{Device, Tensor, Var};
         let rows = crate::dist::SPARSE_ROWS + 5;
-        let params: Vec<(String, Var)> = [("small", (3, 2)), ("vocab", (rows, 2)), ("unused", (rows, 2))]
-            .into_iter()
-            .map(|(n, shape)| (n.to_string(), Var::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap()))
-            .collect();
+        let params: Vec<(String, Var)> = [
+            ("small", (3, 2)),
+            ("vocab", (rows, 2)),
+            ("unused", (rows, 2)),
+            ("big", (300, 256)),
+            ("a", (4, 1)),
+            ("b", (2, 3)),
+        ]
+        .into_iter()
+        .map(|(n, shape)| (n.to_string(), Var::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap()))
+        .collect();
         // Rank k's gradient of "vocab": row 7 k and row 1 set (rank 2: none); of "small": k.
         let grad = |k: usize| -> (Tensor, Option<Tensor>) {
             let small = Tensor::full(k as f32, (3, 2), &Device::Cpu).unwrap();
@@ -175,11 +183,17 @@ mod tests {
                         if let Some(v) = vocab {
                             store.insert(params[1].1.as_tensor(), v);
                         }
+                        let big = Tensor::full(k as f32 + 0.5, (300, 256), &Device::Cpu).unwrap();
+                        store.insert(params[3].1.as_tensor(), big);
+                        // "a" and "b" share one buffer, as views of it.
+                        let shared = Tensor::arange(0f32, 10.0, &Device::Cpu).unwrap().affine(1.0, k as f64).unwrap();
+                        store.insert(params[4].1.as_tensor(), shared.narrow(0, 0, 4).unwrap().reshape((4, 1)).unwrap());
+                        store.insert(params[5].1.as_tensor(), shared.narrow(0, 4, 6).unwrap().reshape((2, 3)).unwrap());
                         let out = world.all_reduce_grads(params, store).unwrap();
                         let flat = |i: usize| {
                             out.get(params[i].1.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
                         };
-                        (0..3).map(flat).collect()
+                        (0..6).map(flat).collect()
                     })
                 })
                 .collect();
@@ -196,6 +210,9 @@ mod tests {
             let want: Vec<f32> = vocab.iter().enumerate().filter(|(i, _)| *i != 2 * 20 + 1).map(|(_, v)| *v).collect();
             assert_eq!(rest, want);
             assert_eq!(got[2], vec![0.0; rows * 2]);
+            assert_eq!(got[3], vec![4.5; 300 * 256]);
+            let shared: Vec<f32> = (0..10).map(|i| 3.0 * i as f32 + 3.0).collect();
+            assert_eq!([got[4].clone(), got[5].clone()].concat(), shared);
         }
     }
 }
