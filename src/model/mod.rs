@@ -18,7 +18,9 @@ use rand::rngs::StdRng;
 
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
+
 use bert::{Bert, BertConfig};
+pub use ops::backward;
 use pooling::Pooling;
 use source::ModelFiles;
 

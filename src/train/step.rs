@@ -231,7 +231,7 @@ pub fn batch_gradients(
             Err(e) => return Ok(Err(e)),
         };
         let forward_s = t0.elapsed().as_secs_f64();
-        let grads = parts.total.backward()?;
+        let grads = crate::model::backward(&parts.total)?;
         let backward_s = t0.elapsed().as_secs_f64() - forward_s;
         return Ok(Ok(Gradients { loss, parts: parts.parts, grads, forward_s, backward_s }));
     }
@@ -312,7 +312,7 @@ fn shard_one_pass(
         Err(e) => return Ok(Err(e)),
     };
     let forward_s = t0.elapsed().as_secs_f64();
-    let grads = world.all_reduce_grads(&model.encoder.params, parts.total.backward()?)?;
+    let grads = world.all_reduce_grads(&model.encoder.params, crate::model::backward(&parts.total)?)?;
     let backward_s = t0.elapsed().as_secs_f64() - forward_s;
     Ok(Ok(Gradients { loss, parts: parts.parts, grads, forward_s, backward_s }))
 }
@@ -372,7 +372,7 @@ fn backprop_rows(
         let (emb, _) = encoder.embed_views(b, rng.as_mut(), model.own_mean())?;
         let g =
             Tensor::cat(&g_views.iter().map(|g| g.narrow(0, offset, n)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
-        let grads = (emb * g)?.sum_all()?.backward()?;
+        let grads = crate::model::backward(&(emb * g)?.sum_all()?)?;
         for (_, var) in &encoder.params {
             if let Some(gk) = grads.get(var.as_tensor()) {
                 let sum = match acc.get(var.as_tensor()) {

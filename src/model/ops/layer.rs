@@ -4,9 +4,14 @@
 //! gradient into it: a zero fill on the calling thread, then an add into a fresh allocation,
 //! for every edge of the graph. Over a layer's dozen ops that was about a fifth of a bf16
 //! training step. Here the layer's fused ops run outside the graph and their backward passes
-//! are chained by hand, each gradient used as it comes; the graph holds one op whose inputs
-//! are the layer's input and its sixteen parameters flattened into one vector.
+//! are chained by hand, each gradient used as it comes. The graph holds one op, on the layer's
+//! input; its parameters' gradients leave the backward pass by a side door (a per-thread sink)
+//! that [`backward`] empties into the gradient store, so they are neither concatenated nor
+//! zero-filled and added to on the way.
 
+use std::cell::RefCell;
+
+use candle_core::backprop::GradStore;
 use candle_core::Storage;
 use rand::rngs::StdRng;
 
@@ -59,6 +64,28 @@ impl LayerParams<'_> {
         ];
         [q[0], q[1], k[0], k[1], v[0], v[1], ao[0], ao[1], an[0], an[1], up[0], up[1], down[0], down[1], on[0], on[1]]
     }
+}
+
+thread_local! {
+    /// Parameter gradients of the [`layer`] ops back-propagated on this thread (candle runs a
+    /// backward pass on the calling thread), each with its parameter; [`backward`] takes them.
+    static SINK: RefCell<Vec<(Tensor, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `loss.backward()`, with the parameter gradients of the [`layer`] ops in it merged into the
+/// store. Every loss over an encoder that may train through [`layer`] goes back through here:
+/// candle's own `backward` would leave those layers' parameters without gradients.
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    SINK.with_borrow_mut(Vec::clear);
+    let mut grads = loss.backward()?;
+    for (param, g) in SINK.with_borrow_mut(std::mem::take) {
+        let sum = match grads.get(&param) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        grads.insert(&param, sum);
+    }
+    Ok(grads)
 }
 
 /// Whether [`layer`] applies: fused f32 or bf16 kernels on a CPU f32 input, exact GELU, and a
@@ -127,9 +154,12 @@ pub fn layer(
     let down = g.apply_op3_no_bwd(&w[DOWN], &w[DOWN + 1], &lin)?;
     let drop2 = draw(rng, down.shape(), p.p_hidden, dev)?;
     let r2 = (masked(&down, &drop2)? + &x1)?;
-    let flat = Tensor::cat(&params.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
-    let op = EncoderLayer { lin, ln, att, w, wkv, bkv, x, xq, q, kv, ctx, drop1, r1, x1, up, g, drop2, r2 };
-    xs.contiguous()?.apply_op2(&flat, op)
+    // The op's second input only puts it on the graph when a parameter trains (and the input
+    // does not): the parameters' gradients go to the sink.
+    let anchor = params.iter().find(|t| t.track_op()).copied().unwrap_or(params[ON + 1]).clone();
+    let params = params.map(Tensor::clone);
+    let op = EncoderLayer { lin, ln, att, params, w, wkv, bkv, x, xq, q, kv, ctx, drop1, r1, x1, up, g, drop2, r2 };
+    xs.contiguous()?.apply_op2(&anchor, op)
 }
 
 /// The layer's forward values that its backward reads.
@@ -137,6 +167,8 @@ struct EncoderLayer {
     lin: Linear,
     ln: LayerNorm,
     att: Attention,
+    /// The parameters themselves (what the gradients are for), and `w`, their contiguous data.
+    params: [Tensor; 16],
     w: Vec<Tensor>,
     wkv: Tensor,
     bkv: Tensor,
@@ -215,7 +247,10 @@ impl CustomOp2 for EncoderLayer {
             dn2w,
             dn2b,
         ];
-        let flat = Tensor::cat(&parts.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
-        Ok((Some(dx), Some(flat)))
+        SINK.with_borrow_mut(|sink| {
+            let trained = self.params.iter().zip(parts).filter(|(p, _)| p.track_op());
+            sink.extend(trained.map(|(p, g)| (p.clone(), g)))
+        });
+        Ok((Some(dx), None))
     }
 }

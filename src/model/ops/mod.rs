@@ -65,6 +65,6 @@ mod tests;
 pub use attention::attention;
 pub use dropout::dropout;
 pub use gelu::gelu_erf;
-pub use layer::{layer as encoder_layer, trains_fused, LayerParams};
+pub use layer::{backward, layer as encoder_layer, trains_fused, LayerParams};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
