@@ -1,7 +1,7 @@
 //! The layering rules of the source tree, checked on the source itself (tests aside): no
 //! import cycle between files, one error type, printing only in the front end, small files and
-//! functions, and settings where 0 means "the default" decoded only where the config is
-//! resolved. A change that breaks a rule fails here, naming the file.
+//! functions, settings where 0 means "the default" decoded only where the config is
+//! resolved, and gradients of an encoder taken through `model::backward`. A change that breaks a rule fails here, naming the file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -240,6 +240,26 @@ fn one_error_type_and_printing_only_in_the_front_end() {
                 assert!(!code.contains(what), "{}: {what} outside main.rs, cli.rs and src/app/", file.display());
             }
         }
+    }
+}
+
+/// candle's own `.backward()` leaves the parameters of fused training layers without gradients
+/// (they leave by a sink that `model::backward` empties), and AdamW skips a parameter without
+/// one: so outside tests it is called only where no encoder is on the graph. `train/step.rs`:
+/// the loss over gathered, detached embeddings, and an empty store; `dist/mod.rs`: an empty
+/// store; `model/ops/layer.rs`: `model::backward` itself.
+#[test]
+fn encoder_gradients_go_through_model_backward() {
+    let allowed = [("src/model/ops/layer.rs", 1), ("src/train/step.rs", 2), ("src/dist/mod.rs", 1)];
+    for (file, text) in sources().into_iter().filter(|(f, _)| !f.ends_with("tests.rs")) {
+        let calls = code_only(&text).matches(".backward()").count();
+        let expect = allowed.iter().find(|(f, _)| Path::new(f) == file).map_or(0, |(_, n)| *n);
+        assert_eq!(
+            calls,
+            expect,
+            "{}: .backward() calls; an encoder's loss goes through model::backward",
+            file.display()
+        );
     }
 }
 
