@@ -2,14 +2,14 @@
 //!
 //! Our own rather than candle-nn's so that the moments are visible (for checkpoints) and so
 //! that biases and LayerNorm weights are excluded from weight decay, as BERT fine-tuning does.
-//! On the CPU the update runs in place (three passes, no allocation) instead of building a
-//! dozen temporary tensors per parameter.
+//! On the CPU the update runs in place (one pass, no allocation) instead of building a dozen
+//! temporary tensors per parameter.
 
 use candle_core::backprop::GradStore;
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Storage, Tensor, Var};
+use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::cpu::f32s;
+use crate::cpu::with_f32s_mut;
 
 pub struct AdamW {
     params: Vec<Param>,
@@ -143,16 +143,19 @@ impl AdamW {
             let theta = p.var.as_tensor();
             if theta.device().is_cpu() && theta.dtype() == DType::F32 && theta.is_contiguous() {
                 let g = g.contiguous()?;
-                p.m.inplace_op2(&g, &Ema { decay: b1 as f32, scale: grad_scale as f32, square: false })?;
-                p.v.inplace_op2(&g, &Ema { decay: b2 as f32, scale: grad_scale as f32, square: true })?;
                 let keep = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
-                let update = Update {
+                let k = Fused {
+                    b1: b1 as f32,
+                    b2: b2 as f32,
+                    scale: grad_scale as f32,
                     keep: keep as f32,
                     lr_over_bc1: (lr / bc1) as f32,
                     inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
                     eps: self.eps as f32,
                 };
-                theta.inplace_op3(&p.m, &p.v, &update)?;
+                let (gs, gl) = g.storage_and_layout();
+                let g = crate::cpu::storage_f32(&gs, gl)?;
+                with_f32s_mut(&p.m, |m| with_f32s_mut(&p.v, |v| with_f32s_mut(theta, |t| k.apply(t, m, v, g))))????;
                 continue;
             }
             let g = (g * grad_scale)?;
@@ -169,70 +172,37 @@ impl AdamW {
 
 const CHUNK: usize = 1 << 15;
 
-fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
-        _ => bail!("AdamW: {what} is not a contiguous f32 tensor"),
-    }
-}
-
-/// Moment update in place: `m = decay m + (1 - decay) (scale g)`, squared for the second moment.
-struct Ema {
-    decay: f32,
+/// One AdamW update of a parameter in place, in one pass over its values: `m = b1 m + (1 - b1) g`,
+/// `v = b2 v + (1 - b2) g^2` (with `g` scaled by `scale` for clipping), then
+/// `theta = keep theta - lr (m / bc1) / (sqrt(v / bc2) + eps)`.
+struct Fused {
+    b1: f32,
+    b2: f32,
     scale: f32,
-    square: bool,
-}
-
-impl InplaceOp2 for Ema {
-    fn name(&self) -> &'static str {
-        "adamw-moment"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let (m, g) = (cpu_f32_mut(s1, l1, "moment")?, f32s(s2, l2, "AdamW gradient")?);
-        if m.len() != g.len() {
-            bail!("AdamW: moment of {} values for a gradient of {}", m.len(), g.len())
-        }
-        let (decay, rest, scale, square) = (self.decay, 1.0 - self.decay, self.scale, self.square);
-        m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
-            for (m, &g) in m.iter_mut().zip(g) {
-                let g = g * scale;
-                *m = decay * *m + rest * if square { g * g } else { g };
-            }
-        });
-        Ok(())
-    }
-}
-
-/// `theta = keep theta - lr (m / bc1) / (sqrt(v / bc2) + eps)` in place.
-struct Update {
     keep: f32,
     lr_over_bc1: f32,
     inv_sqrt_bc2: f32,
     eps: f32,
 }
 
-impl InplaceOp3 for Update {
-    fn name(&self) -> &'static str {
-        "adamw-update"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        let theta = cpu_f32_mut(s1, l1, "parameter")?;
-        let (m, v) = (f32s(s2, l2, "AdamW first moment")?, f32s(s3, l3, "AdamW second moment")?);
-        if m.len() != theta.len() || v.len() != theta.len() {
-            bail!("AdamW: moments of {} and {} values for a parameter of {}", m.len(), v.len(), theta.len())
+impl Fused {
+    fn apply(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) -> Result<()> {
+        if m.len() != theta.len() || v.len() != theta.len() || g.len() != theta.len() {
+            bail!(
+                "AdamW: moments of {} and {} values and a gradient of {} for a parameter of {}",
+                m.len(),
+                v.len(),
+                g.len(),
+                theta.len()
+            )
         }
-        theta.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(t, (m, v))| {
+        let (r1, r2) = (1.0 - self.b1, 1.0 - self.b2);
+        let chunks = theta.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK));
+        chunks.zip(g.par_chunks(CHUNK)).for_each(|(((t, m), v), g)| {
             for i in 0..t.len() {
+                let g = g[i] * self.scale;
+                m[i] = self.b1 * m[i] + r1 * g;
+                v[i] = self.b2 * v[i] + r2 * (g * g);
                 t[i] = self.keep * t[i] - self.lr_over_bc1 * m[i] / (v[i].sqrt() * self.inv_sqrt_bc2 + self.eps);
             }
         });
@@ -298,9 +268,10 @@ mod tests {
             let c = Tensor::new(&[[3f32, 0.5]], &Device::Cpu).unwrap();
             let loss = (w.as_tensor().sqr().unwrap() * &c).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
-            opt.step(&grads, 1.0).unwrap();
+            // Clipped to half.
+            opt.step(&grads, 0.5).unwrap();
             for i in 0..2 {
-                let g = 2.0 * [3.0, 0.5][i] * theta[i];
+                let g = 0.5 * 2.0 * [3.0, 0.5][i] * theta[i];
                 m[i] = 0.9 * m[i] + 0.1 * g;
                 v[i] = 0.99 * v[i] + 0.01 * g * g;
                 let upd = (m[i] / (1.0 - 0.9f64.powi(step))) / ((v[i] / (1.0 - 0.99f64.powi(step))).sqrt() + 1e-8);
