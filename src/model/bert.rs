@@ -155,6 +155,13 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// The norm of a residual connection, `a + r`.
+    fn forward_sum(&self, a: &Tensor, r: &Tensor) -> Result<Tensor> {
+        super::ops::add_layer_norm(self.k, a, r, &self.weight, &self.bias, self.eps)
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         super::ops::layer_norm(self.k, xs, &self.weight, &self.bias, self.eps)
@@ -288,14 +295,14 @@ impl Layer {
         let dropout = rng.as_deref_mut().filter(|_| p > 0.0).map(|r| (p, r));
         let context = super::ops::attention(self.k, &q, &kv, mask_bias, self.heads, dropout)?;
         let attended = self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng.as_deref_mut())?;
-        let xs = self.attention_norm.forward(&(attended + xq)?)?;
+        let xs = self.attention_norm.forward_sum(&attended, &xq)?;
         let out = match (self.intermediate.int8_for(&xs), self.output.int8_for(&xs), self.act) {
             // int8 inference: the wide GELU rows pass between the two layers quantized.
             (Some(up), Some(down), Activation::Gelu) => super::ops::int8::ffn_int8(&xs, up, down)?,
             _ => self.output.forward(&self.intermediate.forward_act(&xs, self.act)?)?,
         };
         let out = self.hidden_dropout.forward(&out, rng)?;
-        self.output_norm.forward(&(out + xs)?)
+        self.output_norm.forward_sum(&out, &xs)
     }
 }
 

@@ -41,6 +41,66 @@ kernel! {
     }
 }
 
+kernel! {
+    /// Layer norm of `a + r`, one row, written over `out` (which holds nothing yet): the same
+    /// bits as adding first and normalising after.
+    fn add_layer_norm_row(a: &[f32], r: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(r) {
+            *o = x + y;
+        }
+        let (mean, rstd) = moments(out, eps);
+        for ((o, &wv), &bv) in out.iter_mut().zip(w).zip(b) {
+            *o = (*o - mean) * rstd * wv + bv;
+        }
+    }
+}
+
+/// `layer_norm(a + r)`, a residual connection and its norm, in one pass over the rows when
+/// nothing trains (inference, the frozen teacher): one activation-sized allocation and pass
+/// less per use, and the same bits as the two ops.
+pub fn add_layer_norm(k: Kernels, a: &Tensor, r: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let trains = [a, r, weight, bias].iter().any(|t| t.track_op());
+    if trains || !k.fused(a) || !k.fused(r) || a.shape() != r.shape() {
+        return layer_norm(k, &(a + r)?, weight, bias, eps);
+    }
+    let op = AddLayerNorm { eps: eps as f32, w: weight.contiguous()?, b: bias.contiguous()? };
+    a.contiguous()?.apply_op2_no_bwd(&r.contiguous()?, &op)
+}
+
+struct AddLayerNorm {
+    eps: f32,
+    w: Tensor,
+    b: Tensor,
+}
+
+impl CustomOp2 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-add-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, r) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let ((ws, wl), (bs, bl)) = (self.w.storage_and_layout(), self.b.storage_and_layout());
+        let (w, b) = (storage_f32(&ws, wl)?, storage_f32(&bs, bl)?);
+        let d = l1.dims().last().copied().unwrap_or(1);
+        if w.len() != d || b.len() != d || r.len() != a.len() {
+            bail!(
+                "add + layer norm over {d} features: weight {}, bias {}, inputs {} and {}",
+                w.len(),
+                b.len(),
+                a.len(),
+                r.len()
+            )
+        }
+        let mut out = par_zeroed(a.len());
+        par_rows(&mut out, d, |i, row| {
+            let span = i * d..(i + 1) * d;
+            add_layer_norm_row(&a[span.clone()], &r[span], w, b, self.eps, row)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 pub fn layer_norm(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if !k.fused(xs) {

@@ -66,5 +66,5 @@ pub use attention::attention;
 pub use dropout::dropout;
 pub use gelu::gelu_erf;
 pub use layer::{backward, layer as encoder_layer, trains_fused, LayerParams};
-pub use layer_norm::layer_norm;
+pub use layer_norm::{add_layer_norm, layer_norm};
 pub use linear::linear;

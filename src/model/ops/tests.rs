@@ -71,6 +71,37 @@ fn layer_norm_matches_reference_and_finite_differences() {
     }
 }
 
+/// A residual connection's norm in one pass gives the bits of the add and the norm one after
+/// the other (odd widths, rows over several chunks); with a gradient to compute, the same values
+/// and a gradient for every input.
+#[test]
+fn add_layer_norm_is_the_add_then_the_norm() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for (rows, d) in [(3, 8), (5, 37), (300, 384)] {
+        let t = |rng: &mut StdRng, n: usize, s: f32| Tensor::from_vec(random(rng, &[n], s), n, &Device::Cpu).unwrap();
+        let (a, r) = (
+            t(&mut rng, rows * d, 3.0).reshape((rows, d)).unwrap(),
+            t(&mut rng, rows * d, 1.0).reshape((rows, d)).unwrap(),
+        );
+        let (w, b) = (t(&mut rng, d, 1.5), t(&mut rng, d, 1.0));
+        let bits = |x: Tensor| {
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>()
+        };
+        let one = add_layer_norm(Kernels::Fused, &a, &r, &w, &b, 1e-12).unwrap();
+        let two = layer_norm(Kernels::Fused, &(&a + &r).unwrap(), &w, &b, 1e-12).unwrap();
+        assert_eq!(bits(one), bits(two), "{rows}x{d}");
+    }
+    let (a, r) = (var(&mut rng, &[2, 3, 8], 2.0), var(&mut rng, &[2, 3, 8], 1.0));
+    let (w, b) = (var(&mut rng, &[8], 1.5), var(&mut rng, &[8], 1.0));
+    let ours =
+        add_layer_norm(Kernels::Fused, a.as_tensor(), r.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+    let want =
+        reference::layer_norm(&(a.as_tensor() + r.as_tensor()).unwrap(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+    close(&ours, &want, 1e-5);
+    let g = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!([&a, &r, &w, &b].iter().all(|v| g.get(v.as_tensor()).is_some()), "every input has a gradient");
+}
+
 #[test]
 fn gelu_matches_candle_and_finite_differences() {
     let mut rng = StdRng::seed_from_u64(3);
