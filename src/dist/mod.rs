@@ -370,7 +370,8 @@ impl World {
         }
         let mut buf = Vec::with_capacity(small.iter().map(|g| g.elem_count()).sum());
         for g in small {
-            crate::cpu::with_f32s_mut(g, |data| buf.extend_from_slice(data))?;
+            let (data, layout) = g.storage_and_layout();
+            buf.extend_from_slice(crate::cpu::storage_f32(&data, layout)?);
         }
         self.reduce_in_buckets(&mut buf)?;
         let mut offset = 0;
@@ -388,11 +389,13 @@ impl World {
     fn reduce_rows(&self, g: &Tensor, rows: &[usize]) -> Result<()> {
         let width = g.elem_count() / g.dims()[0].max(1);
         let mut packed = Vec::with_capacity(rows.len() * width);
-        crate::cpu::with_f32s_mut(g, |data| {
+        {
+            let (data, layout) = g.storage_and_layout();
+            let data = crate::cpu::storage_f32(&data, layout)?;
             for &r in rows {
                 packed.extend_from_slice(&data[r * width..(r + 1) * width]);
             }
-        })?;
+        }
         self.reduce_in_buckets(&mut packed)?;
         crate::cpu::with_f32s_mut(g, |data| {
             for (&r, sums) in rows.iter().zip(packed.chunks(width)) {
@@ -435,10 +438,9 @@ impl World {
         for ((_, var), g) in params.iter().zip(local) {
             if sparse(var) {
                 let width = var.elem_count() / var.dims()[0];
-                crate::cpu::with_f32s_mut(g, |data| {
-                    let used = |row: &[f32]| f32::from(u8::from(row.iter().any(|&x| x != 0.0)));
-                    masks.extend(data.chunks(width).map(used))
-                })?;
+                let (data, layout) = g.storage_and_layout();
+                let used = |row: &[f32]| f32::from(u8::from(row.iter().any(|&x| x != 0.0)));
+                masks.extend(crate::cpu::storage_f32(&data, layout)?.chunks(width).map(used));
             }
         }
         if masks.is_empty() {
