@@ -191,6 +191,11 @@ impl Embeddings {
 
     fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
+        let tables = [&self.word_embeddings, &self.token_type_embeddings, &self.position_embeddings];
+        if tables.iter().all(|t| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) {
+            let xs = self.summed_rows(input_ids, token_type_ids)?;
+            return self.dropout.forward(&self.layer_norm.forward(&xs)?, rng);
+        }
         let lookup = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
             table.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ()))
         };
@@ -199,6 +204,47 @@ impl Embeddings {
         let positions = self.position_embeddings.narrow(0, 0, s)?.unsqueeze(0)?;
         let xs = (words + types)?.broadcast_add(&positions)?;
         self.dropout.forward(&self.layer_norm.forward(&xs)?, rng)
+    }
+}
+
+impl Embeddings {
+    /// `(words + types) + positions` in one pass over the rows when nothing trains (embedding,
+    /// the frozen teacher), where candle makes two gathers, two adds and their temporaries:
+    /// the same additions in the same order, so the same bits.
+    fn summed_rows(&self, input_ids: &Tensor, token_type_ids: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (b, s) = input_ids.dims2()?;
+        let (ids, types) =
+            (input_ids.flatten_all()?.to_vec1::<u32>()?, token_type_ids.flatten_all()?.to_vec1::<u32>()?);
+        let (word, ty, pos) = (&self.word_embeddings, &self.token_type_embeddings, &self.position_embeddings);
+        let (w, wl) = word.storage_and_layout();
+        let (t, tl) = ty.storage_and_layout();
+        let (p, pl) = pos.storage_and_layout();
+        let (w, t, p) =
+            (crate::cpu::storage_f32(&w, wl)?, crate::cpu::storage_f32(&t, tl)?, crate::cpu::storage_f32(&p, pl)?);
+        let h = word.dim(1)?;
+        let rows = |table: &[f32], id: u32, what: &str| -> Result<()> {
+            if (id as usize + 1) * h > table.len() {
+                candle_core::bail!("{what} id {id} is outside the model's table of {} rows", table.len() / h.max(1));
+            }
+            Ok(())
+        };
+        for (&id, &tt) in ids.iter().zip(&types) {
+            rows(w, id, "token")?;
+            rows(t, tt, "token type")?;
+        }
+        if s * h > p.len() {
+            candle_core::bail!("{s} positions, the model has {}", p.len() / h.max(1));
+        }
+        let mut out = vec![0f32; b * s * h];
+        out.par_chunks_mut(h.max(1)).enumerate().for_each(|(i, o)| {
+            let (wr, tr) = (&w[ids[i] as usize * h..][..h], &t[types[i] as usize * h..][..h]);
+            let pr = &p[(i % s) * h..][..h];
+            for (((o, &a), &c), &d) in o.iter_mut().zip(wr).zip(tr).zip(pr) {
+                *o = (a + c) + d;
+            }
+        });
+        Tensor::from_vec(out, (b, s, h), input_ids.device())
     }
 }
 

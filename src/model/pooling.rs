@@ -1,6 +1,7 @@
 //! Sentence pooling over token states, then L2 normalisation onto the unit sphere.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// How token states become one sentence vector.
@@ -65,9 +66,42 @@ impl Pooling {
 /// `states` [b, seq, hidden], `mask` [b, seq] (1 real, 0 padding, any float dtype) -> [b, hidden].
 pub fn masked_mean(states: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let mask = mask.to_dtype(states.dtype())?;
+    if !states.track_op() && states.device().is_cpu() && states.dtype() == DType::F32 {
+        return states.contiguous()?.apply_op2_no_bwd(&mask.contiguous()?, &MaskedMean);
+    }
     let lengths = mask.sum_keepdim(1)?; // [b, 1]
     let summed = states.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
     summed.broadcast_div(&lengths)
+}
+
+/// [`masked_mean`] in one pass per sentence when nothing trains (embedding, the frozen
+/// teacher): candle's masked sum over a middle dimension costs a division per element and
+/// three temporaries. The same operations in the same order (`sum_l x * m` from 0, then one
+/// division), so the same bits.
+struct MaskedMean;
+
+impl CustomOp2 for MaskedMean {
+    fn name(&self) -> &'static str {
+        "masked-mean"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, m) = (crate::cpu::f32s(s1, l1, self.name())?, crate::cpu::f32s(s2, l2, self.name())?);
+        let (b, s, h) = l1.shape().dims3()?;
+        if l2.shape().dims() != [b, s] {
+            candle_core::bail!("masked mean: states {:?}, mask {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; b * h];
+        out.par_chunks_mut(h.max(1)).enumerate().for_each(|(i, acc)| {
+            let mask = &m[i * s..(i + 1) * s];
+            for (row, &mv) in x[i * s * h..(i + 1) * s * h].chunks_exact(h).zip(mask) {
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v * mv);
+            }
+            let len: f32 = mask.iter().sum();
+            acc.iter_mut().for_each(|a| *a /= len);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, h))))
+    }
 }
 
 /// Rows scaled to unit L2 norm. `xs` [b, hidden].
@@ -100,6 +134,31 @@ mod tests {
         let mask = Tensor::new(&[[1f32, 1., 0.]], &dev).unwrap();
         let m = masked_mean(&states, &mask).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(m, vec![vec![2.0, 3.0]]);
+    }
+
+    /// The one-pass mean gives candle's masked sum and division to the bit, padding and a
+    /// sentence of one token included.
+    #[test]
+    fn fused_mean_matches_the_ops_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        let dev = Device::Cpu;
+        let (b, s, h) = (5, 13, 37);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let xs: Vec<f32> = (0..b * s * h).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        let lens = [13, 1, 7, 12, 4];
+        let mask: Vec<f32> = (0..b * s).map(|i| if i % s < lens[i / s] { 1.0 } else { 0.0 }).collect();
+        let states = Tensor::from_vec(xs, (b, s, h), &dev).unwrap();
+        let mask = Tensor::from_vec(mask, (b, s), &dev).unwrap();
+        let fused = masked_mean(&states, &mask).unwrap().to_vec2::<f32>().unwrap();
+        let lengths = mask.sum_keepdim(1).unwrap();
+        let ops = states.broadcast_mul(&mask.unsqueeze(2).unwrap()).unwrap().sum(1).unwrap();
+        let ops = ops.broadcast_div(&lengths).unwrap().to_vec2::<f32>().unwrap();
+        let bits = |v: &Vec<Vec<f32>>| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fused), bits(&ops));
+        // A tracked input (training) takes the candle ops, whose gradient flows.
+        let var = candle_core::Var::from_tensor(&states).unwrap();
+        let g = masked_mean(var.as_tensor(), &mask).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(var.as_tensor()).is_some());
     }
 
     #[test]
