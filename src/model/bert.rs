@@ -190,20 +190,28 @@ impl Embeddings {
     }
 
     fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
         let tables = [&self.word_embeddings, &self.token_type_embeddings, &self.position_embeddings];
-        if tables.iter().all(|t| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) {
-            let xs = self.summed_rows(input_ids, token_type_ids)?;
-            return self.dropout.forward(&self.layer_norm.forward(&xs)?, rng);
-        }
+        let xs = if tables
+            .iter()
+            .all(|t| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+        {
+            self.summed_rows(input_ids, token_type_ids)?
+        } else {
+            self.summed_rows_ops(input_ids, token_type_ids)?
+        };
+        self.dropout.forward(&self.layer_norm.forward(&xs)?, rng)
+    }
+
+    /// `(words + types) + positions` from candle's ops, which autograd sees.
+    fn summed_rows_ops(&self, input_ids: &Tensor, token_type_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
         let lookup = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
             table.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ()))
         };
         let words = lookup(&self.word_embeddings, input_ids)?;
         let types = lookup(&self.token_type_embeddings, token_type_ids)?;
         let positions = self.position_embeddings.narrow(0, 0, s)?.unsqueeze(0)?;
-        let xs = (words + types)?.broadcast_add(&positions)?;
-        self.dropout.forward(&self.layer_norm.forward(&xs)?, rng)
+        (words + types)?.broadcast_add(&positions)
     }
 }
 
@@ -223,15 +231,15 @@ impl Embeddings {
         let (w, t, p) =
             (crate::cpu::storage_f32(&w, wl)?, crate::cpu::storage_f32(&t, tl)?, crate::cpu::storage_f32(&p, pl)?);
         let h = word.dim(1)?;
-        let rows = |table: &[f32], id: u32, what: &str| -> Result<()> {
+        let check = |table: &[f32], id: u32, what: &str| -> Result<()> {
             if (id as usize + 1) * h > table.len() {
                 candle_core::bail!("{what} id {id} is outside the model's table of {} rows", table.len() / h.max(1));
             }
             Ok(())
         };
         for (&id, &tt) in ids.iter().zip(&types) {
-            rows(w, id, "token")?;
-            rows(t, tt, "token type")?;
+            check(w, id, "token")?;
+            check(t, tt, "token type")?;
         }
         if s * h > p.len() {
             candle_core::bail!("{s} positions, the model has {}", p.len() / h.max(1));
@@ -413,5 +421,50 @@ impl Bert {
             }
         }
         Ok(States { first, last: xs.to_dtype(DType::F32)? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    fn embeddings(vocab: usize, positions: usize, h: usize) -> Embeddings {
+        let mut rng = StdRng::seed_from_u64(5);
+        // Scaled by 1/3, 1/7, 1/11: rand's uniform f32s are multiples of 2^-23, whose sums
+        // would be exact in any order (and the test blind to it).
+        let mut divisor = 3.0f32;
+        let mut table = |rows: usize| {
+            let v: Vec<f32> = (0..rows * h).map(|_| rng.gen_range(-1.0f32..1.0) / divisor).collect();
+            divisor = if divisor == 3.0 { 7.0 } else { 11.0 };
+            Tensor::from_vec(v, (rows, h), &Device::Cpu).unwrap()
+        };
+        let (word_embeddings, position_embeddings, token_type_embeddings) = (table(vocab), table(positions), table(2));
+        let ones = Tensor::ones(h, DType::F32, &Device::Cpu).unwrap();
+        let layer_norm =
+            LayerNorm { weight: ones.clone(), bias: ones.zeros_like().unwrap(), eps: 1e-12, k: Kernels::Fused };
+        let dropout = Dropout { p: 0.1, k: Kernels::Fused };
+        Embeddings { word_embeddings, position_embeddings, token_type_embeddings, layer_norm, dropout }
+    }
+
+    /// The one-pass lookup gives candle's gathers and adds to the bit, and refuses ids outside
+    /// the tables where a slice index would panic.
+    #[test]
+    fn summed_rows_match_the_ops_bit_for_bit() {
+        let e = embeddings(50, 16, 24);
+        let ids = Tensor::new(&[[0u32, 7, 49, 3, 3], [12, 1, 0, 0, 0]], &Device::Cpu).unwrap();
+        let types = Tensor::new(&[[0u32, 0, 1, 1, 0], [1, 0, 0, 0, 0]], &Device::Cpu).unwrap();
+        let bits = |t: Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        let (fused, ops) = (e.summed_rows(&ids, &types).unwrap(), e.summed_rows_ops(&ids, &types).unwrap());
+        assert_eq!(fused.dims(), ops.dims());
+        assert_eq!(bits(fused), bits(ops));
+        let bad = Tensor::new(&[[0u32, 50]], &Device::Cpu).unwrap();
+        let err = e.summed_rows(&bad, &Tensor::zeros((1, 2), DType::U32, &Device::Cpu).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("token id 50"), "{err}");
+        let long = Tensor::zeros((1, 17), DType::U32, &Device::Cpu).unwrap();
+        assert!(e.summed_rows(&long, &long).is_err());
     }
 }
