@@ -21,8 +21,11 @@ fn small_pages() -> bool {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
         return false;
     }
+    #[cfg(target_os = "linux")]
     // SAFETY: prctl with integer arguments only; it changes a flag of this process.
-    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
+    return unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 };
+    #[cfg(not(target_os = "linux"))]
+    false
 }
 
 fn main() {
