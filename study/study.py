@@ -139,6 +139,11 @@ CANDIDATES = {
     # Round 7: batches from one stretch of one book (data.local_batches), so the in-batch
     # negatives are the same book's other sentences, as BOOKS-NEXT's candidates are.
     "local-infonce-lr1e-4-last": ["data.local_batches=true", "loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4", "train.select=\"last\""],
+    # Round 8: does BOOKS-NEXT grow with the budget? InfoNCE over adjacent pairs alone, 2x and 4x
+    # round 6's 150 steps (bf16, which scored as f32 on the default recipe; fewer validations,
+    # since the last step is kept anyway).
+    "infonce-lr1e-4-last-300-bf16": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4", "train.select=\"last\"", "train.steps=300", "train.eval_every_steps=150", "train.dtype=\"bf16\""],
+    "infonce-lr1e-4-last-600-bf16": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4", "train.select=\"last\"", "train.steps=600", "train.eval_every_steps=300", "train.dtype=\"bf16\""],
 }
 
 
