@@ -15,8 +15,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// `MIMALLOC_ALLOW_THP` is set (mimalloc's own switch; `=1` keeps them). mimalloc asks the kernel
 /// for 2 MiB pages, and on a virtual machine whose host backs guest memory lazily, the first touch
 /// of one ran at 75 MB/s against 2.9 GB/s for 4 KiB pages: loading a model took 3 s longer and
-/// int8 `embed` ran 15% slower, while steady-state training was the same (BENCHMARKS.md,
-/// "Huge pages"). Returns whether the kernel took the request.
+/// int8 `embed` ran 15% slower, while steady-state training was the same (BENCHMARKS.md, AMX,
+/// "Embedding, fourth round"). Returns whether the kernel took the request.
 fn small_pages() -> bool {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
         return false;
