@@ -213,14 +213,11 @@ impl Embeddings {
         let positions = self.position_embeddings.narrow(0, 0, s)?.unsqueeze(0)?;
         (words + types)?.broadcast_add(&positions)
     }
-}
 
-impl Embeddings {
     /// `(words + types) + positions` in one pass over the rows when nothing trains (embedding,
     /// the frozen teacher), where candle makes two gathers, two adds and their temporaries:
     /// the same additions in the same order, so the same bits.
     fn summed_rows(&self, input_ids: &Tensor, token_type_ids: &Tensor) -> Result<Tensor> {
-        use rayon::prelude::*;
         let (b, s) = input_ids.dims2()?;
         let (ids, types) =
             (input_ids.flatten_all()?.to_vec1::<u32>()?, token_type_ids.flatten_all()?.to_vec1::<u32>()?);
@@ -244,14 +241,22 @@ impl Embeddings {
         if s * h > p.len() {
             candle_core::bail!("{s} positions, the model has {}", p.len() / h.max(1));
         }
-        let mut out = vec![0f32; b * s * h];
-        out.par_chunks_mut(h.max(1)).enumerate().for_each(|(i, o)| {
-            let (wr, tr) = (&w[ids[i] as usize * h..][..h], &t[types[i] as usize * h..][..h]);
-            let pr = &p[(i % s) * h..][..h];
-            for (((o, &a), &c), &d) in o.iter_mut().zip(wr).zip(tr).zip(pr) {
-                *o = (a + c) + d;
-            }
-        });
+        let h = h.max(1);
+        let block = h * 64;
+        // SAFETY: every block is a whole number of rows (or the tail's), and each row's every
+        // value is written below.
+        let out = unsafe {
+            crate::cpu::par_written(b * s * h, block, |start, chunk| {
+                for (j, o) in chunk.chunks_mut(h).enumerate() {
+                    let i = start / h + j;
+                    let (wr, tr) = (&w[ids[i] as usize * h..][..h], &t[types[i] as usize * h..][..h]);
+                    let pr = &p[(i % s) * h..][..h];
+                    for (((o, &a), &c), &d) in o.iter_mut().zip(wr).zip(tr).zip(pr) {
+                        o.write((a + c) + d);
+                    }
+                }
+            })
+        };
         Tensor::from_vec(out, (b, s, h), input_ids.device())
     }
 }
@@ -452,7 +457,7 @@ mod tests {
     /// the tables where a slice index would panic.
     #[test]
     fn summed_rows_match_the_ops_bit_for_bit() {
-        let e = embeddings(50, 16, 24);
+        let e = embeddings(50, 32, 24);
         let ids = Tensor::new(&[[0u32, 7, 49, 3, 3], [12, 1, 0, 0, 0]], &Device::Cpu).unwrap();
         let types = Tensor::new(&[[0u32, 0, 1, 1, 0], [1, 0, 0, 0, 0]], &Device::Cpu).unwrap();
         let bits = |t: Tensor| {
@@ -461,10 +466,15 @@ mod tests {
         let (fused, ops) = (e.summed_rows(&ids, &types).unwrap(), e.summed_rows_ops(&ids, &types).unwrap());
         assert_eq!(fused.dims(), ops.dims());
         assert_eq!(bits(fused), bits(ops));
+        // 90 rows: more than one parallel block of 64.
+        let many: Vec<u32> = (0..90u32).map(|i| (i * 17) % 50).collect();
+        let ids = Tensor::from_vec(many, (3, 30), &Device::Cpu).unwrap();
+        let types = ids.ones_like().unwrap();
+        assert_eq!(bits(e.summed_rows(&ids, &types).unwrap()), bits(e.summed_rows_ops(&ids, &types).unwrap()));
         let bad = Tensor::new(&[[0u32, 50]], &Device::Cpu).unwrap();
         let err = e.summed_rows(&bad, &Tensor::zeros((1, 2), DType::U32, &Device::Cpu).unwrap()).unwrap_err();
         assert!(err.to_string().contains("token id 50"), "{err}");
-        let long = Tensor::zeros((1, 17), DType::U32, &Device::Cpu).unwrap();
+        let long = Tensor::zeros((1, 33), DType::U32, &Device::Cpu).unwrap();
         assert!(e.summed_rows(&long, &long).is_err());
     }
 }
