@@ -58,6 +58,18 @@ pub struct Resolved {
     objective: Objective,
 }
 
+/// What to change when no loss term has a weight above 0 (training would change nothing).
+fn untrained_hint(loss: &super::LossConfig) -> String {
+    let kind = match loss.kind {
+        super::LossKind::Infonce => " (loss.kind = \"infonce\" weighs InfoNCE by loss.w_align)",
+        _ => "",
+    };
+    format!(
+        "config: every loss weight is 0, so training would change nothing{kind}: set loss.w_align, \
+         w_uniform, w_infonce (loss.kind = \"mix\"), w_mean, w_dropout, w_distill or w_simcorr above 0"
+    )
+}
+
 impl Resolved {
     /// Resolve `cfg` against the data folder `data` (what `$HYPERSPHERE_DATA` stands for) and
     /// the device spec `device` (overriding `model.device`).
@@ -73,6 +85,10 @@ impl Resolved {
             Some(_) => cfg.corpus_path(data).unwrap_or_default(),
             None => cfg.corpus_path(data)?,
         };
+        let objective = Objective::new(&cfg.loss);
+        if !objective.trains() {
+            return Err(Error::invalid(untrained_hint(&cfg.loss)));
+        }
         let nonzero = |n: usize| (n > 0).then_some(n);
         let t = &cfg.train;
         Ok(Self {
@@ -80,7 +96,7 @@ impl Resolved {
             micro_batch_pairs: nonzero(t.micro_batch_pairs).filter(|&m| m < t.batch_pairs),
             eval_max_len: nonzero(cfg.eval.max_len),
             max_books: nonzero(cfg.data.max_books),
-            objective: Objective::new(&cfg.loss),
+            objective,
             data: data.map(Path::to_path_buf),
             cfg,
             corpus,
@@ -276,5 +292,17 @@ mod tests {
         assert!(e.contains("--device gpu"), "{e}");
         // The flag wins over the config.
         assert!(Resolved::new(cfg(&[plain[0], "model.device=\"tpu\""]), None, Some("cpu")).is_ok());
+        // A loss whose every weight is 0 trains nothing: refused, with the key that weighs it.
+        // (The default config trains the mean term and uniformity, and leaves w_align at 0.)
+        let no_mean = [plain[0], plain[1], "loss.w_mean=0", "loss.mean_teacher=false"];
+        let sets = |more: &[&'static str]| cfg(&[&no_mean[..], more].concat());
+        let e = err(Resolved::new(sets(&["loss.kind=\"infonce\""]), None, None));
+        assert!(e.contains("weighs InfoNCE by loss.w_align") && e.contains("every loss weight is 0"), "{e}");
+        let e = err(Resolved::new(sets(&["loss.w_uniform=0"]), None, None));
+        assert!(e.contains("every loss weight is 0") && !e.contains("infonce\" weighs"), "{e}");
+        // One weight above 0 is enough.
+        assert!(Resolved::new(sets(&[]), None, None).is_ok());
+        assert!(Resolved::new(sets(&["loss.kind=\"infonce\"", "loss.w_align=1"]), None, None).is_ok());
+        assert!(Resolved::new(sets(&["loss.kind=\"mix\"", "loss.w_uniform=0", "loss.w_infonce=1"]), None, None).is_ok());
     }
 }

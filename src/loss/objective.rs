@@ -135,6 +135,11 @@ impl Objective {
         Self { terms }
     }
 
+    /// Whether any term trains (a weight above 0); with none, every step would change nothing.
+    pub fn trains(&self) -> bool {
+        self.terms.iter().any(|w| w.weight.is_some_and(|v| v > 0.0))
+    }
+
     pub fn terms(&self) -> &[Weighted] {
         &self.terms
     }
