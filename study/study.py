@@ -144,6 +144,8 @@ CANDIDATES = {
     # since the last step is kept anyway).
     "infonce-lr1e-4-last-300-bf16": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4", "train.select=\"last\"", "train.steps=300", "train.eval_every_steps=150", "train.dtype=\"bf16\""],
     "infonce-lr1e-4-last-600-bf16": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4", "train.select=\"last\"", "train.steps=600", "train.eval_every_steps=300", "train.dtype=\"bf16\""],
+    # Round 9: the same curve at 16x round 6's budget (153,600 pairs, a third of an epoch).
+    "infonce-lr1e-4-last-2400-bf16": ["loss.kind=\"infonce\"", "loss.tau=0.05", "train.lr=1e-4", "train.select=\"last\"", "train.steps=2400", "train.eval_every_steps=1200", "train.dtype=\"bf16\""],
 }
 
 
