@@ -10,7 +10,7 @@ python=${PYTHON:-python3}
 books=$HYPERSPHERE_DATA/books/eltec-eng
 # The books the default config (seed 42) holds out: report.json's sample.val_books.
 held=(ENG18510_Kingsley ENG18632_Reade ENG18871_Broughton ENG18890_Nesbit ENG18950_Cross)
-# Twelve training books (every 8th of the others, in name order) for the query heads.
+# Twelve training books for the query heads, picked by hand across the decades (none held out).
 train=(ENG18400_Trollope ENG18481_Dickens ENG18552_Kavanagh ENG18641_Stretton ENG18702_Jenkins ENG18800_Disraeli
        ENG18880_Ward ENG18941_Caird ENG18972_Morris ENG19020_Nesbit ENG19111_Hornung ENG19191_Hamilton)
 mkdir -p "$out/held-books"

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Pairs from a window of a book, not only its next sentence (STUDY.md round 9): each sentence
-with the k-th sentence after it, k uniform in 1..W, as a `data.pairs` TSV.
+with the k-th sentence after it, k drawn uniform in 1..W, as a `data.pairs` TSV.
 
     hypersphere pairs --sample 1000000 > train-pairs.txt    # every training pair, seed 42's split
     window_pairs.py train-pairs.txt W OUT.tsv
 
-Book order is rebuilt from the adjacent pairs (A -> B links): a run of sentences continues while
-each has one next sentence that has one previous sentence, so runs break at repeated texts and
-wherever the pair builder dropped a sentence (too short or too long), and a window never
-crosses a break (408,176 of the 482,474 pairs' sentences end up in runs, median length 8).
+Book order is rebuilt from the adjacent pairs (A -> B links). A run starts at every sentence that
+has not exactly one previous and exactly one next sentence, and continues while the sentence has one next
+sentence that has one previous sentence. A run stops at a repeated text, and the sentences after
+that point are only picked up again at the next start, so some are lost: 29,887 runs hold
+408,093 of the pairs' 506,340 distinct sentences (median run length 8). A pair whose k runs past
+the end of its run is dropped, not redrawn (282,664 pairs), so small k are a little more common.
 """
 
 import collections

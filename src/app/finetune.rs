@@ -166,7 +166,7 @@ fn open_shared(req: &Finetune) -> Result<(Resolved, PathBuf, Option<RunLock>)> {
 fn open_run(req: &Finetune) -> Result<(Resolved, PathBuf, RunLock)> {
     let resolve = |cfg| -> Result<Resolved> {
         let res = Resolved::new(cfg, req.data, req.device)?;
-        res.check_training_data()?;
+        res.check_training()?;
         Ok(res)
     };
     match req.resume {

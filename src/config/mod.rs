@@ -414,7 +414,9 @@ impl RunConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> std::result::Result<(), &'static str> {
         let t = &self.train;
-        let checks: [(bool, &str); 22] = [
+        let l = &self.loss;
+        let weights = [l.w_align, l.w_uniform, l.w_infonce, l.w_dropout, l.w_mean, l.w_distill, l.w_simcorr];
+        let checks: [(bool, &str); 23] = [
             (self.model.max_len >= 3, "model.max_len must be at least 3 ([CLS], one token, [SEP])"),
             (self.model.max_len <= 512, "model.max_len must be at most 512"),
             (t.batch_pairs >= 2, "train.batch_pairs must be at least 2 (uniformity needs negatives)"),
@@ -435,6 +437,10 @@ impl RunConfig {
             (
                 self.loss.t > 0.0 && self.loss.tau > 0.0 && self.loss.alpha > 0.0 && self.loss.distill_z_tau >= 0.0,
                 "loss.t, loss.tau and loss.alpha must be positive, loss.distill_z_tau >= 0",
+            ),
+            (
+                weights.iter().all(|w| w.is_finite() && *w >= 0.0),
+                "loss weights (w_align, w_uniform, w_infonce, w_dropout, w_mean, w_distill, w_simcorr) must be finite and >= 0",
             ),
             (
                 !self.loss.needs_mean_view() || self.model.pooling != Pooling::Mean,
@@ -588,6 +594,11 @@ mod tests {
             assert!(err.contains(key), "{set}: {err}");
         }
         assert!(RunConfig::load(None, &["train.val_pairs=0".into()]).is_ok(), "0 turns validation off");
+        // A negative weight would train the opposite of its term; each is refused by name.
+        for w in ["w_align", "w_uniform", "w_infonce", "w_dropout", "w_mean", "w_distill", "w_simcorr"] {
+            let err = RunConfig::load(None, &[format!("loss.{w}=-1")]).unwrap_err().to_string();
+            assert!(err.contains(w) && err.contains(">= 0"), "{w}: {err}");
+        }
     }
 
     #[test]

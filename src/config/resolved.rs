@@ -58,16 +58,19 @@ pub struct Resolved {
     objective: Objective,
 }
 
-/// What to change when no loss term has a weight above 0 (training would change nothing).
+/// What to change when no loss term has a weight above 0 (training would change nothing): the
+/// weights that train under `loss.kind`.
 fn untrained_hint(loss: &super::LossConfig) -> String {
-    let kind = match loss.kind {
-        super::LossKind::Infonce => " (loss.kind = \"infonce\" weighs InfoNCE by loss.w_align)",
-        _ => "",
+    use super::LossKind;
+    let which = match loss.kind {
+        LossKind::AlignUniform => "loss.w_align, w_uniform, w_mean, w_dropout, w_distill or w_simcorr",
+        LossKind::Infonce => {
+            "loss.w_align (under loss.kind = \"infonce\" it weighs InfoNCE; uniformity is only measured), \
+             w_mean, w_dropout, w_distill or w_simcorr"
+        }
+        LossKind::Mix => "loss.w_align, w_uniform, w_infonce, w_mean, w_dropout, w_distill or w_simcorr",
     };
-    format!(
-        "config: every loss weight is 0, so training would change nothing{kind}: set loss.w_align, \
-         w_uniform, w_infonce (loss.kind = \"mix\"), w_mean, w_dropout, w_distill or w_simcorr above 0"
-    )
+    format!("config: every loss weight is 0, so training would change nothing: set {which} above 0")
 }
 
 impl Resolved {
@@ -85,10 +88,6 @@ impl Resolved {
             Some(_) => cfg.corpus_path(data).unwrap_or_default(),
             None => cfg.corpus_path(data)?,
         };
-        let objective = Objective::new(&cfg.loss);
-        if !objective.trains() {
-            return Err(Error::invalid(untrained_hint(&cfg.loss)));
-        }
         let nonzero = |n: usize| (n > 0).then_some(n);
         let t = &cfg.train;
         Ok(Self {
@@ -96,7 +95,7 @@ impl Resolved {
             micro_batch_pairs: nonzero(t.micro_batch_pairs).filter(|&m| m < t.batch_pairs),
             eval_max_len: nonzero(cfg.eval.max_len),
             max_books: nonzero(cfg.data.max_books),
-            objective,
+            objective: Objective::new(&cfg.loss),
             data: data.map(Path::to_path_buf),
             cfg,
             corpus,
@@ -159,9 +158,13 @@ impl Resolved {
         &self.objective
     }
 
-    /// Training's needs of the data folder: `[eval]` reads `senteval/` and `sts/`, selection on
-    /// STS-B dev reads `sts/`. Checked before a run folder is touched.
-    pub fn check_training_data(&self) -> Result<()> {
+    /// What training needs: a loss that trains something, and the data folder where `[eval]`
+    /// reads `senteval/` and `sts/` and selection on STS-B dev reads `sts/`. Checked before a
+    /// run folder is touched (other commands read the config without training).
+    pub fn check_training(&self) -> Result<()> {
+        if !self.objective.trains() {
+            return Err(Error::invalid(untrained_hint(&self.cfg.loss)));
+        }
         if self.data.is_some() {
             return Ok(());
         }
@@ -178,7 +181,7 @@ impl Resolved {
         Ok(())
     }
 
-    /// The data folder (see [`Resolved::check_training_data`]).
+    /// The data folder (see [`Resolved::check_training`]).
     pub fn data_dir(&self) -> Result<&Path> {
         self.data
             .as_deref()
@@ -278,7 +281,7 @@ mod tests {
         let e = err(Resolved::new(cfg(&[]), None, None));
         assert!(e.contains("HYPERSPHERE_DATA"), "{e}");
         let plain = ["data.corpus=/books", "train.select=\"last\""];
-        let training = |sets: &[&str]| Resolved::new(cfg(sets), None, None).and_then(|r| r.check_training_data());
+        let training = |sets: &[&str]| Resolved::new(cfg(sets), None, None).and_then(|r| r.check_training());
         let e = training(&[plain[0]]).unwrap_err().to_string();
         assert!(e.contains("stsb-dev") && e.contains("--data"), "{e}");
         let e = training(&[plain[0], plain[1], "eval.tasks=[\"MR\"]"]).unwrap_err().to_string();
@@ -292,17 +295,19 @@ mod tests {
         assert!(e.contains("--device gpu"), "{e}");
         // The flag wins over the config.
         assert!(Resolved::new(cfg(&[plain[0], "model.device=\"tpu\""]), None, Some("cpu")).is_ok());
-        // A loss whose every weight is 0 trains nothing: refused, with the key that weighs it.
+        // A loss whose every weight is 0 trains nothing: training refuses it, naming the keys
+        // that train under its kind; commands that only read the config accept it.
         // (The default config trains the mean term and uniformity, and leaves w_align at 0.)
         let no_mean = [plain[0], plain[1], "loss.w_mean=0", "loss.mean_teacher=false"];
-        let sets = |more: &[&'static str]| cfg(&[&no_mean[..], more].concat());
-        let e = err(Resolved::new(sets(&["loss.kind=\"infonce\""]), None, None));
-        assert!(e.contains("weighs InfoNCE by loss.w_align") && e.contains("every loss weight is 0"), "{e}");
-        let e = err(Resolved::new(sets(&["loss.w_uniform=0"]), None, None));
-        assert!(e.contains("every loss weight is 0") && !e.contains("infonce\" weighs"), "{e}");
+        let sets = |more: &[&'static str]| Resolved::new(cfg(&[&no_mean[..], more].concat()), None, None).unwrap();
+        let e = sets(&["loss.kind=\"infonce\"", "loss.w_uniform=5"]).check_training().unwrap_err().to_string();
+        assert!(e.contains("every loss weight is 0") && e.contains("it weighs InfoNCE"), "{e}");
+        assert!(!e.contains("w_uniform") && !e.contains("w_infonce"), "only measured under infonce: {e}");
+        let e = sets(&["loss.w_uniform=0"]).check_training().unwrap_err().to_string();
+        assert!(e.contains("every loss weight is 0") && e.contains("w_uniform") && !e.contains("InfoNCE"), "{e}");
         // One weight above 0 is enough.
-        assert!(Resolved::new(sets(&[]), None, None).is_ok());
-        assert!(Resolved::new(sets(&["loss.kind=\"infonce\"", "loss.w_align=1"]), None, None).is_ok());
-        assert!(Resolved::new(sets(&["loss.kind=\"mix\"", "loss.w_uniform=0", "loss.w_infonce=1"]), None, None).is_ok());
+        sets(&[]).check_training().unwrap();
+        sets(&["loss.kind=\"infonce\"", "loss.w_align=1"]).check_training().unwrap();
+        sets(&["loss.kind=\"mix\"", "loss.w_uniform=0", "loss.w_infonce=1"]).check_training().unwrap();
     }
 }
