@@ -43,6 +43,10 @@ class Task:
         rows = rows[(self.docs[rows] * self.docs[rows + 1]).sum(1) <= SAME]
         self.q = rows[::stride]
         self.chunk = chunk
+        # Each query's rows of its own text (identical vectors), found once: [2, k] (query, row).
+        same = [torch.nonzero((self.docs[self.q[c]] @ self.docs.T) > SAME).T + torch.tensor([[c[0]], [0]])
+                for c in torch.split(torch.arange(len(self.q)), chunk)]
+        self.own = torch.cat(same, 1)
 
     def ranks(self, queries=None, drop=None):
         """0-based rank of each query's next row, the query vectors `queries` (default: the rows'
@@ -51,7 +55,8 @@ class Task:
         for c in torch.split(torch.arange(len(self.q)), self.chunk):
             q = self.q[c]
             s = (self.docs[q] if queries is None else queries[c]) @ self.docs.T
-            s[(self.docs[q] @ self.docs.T) > SAME] = -math.inf
+            own = self.own[:, (self.own[0] >= c[0]) & (self.own[0] <= c[-1])]
+            s[own[0] - c[0], own[1]] = -math.inf
             if drop is not None:
                 s[drop(q)] = -math.inf
             out.append((s > s[torch.arange(len(q)), q + 1].unsqueeze(1)).sum(1))
